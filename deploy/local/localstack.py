@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Local test infrastructure: a real Apache Kafka 4.x broker and a real Dovecot POP3 server.
+
+Used by the pytest fixtures, by .ci/run and by ``make demo``. Everything listens on
+127.0.0.1 only and lives under one state directory, so several stacks can coexist
+(the tests pick free ports; the demo uses its own directory).
+
+    python deploy/local/localstack.py up     [--dir D]   # fetch, configure, start both, print env
+    python deploy/local/localstack.py down   [--dir D]
+    python deploy/local/localstack.py env    [--dir D]   # shell exports for a running stack
+    python deploy/local/localstack.py fetch               # only resolve the Kafka jars (CI cache warm-up)
+
+Kafka comes from Maven Central jars (no release tarball is reachable from our machines):
+``pom.xml`` beside this file lists kafka_2.13 plus a log4j2 binding, and
+``mvn dependency:copy-dependencies`` assembles a runnable classpath that is cached
+under ``$POP3K_CACHE`` (default ``~/.cache/pop3-kafka``). Readiness is decided by the
+AdminClient answering, never by a fixed sleep.
+
+Dovecot comes from Debian packages (dovecot-core, dovecot-pop3d, dovecot-lmtpd) and runs
+from a self-contained configuration written here; see docs/local-infrastructure.md for the
+gotchas (auth penalty, stdout inheritance, root vs. rootless mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+KAFKA_POM = HERE / "kafka" / "pom.xml"
+CACHE = Path(os.environ.get("POP3K_CACHE", Path.home() / ".cache" / "pop3-kafka"))
+DEFAULT_DIR = Path(os.environ.get("POP3K_STACK_DIR", REPO / ".stack"))
+DOVECOT_BIN = os.environ.get("DOVECOT_BIN", "/usr/sbin/dovecot")
+DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
+
+# Static test fixtures, not secrets. 'nolock' may open concurrent sessions.
+TEST_USERS: dict[str, str] = {
+    "alice": "alice-pw",
+    "bob": "bob-pw",
+    "carol": "carol-pw",
+    "dave": "p@ss wörd ünïcode",
+    "empty": "empty-pw",
+    "nolock": "nolock-pw",
+}
+
+
+class StackError(RuntimeError):
+    """A local service could not be fetched, configured or started."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def stop_pid(pid: int, grace: float = 30.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    if not pid_alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def kafka_lib(version_pom: Path = KAFKA_POM) -> Path:
+    """Resolve the broker classpath once and cache it (keyed by the pom's content)."""
+    import hashlib
+
+    digest = hashlib.sha256(version_pom.read_bytes()).hexdigest()[:12]
+    lib = CACHE / f"kafka-{digest}" / "lib"
+    marker = lib / ".complete"
+    if marker.exists():
+        return lib
+    if shutil.which("mvn") is None:
+        raise StackError("mvn not found: install Maven (apt-get install maven) to fetch the Kafka jars")
+    tmp = lib.with_name("lib.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = ["mvn", "-q", "-B", "-f", str(version_pom), "dependency:copy-dependencies",
+           f"-DoutputDirectory={tmp}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StackError(f"Maven could not resolve Kafka: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    shutil.rmtree(lib, ignore_errors=True)
+    tmp.rename(lib)
+    marker.write_text("ok\n")
+    return lib
+
+
+LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+@dataclass
+class KafkaNode:
+    """One combined broker+controller in KRaft mode, with transactions at RF=1."""
+
+    dir: Path
+    port: int = 0
+    controller_port: int = 0
+    cluster_id: str = ""
+    pid: int = 0
+    heap: str = "512m"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def configure(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        if not self.controller_port:
+            self.controller_port = free_port()
+        data = self.dir / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(data),
+            # Transactions and groups on a single node: replication factor 1 everywhere.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Without these the first group join / init_transactions() creates 50
+            # partitions each, which takes many seconds on a 2-core machine.
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.num.partitions": "1",
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            # Large-mail tests send multi-MB records.
+            "message.max.bytes": str(16 * 1024 * 1024),
+            "log.segment.bytes": str(64 * 1024 * 1024),
+        }
+        (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.dir / "log4j2.properties").write_text(LOG4J2.format(log=self.dir / "kafka.log"))
+        if not (data / "meta.properties").exists():
+            lib = kafka_lib()
+            self.cluster_id = self.cluster_id or self._java(lib, ["kafka.tools.StorageTool", "random-uuid"]).strip()
+            self._java(lib, ["kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id,
+                             "-c", str(self.dir / "server.properties")])
+
+    def _java(self, lib: Path, args: list[str]) -> str:
+        cmd = ["java", "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"),
+               "-cp", f"{lib}/*", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise StackError(f"{args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return proc.stdout
+
+    def start(self, timeout: float = 90.0) -> None:
+        if self.pid and pid_alive(self.pid):
+            return
+        self.configure()
+        lib = kafka_lib()
+        out = open(self.dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
+        cmd = ["java", f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+               "-Djava.awt.headless=true",
+               "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"),
+               "-cp", f"{lib}/*", "kafka.Kafka", str(self.dir / "server.properties")]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        out.close()
+        self.pid = proc.pid
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Ready when the AdminClient sees the broker and its controller (no fixed sleep)."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0,
+                             "logger": _null_logger()})
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not pid_alive(self.pid):
+                raise StackError(f"Kafka exited during start; see {self.dir / 'stdout.log'} and kafka.log")
+            try:
+                md = admin.list_topics(timeout=2)
+                if md.brokers:
+                    cluster = admin.describe_cluster(request_timeout=2).result(timeout=3)
+                    if cluster.controller is not None:
+                        return
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                last = exc
+            time.sleep(0.1)
+        raise StackError(f"Kafka not ready after {timeout:.0f}s at {self.bootstrap}: {last}")
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_pid(self.pid)
+        self.pid = 0
+
+
+def _null_logger() -> object:
+    import logging
+
+    lg = logging.getLogger("localstack.rdkafka")
+    lg.addHandler(logging.NullHandler())
+    lg.propagate = False
+    return lg
+
+
+# --------------------------------------------------------------------------- Dovecot
+
+
+@dataclass
+class DovecotServer:
+    """Self-contained Dovecot 2.3 POP3 server; never touches /etc/dovecot."""
+
+    dir: Path
+    pop3_port: int = 0
+    pop3s_port: int = 0
+    lmtp_port: int = 0
+    proxied_port: int = 0
+    users: dict[str, str] = field(default_factory=lambda: dict(TEST_USERS))
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "etc" / "dovecot.conf"
+
+    @property
+    def cafile(self) -> Path:
+        return self.dir / "tls" / "ca.pem"
+
+    def _ids(self) -> tuple[int, int, str, str, str]:
+        if os.geteuid() == 0:
+            # Login processes refuse root and mail may not be uid 0: use Debian's users.
+            mail = pwd.getpwnam(os.environ.get("DOVECOT_TEST_MAIL_USER", "mail"))
+            return mail.pw_uid, mail.pw_gid, "dovecot", "dovecot", "dovenull"
+        me = pwd.getpwuid(os.getuid())
+        import grp
+
+        group = grp.getgrgid(os.getgid()).gr_name
+        return os.getuid(), os.getgid(), me.pw_name, group, me.pw_name
+
+    def configure(self) -> None:
+        if not Path(DOVECOT_BIN).exists():
+            raise StackError("dovecot not found: apt-get install dovecot-core dovecot-pop3d dovecot-lmtpd")
+        for sub in ("etc", "run", "state", "log", "mail", "tls"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        os.chmod(self.dir / "mail", 0o755)
+        for attr in ("pop3_port", "pop3s_port", "lmtp_port", "proxied_port"):
+            if not getattr(self, attr):
+                setattr(self, attr, free_port())
+        if not (self.dir / "tls" / "server.pem").exists():
+            self._gen_certs()
+        uid, gid, internal_user, internal_group, login_user = self._ids()
+        lines = []
+        for name, pw in self.users.items():
+            extra = "userdb_pop3_lock_session=no" if name == "nolock" else ""
+            home = self.dir / "mail" / name
+            for d in ("cur", "new", "tmp"):
+                (home / "Maildir" / d).mkdir(parents=True, exist_ok=True)
+            lines.append(f"{name}:{{PLAIN}}{pw}:{uid}:{gid}::{home}::{extra}\n")
+        (self.dir / "etc" / "users").write_text("".join(lines))
+        os.chmod(self.dir / "etc" / "users", 0o644)
+        if os.geteuid() == 0:
+            for root, dirs, files in os.walk(self.dir / "mail"):
+                for n in dirs + files:
+                    os.chown(os.path.join(root, n), uid, gid)
+            os.chown(self.dir / "mail", uid, gid)
+        rootless = os.geteuid() != 0
+        chroots = ""
+        if rootless:
+            chroots = "".join(f"service {s} {{\n  chroot =\n}}\n" for s in (
+                "pop3-login", "imap-login", "submission-login", "imap-urlauth-login", "ipc",
+                "old-stats", "aggregator", "director"))
+        d = self.dir
+        self.conf.write_text(f"""\
+# Generated by deploy/local/localstack.py: a self-contained POP3 test server.
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = pop3-kafka-test-{abs(hash(str(d))) % 100000}
+log_path = {d}/log/dovecot.log
+info_log_path = {d}/log/dovecot.log
+debug_log_path = {d}/log/dovecot.log
+auth_verbose = yes
+protocols = pop3 lmtp
+listen = 127.0.0.1
+hostname = localhost
+default_internal_user = {internal_user}
+default_internal_group = {internal_group}
+default_login_user = {login_user}
+first_valid_uid = {uid}
+last_valid_uid = {uid}
+first_valid_gid = {gid}
+last_valid_gid = {gid}
+ssl = yes
+ssl_cert = <{d}/tls/server.pem
+ssl_key = <{d}/tls/server.key
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = no
+auth_mechanisms = plain login cram-md5 apop
+# Failed logins: no 2 s delay, and (service anvil below) no per-IP penalty that
+# would slow every later login from 127.0.0.1 by 4-15 s.
+auth_failure_delay = 0
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mail_max_userip_connections = 200
+default_process_limit = 1000
+default_client_limit = 4000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/etc/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/etc/users
+}}
+protocol pop3 {{
+  pop3_uidl_format = %08Xu%08Xv
+  pop3_lock_session = yes
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {self.pop3s_port}
+    ssl = yes
+  }}
+  inet_listener pop3-proxied {{
+    address = 127.0.0.1
+    port = {self.proxied_port}
+    haproxy = yes
+  }}
+}}
+haproxy_trusted_networks = 127.0.0.0/8
+remote 192.0.2.0/24 {{
+  disable_plaintext_auth = yes
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.lmtp_port}
+  }}
+}}
+service anvil {{
+{"  chroot =" if rootless else ""}
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+{chroots}""")
+        proc = subprocess.run([DOVECOT_BIN, "-c", str(self.conf), "-n"], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            raise StackError(f"dovecot config check failed: {proc.stderr[-2000:]}")
+
+    def _gen_certs(self) -> None:
+        t = self.dir / "tls"
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+            "-keyout", str(t / "ca.key"), "-out", str(t / "ca.pem"), "-subj", "/CN=pop3-kafka test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-keyout", str(t / "server.key"),
+            "-out", str(t / "server.csr"), "-subj", "/CN=localhost")
+        (t / "server.ext").write_text(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        run("x509", "-req", "-in", str(t / "server.csr"), "-CA", str(t / "ca.pem"), "-CAkey", str(t / "ca.key"),
+            "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", str(t / "server.ext"),
+            "-out", str(t / "server.pem"))
+        os.chmod(t / "server.key", 0o600)
+        os.chmod(t / "ca.key", 0o600)
+
+    def master_pid(self) -> int:
+        try:
+            return int((self.dir / "run" / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def start(self, timeout: float = 20.0) -> None:
+        pid = self.master_pid()
+        if pid and pid_alive(pid):
+            return
+        self.configure()
+        # A stale penalty socket makes auth retry connect() for 5 s at every start.
+        (self.dir / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
+        # The daemon keeps inherited stdout/stderr open: never hand it a pipe.
+        with open(self.dir / "log" / "startup.log", "ab") as log:
+            rc = subprocess.call([DOVECOT_BIN, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=log)
+        if rc != 0:
+            raise StackError(f"dovecot failed to start: {(self.dir / 'log' / 'startup.log').read_text()[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while not all(port_open(p) for p in (self.pop3_port, self.pop3s_port, self.lmtp_port)):
+            if time.monotonic() > deadline:
+                raise StackError(f"dovecot ports did not open; see {self.dir / 'log' / 'dovecot.log'}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        pid = self.master_pid()
+        if pid:
+            stop_pid(pid)
+
+    # ---- mail delivery helpers (tests and demo)
+
+    def maildir(self, user: str) -> Path:
+        return self.dir / "mail" / user / "Maildir"
+
+    def put(self, user: str, raw: bytes) -> None:
+        """Drop one mail into the user's maildir (tmp/ then rename into new/, as an MDA does)."""
+        md = self.maildir(user)
+        name = f"{time.time_ns()}.{uuid.uuid4().hex}.pop3kafka"
+        tmp = md / "tmp" / name
+        tmp.write_bytes(raw)
+        if os.geteuid() == 0:
+            st = md.stat()
+            os.chown(tmp, st.st_uid, st.st_gid)
+        tmp.rename(md / "new" / name)
+
+    def deliver_lmtp(self, user: str, raw: bytes, sender: str = "sender@example.com") -> None:
+        import smtplib
+
+        with smtplib.LMTP("127.0.0.1", self.lmtp_port) as lmtp:
+            lmtp.sendmail(sender, [user], raw)
+
+    def count(self, user: str) -> int:
+        md = self.maildir(user)
+        return sum(1 for sub in ("new", "cur") for p in (md / sub).iterdir() if p.is_file())
+
+    def clear(self, user: str) -> None:
+        md = self.maildir(user)
+        for sub in ("new", "cur", "tmp"):
+            for p in (md / sub).iterdir():
+                p.unlink()
+
+
+# --------------------------------------------------------------------------- stack
+
+
+@dataclass
+class Stack:
+    dir: Path
+    kafka: KafkaNode
+    dovecot: DovecotServer
+
+    @classmethod
+    def at(cls, d: Path) -> Stack:
+        d = d.resolve()
+        state = d / "stack.json"
+        kafka = KafkaNode(d / "kafka")
+        dovecot = DovecotServer(d / "dovecot")
+        if state.exists():
+            saved = json.loads(state.read_text())
+            for k, v in saved.get("kafka", {}).items():
+                if k != "dir":
+                    setattr(kafka, k, v)
+            for k, v in saved.get("dovecot", {}).items():
+                if k not in ("dir", "users"):
+                    setattr(dovecot, k, v)
+        return cls(d, kafka, dovecot)
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {"kafka": {k: v for k, v in asdict(self.kafka).items() if k != "dir"},
+                "dovecot": {k: v for k, v in asdict(self.dovecot).items() if k not in ("dir", "users")}}
+        (self.dir / "stack.json").write_text(json.dumps(data, indent=2, default=str))
+
+    def up(self) -> None:
+        self.dovecot.start()
+        self.save()
+        self.kafka.start()
+        self.save()
+
+    def down(self) -> None:
+        self.kafka.stop()
+        self.dovecot.stop()
+        self.save()
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KAFKA_BOOTSTRAP": self.kafka.bootstrap,
+            "POP3_HOST": "127.0.0.1",
+            "POP3_PORT": str(self.dovecot.pop3_port),
+            "POP3S_PORT": str(self.dovecot.pop3s_port),
+            "POP3_CAFILE": str(self.dovecot.cafile),
+            "LMTP_PORT": str(self.dovecot.lmtp_port),
+            "DOVECOT_TEST_DIR": str(self.dovecot.dir),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down", "env", "fetch", "status"])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if args.action == "fetch":
+        print(kafka_lib())
+        return 0
+    stack = Stack.at(args.dir)
+    try:
+        if args.action == "up":
+            t0 = time.monotonic()
+            stack.up()
+            print(f"# local stack up in {time.monotonic() - t0:.1f}s (state in {stack.dir})", file=sys.stderr)
+        elif args.action == "down":
+            stack.down()
+            return 0
+        elif args.action == "status":
+            k = bool(stack.kafka.pid and pid_alive(stack.kafka.pid))
+            dpid = stack.dovecot.master_pid()
+            d = bool(dpid and pid_alive(dpid))
+            print(f"kafka: {'running' if k else 'stopped'}  dovecot: {'running' if d else 'stopped'}")
+            return 0 if k and d else 1
+    except StackError as exc:
+        print(f"localstack: {exc}", file=sys.stderr)
+        return 1
+    for k, v in stack.env().items():
+        print(f"export {k}='{v}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
