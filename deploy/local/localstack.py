@@ -53,6 +53,11 @@ TEST_USERS: dict[str, str] = {
     "dave": "p@ss wörd ünïcode",
     "empty": "empty-pw",
     "nolock": "nolock-pw",
+    # demo mailboxes (make demo)
+    "orders": "orders-pw",
+    "invoices": "invoices-pw",
+    # one mailbox per integration test, so tests never see each other's mail
+    **{f"t{i}": f"t{i}-pw" for i in range(1, 13)},
 }
 
 

@@ -1,0 +1,211 @@
+"""``pop3-kafka`` command line.
+
+Exit codes: 0 success; 1 a mailbox cycle (or Kafka) failed; 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from connector import __version__
+from connector.config import Config, load_config
+from connector.errors import ConfigError, ConnectorError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+log = logging.getLogger("pop3kafka.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pop3-kafka", description="Move e-mail from POP3 mailboxes into Kafka.")
+    p.add_argument("--version", action="version", version=f"pop3-kafka {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
+                   help="json lines, or text; auto = text on a terminal")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    val = cfg_sub.add_parser("validate", help="check a config file; exit 2 with the key at fault")
+    val.add_argument("file")
+
+    once = sub.add_parser("poll-once", help="one cycle per mailbox, then exit (0 = every mailbox succeeded)")
+    once.add_argument("--config", "-c", required=True)
+    once.add_argument("--mailbox", "-m", action="append", default=None,
+                      help="only this mailbox id (repeatable)")
+
+    run = sub.add_parser("run", help="poll every mailbox on its interval until SIGTERM/SIGINT")
+    run.add_argument("--config", "-c", required=True)
+
+    tail = sub.add_parser("tail", help="print decoded records from the mail topic as JSON lines")
+    tail.add_argument("--config", "-c", required=True)
+    tail.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
+    tail.add_argument("--max", type=int, default=None, help="stop after this many records")
+    tail.add_argument("--idle-timeout", type=float, default=None,
+                      help="stop after this many seconds without a new record")
+    tail.add_argument("--bodies", action="store_true", help="include text/html bodies (off: lengths only)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from connector.observability.logging import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        if args.command == "config":
+            cfg = load_config(args.file)
+            print(f"{args.file}: OK ({len(cfg.mailboxes)} mailbox(es): {', '.join(m.id for m in cfg.mailboxes)})")
+            return EXIT_OK
+        cfg = load_config(args.config)
+        if args.command == "poll-once":
+            return _poll_once(cfg, args.mailbox)
+        if args.command == "run":
+            return _run(cfg)
+        if args.command == "tail":
+            return _tail(cfg, args)
+    except ConfigError as exc:
+        print(f"pop3-kafka: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConnectorError as exc:
+        print(f"pop3-kafka: {exc.describe()}", file=sys.stderr)
+        return EXIT_FAILED
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _ensure_topics(cfg: Config) -> None:
+    from connector.delivery.admin import ensure_topic
+
+    t = cfg.topics
+    if ensure_topic(cfg.kafka.bootstrap_servers, cfg.kafka.client, t.mail, create=t.create,
+                    partitions=t.partitions, replication_factor=t.replication_factor):
+        log.info("created topic %s (%d partitions)", t.mail, t.partitions)
+
+
+def _poll_once(cfg: Config, only: list[str] | None) -> int:
+    from connector.runtime.runner import Runner
+
+    targets = [cfg.mailbox(m) for m in only] if only else list(cfg.mailboxes)
+    _ensure_topics(cfg)
+    runner = Runner(cfg)
+    try:
+        results = runner.poll_once(targets)
+    finally:
+        runner.close()
+    failed = 0
+    for r in results:
+        if r.ok:
+            note = f", {r.undecodable} undecodable left on server" if r.undecodable else ""
+            note += ", more mail waiting" if r.more_pending else ""
+            print(f"{r.mailbox}: ok: {r.published} published, {r.deleted} deleted of {r.listed} listed{note}")
+        else:
+            failed += 1
+            err = r.error
+            text = err.describe() if isinstance(err, ConnectorError) else f"internal error: {err!r}"
+            print(f"{r.mailbox}: FAILED: {text}", file=sys.stderr)
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _run(cfg: Config) -> int:
+    from connector.runtime.runner import Runner
+
+    _ensure_topics(cfg)
+    runner = Runner(cfg)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing cycles in flight, starting no new ones", signal.Signals(signum).name)
+        runner.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("pop3-kafka %s running %d mailbox(es)", __version__, len(cfg.mailboxes))
+    try:
+        runner.run()
+    finally:
+        runner.close()
+    stragglers = [t for t in threading.enumerate() if t.name.startswith("cycle") and t.is_alive()]
+    if stragglers:
+        log.error("%d cycle(s) still running after the grace period; exiting without their QUIT "
+                  "(RFC 1939: nothing of theirs is deleted)", len(stragglers))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(EXIT_FAILED)
+    log.info("stopped cleanly")
+    return EXIT_OK
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tail(cfg: Config, args: argparse.Namespace) -> int:
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from connector.records import decode_single_object
+
+    topic = cfg.topics.mail
+    conf = dict(cfg.kafka.client)
+    conf.update({"bootstrap.servers": cfg.kafka.bootstrap_servers, "group.id": "pop3-kafka-tail",
+                 "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(conf)
+    try:
+        try:
+            md = consumer.list_topics(topic, timeout=15)
+        except KafkaException as exc:
+            print(f"pop3-kafka: cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc.args[0].str()}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        tmd = md.topics.get(topic)
+        if tmd is None or tmd.error is not None or not tmd.partitions:
+            print(f"pop3-kafka: topic {topic!r} does not exist", file=sys.stderr)
+            return EXIT_FAILED
+        start = -2 if args.from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in sorted(tmd.partitions)])
+        count = 0
+        last = time.monotonic()
+        while args.max is None or count < args.max:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                if args.idle_timeout is not None and time.monotonic() - last > args.idle_timeout:
+                    break
+                continue
+            if msg.error():
+                print(f"pop3-kafka: consume error: {msg.error().str()}", file=sys.stderr)
+                continue
+            last = time.monotonic()
+            count += 1
+            try:
+                rec = decode_single_object(msg.value())
+            except ValueError as exc:
+                print(json.dumps({"partition": msg.partition(), "offset": msg.offset(), "error": str(exc)}))
+                continue
+            if not args.bodies:
+                for k in ("text_body", "html_body"):
+                    if rec.get(k) is not None:
+                        rec[k] = f"<{len(rec[k])} characters; --bodies to show>"
+            out = {"partition": msg.partition(), "offset": msg.offset(), "record": _jsonable(rec)}
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+    finally:
+        consumer.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

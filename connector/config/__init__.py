@@ -1,0 +1,16 @@
+"""Configuration: YAML in, validated typed dataclasses out (see docs/configuration.md)."""
+
+from connector.config.model import (
+    Config,
+    KafkaConfig,
+    MailboxConfig,
+    RecordConfig,
+    RuntimeConfig,
+    Secret,
+    TopicsConfig,
+    load_config,
+    parse_config,
+)
+
+__all__ = ["Config", "KafkaConfig", "MailboxConfig", "RecordConfig", "RuntimeConfig", "Secret",
+           "TopicsConfig", "load_config", "parse_config"]

@@ -1,0 +1,185 @@
+"""Kafka delivery: an idempotent producer whose every record is confirmed before we act on it.
+
+Contract: :meth:`Publisher.send` queues one record and returns a :class:`Delivery`;
+:meth:`Publisher.wait` blocks until each given delivery has a report from the broker, or the
+deadline passes. Only a record whose report says "written" (acks=all, idempotent) may lead to
+a DELE on the POP3 server. The producer is shared by all mailbox threads (librdkafka is
+thread-safe); each cycle waits only for its own deliveries.
+
+Exactly-once with transactions and a UIDL ledger is a later step (docs/decisions); this
+producer gives at-least-once: a crash between the broker's ack and the DELE re-publishes the
+mail next cycle with the same record id (Kafka header ``pop3kafka.record_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from connector.errors import (
+    DeliveryError,
+    DeliveryFatalError,
+    DeliveryTimeoutError,
+    RecordTooLargeError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delivery:
+    """The fate of one produced record, filled in by librdkafka's delivery callback."""
+
+    topic: str
+    done: threading.Event = field(default_factory=threading.Event)
+    partition: int | None = None
+    offset: int | None = None
+    error: KafkaError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+
+def producer_config(bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float) -> dict[str, Any]:
+    """librdkafka settings: the operator's pass-through keys, then the ones our guarantee needs."""
+    conf: dict[str, Any] = {
+        "linger.ms": 5,
+        "compression.type": "zstd",
+        "client.id": "pop3-kafka",
+    }
+    conf.update(client)
+    conf.update({
+        "bootstrap.servers": bootstrap,
+        # Idempotence gives acks=all, in-order, no duplicates from librdkafka's own retries.
+        "enable.idempotence": True,
+        "acks": "all",
+        # A record not confirmed in this time gets an error report instead of waiting forever,
+        # so a cycle against a dead broker ends and deletes nothing.
+        "message.timeout.ms": int(delivery_timeout_s * 1000),
+    })
+    return conf
+
+
+class Publisher:
+    """Thin owner of one confluent_kafka Producer; created lazily, no network in __init__."""
+
+    def __init__(self, bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float,
+                 logger: logging.Logger | None = None) -> None:
+        self._conf = producer_config(bootstrap, client, delivery_timeout_s)
+        self._timeout = delivery_timeout_s
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        self._bootstrap = bootstrap
+        self._fatal: KafkaError | None = None
+        self._log = logger or log
+
+    def _get(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                conf = dict(self._conf)
+                conf["error_cb"] = self._on_error
+                conf["logger"] = self._log
+                try:
+                    self._producer = Producer(conf)
+                except KafkaException as exc:
+                    raise DeliveryFatalError(f"cannot create the Kafka producer: {exc.args[0]}") from exc
+            return self._producer
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            self._log.error("kafka fatal error: %s", err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._log.warning("kafka: all brokers down (%s); records wait until the delivery timeout",
+                              self._bootstrap)
+        else:
+            self._log.debug("kafka client error: %s", err.str())
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
+        """Queue one record; never blocks longer than a full local queue takes to drain a little."""
+        if self._fatal is not None:
+            raise DeliveryFatalError(f"producer is in a fatal state: {self._fatal.str()}")
+        producer = self._get()
+        d = Delivery(topic)
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            d.error = err
+            if err is None:
+                d.partition = msg.partition()
+                d.offset = msg.offset()
+            d.done.set()
+
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=list(headers), on_delivery=on_delivery)
+                break
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, bounded by the timeout.
+                if time.monotonic() > deadline:
+                    raise DeliveryTimeoutError(
+                        f"local producer queue stayed full for {self._timeout:.0f}s "
+                        f"(is the broker at {self._bootstrap} reachable?)") from None
+                producer.poll(0.1)
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLargeError(f"record of {len(value)} bytes exceeds message.max.bytes") from exc
+                raise DeliveryError(f"produce to {topic!r} failed: {err.str()}") from exc
+        producer.poll(0)
+        return d
+
+    def wait(self, deliveries: Sequence[Delivery], timeout: float | None = None) -> None:
+        """Block until every delivery has a report or the deadline passes.
+
+        Never raises for a failed record: callers look at each :class:`Delivery` and delete
+        only what is ``ok``. The deadline is the delivery timeout plus a margin, because
+        librdkafka itself times records out at message.timeout.ms.
+        """
+        if not deliveries:
+            return
+        producer = self._get()
+        deadline = time.monotonic() + (timeout if timeout is not None else self._timeout + 5.0)
+        for d in deliveries:
+            while not d.done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                producer.poll(min(0.1, remaining))
+
+    def check(self, deliveries: Sequence[Delivery]) -> DeliveryError | None:
+        """Summarise the failures among ``deliveries`` as one error (or None when all are ok)."""
+        failed = [d for d in deliveries if not d.ok]
+        if not failed:
+            return None
+        pending = sum(1 for d in failed if not d.done.is_set())
+        errors = sorted({d.error.str() for d in failed if d.error is not None})
+        codes = {d.error.code() for d in failed if d.error is not None}
+        detail = "; ".join(errors) if errors else "no report"
+        msg = (f"Kafka did not confirm {len(failed)} of {len(deliveries)} records "
+               f"(bootstrap {self._bootstrap}): {detail}")
+        if pending:
+            msg += f" ({pending} still without a report)"
+        if KafkaError.MSG_SIZE_TOO_LARGE in codes:
+            return RecordTooLargeError(msg)
+        if KafkaError._MSG_TIMED_OUT in codes or pending:
+            return DeliveryTimeoutError(msg + "; is the broker reachable?")
+        if any(d.error is not None and d.error.fatal() for d in failed):
+            return DeliveryFatalError(msg)
+        return DeliveryError(msg)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush what is queued; returns how many records remained unconfirmed."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is None:
+            return 0
+        remaining: int = producer.flush(timeout)
+        return remaining

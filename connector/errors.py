@@ -1,0 +1,136 @@
+"""One exception hierarchy, grouped by cause.
+
+Every layer raises only these types; lower-layer exceptions (socket, ssl, librdkafka,
+email parsing) are translated at the boundary with ``raise X from exc`` and never leak
+upward. Each class says what the runtime does with it:
+
+* retry    - the cycle is abandoned without deleting anything and tried again later;
+* dead     - the mail goes to the dead-letter path (later issue) and the cycle goes on;
+* stop     - the mailbox (or the process, for config) stops with a message naming the fix.
+
+Messages never contain passwords, tokens, mail bodies or decrypted text.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    #: mailbox id this error concerns, when known (set by the runtime).
+    mailbox: str | None = None
+    #: the step of the cycle that failed, when known (connect, login, uidl, retr, decode, produce, dele, quit).
+    step: str | None = None
+
+    def with_context(self, *, mailbox: str | None = None, step: str | None = None) -> ConnectorError:
+        if mailbox is not None and self.mailbox is None:
+            self.mailbox = mailbox
+        if step is not None and self.step is None:
+            self.step = step
+        return self
+
+    def describe(self) -> str:
+        """Human message naming mailbox and step, as logged and printed by the CLI."""
+        where = []
+        if self.mailbox:
+            where.append(f"mailbox {self.mailbox!r}")
+        if self.step:
+            where.append(f"step {self.step}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        return f"{prefix}{type(self).__name__}: {self}"
+
+
+# ---------------------------------------------------------------- configuration (stop)
+
+
+class ConfigError(ConnectorError):
+    """The configuration is invalid; the message names the key, the value and what is allowed."""
+
+
+# ---------------------------------------------------------------- POP3 side
+
+
+class Pop3Error(ConnectorError):
+    """Anything that went wrong talking to a POP3 server."""
+
+
+class Pop3ConnectError(Pop3Error):
+    """DNS, TCP or TLS setup failed (retry; check host, port, tls mode and CA)."""
+
+
+class Pop3TimeoutError(Pop3Error):
+    """The server did not answer within the configured timeout (retry)."""
+
+
+class Pop3TlsError(Pop3ConnectError):
+    """TLS handshake or certificate verification failed (stop the mailbox until fixed)."""
+
+
+class Pop3AuthError(Pop3Error):
+    """The server refused the credentials (stop the mailbox; fix username/password)."""
+
+
+class Pop3MailboxBusyError(Pop3Error):
+    """[IN-USE] (RFC 2449 §8.1.1): another session holds the maildrop lock (retry later, not an alarm)."""
+
+
+class Pop3LoginDelayError(Pop3Error):
+    """[LOGIN-DELAY] (RFC 2449 §8.1.2): logged in too soon after the last session (retry later)."""
+
+
+class Pop3TempError(Pop3Error):
+    """[SYS/TEMP] (RFC 3206): a transient server-side problem (retry)."""
+
+
+class Pop3ProtocolError(Pop3Error):
+    """The server broke the protocol: malformed status line, unexpected -ERR, oversized line (retry)."""
+
+
+class Pop3CommandError(Pop3ProtocolError):
+    """A command got -ERR; ``response`` holds the server's text (never mail content)."""
+
+    def __init__(self, command: str, response: str) -> None:
+        super().__init__(f"{command} failed: {response}")
+        self.command = command
+        self.response = response
+
+
+class Pop3UnsupportedError(Pop3Error):
+    """The server lacks something we need, e.g. UIDL (stop; the message names the fallback)."""
+
+
+# ---------------------------------------------------------------- decoding (dead letter)
+
+
+class DecodeError(ConnectorError):
+    """The mail could not be turned into a record (dead letter; the original bytes are kept)."""
+
+
+class MailTooLargeError(DecodeError):
+    """The mail exceeds a configured limit (size, MIME depth, part count)."""
+
+
+# ---------------------------------------------------------------- Kafka side
+
+
+class DeliveryError(ConnectorError):
+    """Kafka did not confirm the record (retry the cycle; nothing is deleted)."""
+
+
+class DeliveryTimeoutError(DeliveryError):
+    """No delivery report within the configured timeout (broker unreachable or slow)."""
+
+
+class DeliveryFatalError(DeliveryError):
+    """librdkafka reported a fatal producer error (stop the producer; needs operator attention)."""
+
+
+class RecordTooLargeError(DeliveryError):
+    """The broker refused the record as too large (message.max.bytes / max.request.size)."""
+
+
+# ---------------------------------------------------------------- appended: POP3 protocol layer
+
+
+class Pop3ArgumentError(Pop3ProtocolError, ValueError):
+    """A command argument cannot be sent (CR/LF/NUL, whitespace): a caller or config bug, not the server's."""

@@ -1,0 +1,1 @@
+"""Observability: structured logs now; Prometheus metrics and health endpoints come next."""

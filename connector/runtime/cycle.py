@@ -1,0 +1,212 @@
+"""One poll cycle of one mailbox: the delivery protocol of docs/decisions/0001 in code.
+
+    connect -> (STLS) -> login -> UIDL + LIST -> for each new mail, bounded by count and bytes:
+        RETR -> sha256 -> decode -> Avro record -> produce
+    -> wait for every delivery report -> DELE only the confirmed mails -> QUIT
+
+RFC 1939 §6: deletions take effect only at QUIT, and a dropped connection deletes nothing. So
+any failure before the DELEs ends the session with abort() (RSET + QUIT), and nothing that
+Kafka has not confirmed is ever deleted. A record that Kafka confirmed is deleted even when
+another record of the same cycle failed: leaving it would only duplicate it next cycle.
+
+Guarantee of this version: at-least-once (a crash between the broker's ack and QUIT
+re-publishes those mails next cycle, with the same record id). Transactions and the UIDL
+ledger that make it exactly-once come in the next issue and plug in at "produce" and "DELE".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from connector.config.model import Config, MailboxConfig
+from connector.decoding import decode_mail
+from connector.delivery.kafka import Delivery, Publisher
+from connector.errors import ConnectorError, DecodeError, Pop3UnsupportedError
+from connector.protocol import Pop3Session, make_tls_context
+from connector.records import (
+    HEADER_MAILBOX,
+    HEADER_RECORD_ID,
+    Provenance,
+    build_mail_record,
+    encode_single_object,
+    mail_schema,
+    record_id,
+)
+
+log = logging.getLogger("pop3kafka.cycle")
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did; ``error`` is None when the cycle succeeded."""
+
+    mailbox: str
+    cycle_id: str
+    listed: int = 0
+    fetched: int = 0
+    published: int = 0
+    deleted: int = 0
+    #: mails left on the server because they could not be decoded (dead-letter topic: later issue).
+    undecodable: int = 0
+    #: mails left on the server because they exceed max_message_bytes.
+    oversized: int = 0
+    #: the cycle stopped at a count/byte bound or on shutdown with mail still waiting.
+    more_pending: bool = False
+    error: BaseException | None = None
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class CycleHooks:
+    """Optional callbacks for tests and metrics; called on the cycle's thread."""
+
+    on_retrieved: Callable[[str, int], None] | None = None  # (uidl, size)
+    on_published: Callable[[str], None] | None = None  # (uidl) after the broker confirmed it
+    on_deleted: Callable[[str], None] | None = None  # (uidl) after DELE was acknowledged
+
+
+@dataclass
+class _Pending:
+    msg_num: int
+    uidl: str
+    delivery: Delivery
+
+
+@dataclass
+class CycleContext:
+    """What a cycle needs besides its mailbox; shared by all cycles of a process."""
+
+    config: Config
+    publisher: Publisher
+    stop: threading.Event = field(default_factory=threading.Event)
+    hooks: CycleHooks = field(default_factory=CycleHooks)
+
+
+def _record_key(ctx: CycleContext, mailbox: MailboxConfig, rid: str) -> bytes:
+    # Default "mailbox": every mail of a mailbox lands in one partition, in server order,
+    # and later attachment chunks with the same key follow their mail (docs/record.md).
+    return (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
+
+
+def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
+    """Run one cycle; never raises for expected failures (they are in ``result.error``)."""
+    res = CycleResult(mailbox=mailbox.id, cycle_id=uuid.uuid4().hex[:12])
+    t0 = time.monotonic()
+    extra = {"mailbox": mailbox.id, "cycle": res.cycle_id}
+    step = "connect"
+    session: Pop3Session | None = None
+    pending: list[_Pending] = []
+    schema = mail_schema()
+    try:
+        ssl_ctx = make_tls_context(mailbox.tls_ca_file, verify=mailbox.tls_verify) if mailbox.tls != "none" \
+            else None
+        session = Pop3Session.connect(mailbox.host, mailbox.port, tls=mailbox.tls, ssl_context=ssl_ctx,
+                                      timeout=mailbox.timeout_seconds,
+                                      allow_plaintext_auth=mailbox.allow_plaintext_auth)
+        step = "login"
+        session.login_user_pass(mailbox.username, mailbox.password.reveal())
+        step = "uidl"
+        uidls = session.uidl()
+        sizes = dict(session.list())
+        res.listed = len(uidls)
+        seen: set[str] = set()
+        for _, uidl in uidls:
+            if uidl in seen:
+                raise Pop3UnsupportedError(
+                    f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) "
+                    "for de-duplication to work. Ask the server's operator, or poll this mailbox with "
+                    "another tool until it is fixed")
+            seen.add(uidl)
+        budget = mailbox.max_bytes_per_cycle
+        for msg_num, uidl in uidls:
+            if ctx.stop.is_set() or res.fetched >= mailbox.max_messages_per_cycle:
+                res.more_pending = True
+                break
+            size = sizes.get(msg_num, 0)
+            if size > mailbox.max_message_bytes:
+                res.oversized += 1
+                log.error("mail of %d bytes exceeds max_message_bytes (%d); left on the server",
+                          size, mailbox.max_message_bytes, extra={**extra, "uidl": uidl})
+                continue
+            if res.fetched and size > budget:
+                res.more_pending = True
+                break
+            step = "retr"
+            raw = session.retr(msg_num)
+            budget -= len(raw)
+            res.fetched += 1
+            fetched_at = time.time_ns() // 1_000_000
+            if ctx.hooks.on_retrieved:
+                ctx.hooks.on_retrieved(uidl, len(raw))
+            step = "decode"
+            rid = record_id(mailbox.id, uidl)
+            try:
+                decoded = decode_mail(raw)
+                prov = Provenance(mailbox_id=mailbox.id, uidl=uidl, server=mailbox.server,
+                                  fetched_at_millis=fetched_at, raw_size=len(raw),
+                                  raw_sha256=hashlib.sha256(raw).hexdigest())
+                value = encode_single_object(schema, build_mail_record(decoded, prov))
+            except DecodeError as exc:
+                # Dead-letter topic comes with the decoding issue; until then the mail stays on
+                # the server (nothing lost) and the cycle goes on with the next one.
+                res.undecodable += 1
+                log.error("mail could not be decoded, left on the server: %s", exc,
+                          extra={**extra, "uidl": uidl})
+                continue
+            step = "produce"
+            headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
+            d = ctx.publisher.send(ctx.config.topics.mail, _record_key(ctx, mailbox, rid), value, headers)
+            pending.append(_Pending(msg_num, uidl, d))
+        step = "produce"
+        deliveries = [p.delivery for p in pending]
+        ctx.publisher.wait(deliveries)
+        failure = ctx.publisher.check(deliveries)
+        res.published = sum(1 for d in deliveries if d.ok)
+        if ctx.hooks.on_published:
+            for p in pending:
+                if p.delivery.ok:
+                    ctx.hooks.on_published(p.uidl)
+        step = "dele"
+        confirmed = [p for p in pending if p.delivery.ok]
+        for p in confirmed:
+            session.dele(p.msg_num)
+        step = "quit"
+        session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state
+        session = None
+        res.deleted = len(confirmed)
+        if ctx.hooks.on_deleted:
+            for p in confirmed:
+                ctx.hooks.on_deleted(p.uidl)
+        if failure is not None:
+            step = "produce"
+            raise failure
+    except ConnectorError as exc:
+        res.error = exc.with_context(mailbox=mailbox.id, step=step)
+        log.error("%s", res.error.describe(), extra=extra)
+    except Exception as exc:  # a bug: keep the mail, say so loudly, let other mailboxes go on
+        res.error = exc
+        log.exception("internal error in step %s", step, extra=extra)
+    finally:
+        if session is not None:
+            # Failure before QUIT: drop pending deletes (RSET + QUIT); never raises.
+            session.abort()
+            if pending:
+                # Records already queued still reach Kafka; their mails stay on the server and
+                # will be published again next cycle with the same record id (at-least-once).
+                ctx.publisher.wait([p.delivery for p in pending], timeout=5.0)
+        res.duration_s = time.monotonic() - t0
+    if res.ok:
+        log.info("cycle done: listed=%d fetched=%d published=%d deleted=%d undecodable=%d in %.2fs",
+                 res.listed, res.fetched, res.published, res.deleted, res.undecodable, res.duration_s,
+                 extra=extra)
+    return res

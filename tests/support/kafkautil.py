@@ -1,0 +1,52 @@
+"""Read back what the connector wrote, the way a downstream consumer would."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from connector.records import decode_single_object
+
+
+@dataclass
+class Consumed:
+    key: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+    record: dict[str, Any]
+
+
+def consume_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 60.0,
+                settle: float = 2.0) -> list[Consumed]:
+    """Every committed record of ``topic``; waits for ``expect`` records, then ``settle`` more
+    seconds so that duplicates beyond the expected count are seen too."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:8]}",
+                  "isolation.level": "read_committed", "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest"})
+    try:
+        md = c.list_topics(topic, timeout=15)
+        parts = sorted(md.topics[topic].partitions) if topic in md.topics else []
+        if not parts:
+            return []
+        c.assign([TopicPartition(topic, p, -2) for p in parts])
+        out: list[Consumed] = []
+        deadline = time.monotonic() + timeout
+        settle_until: float | None = None
+        while time.monotonic() < deadline:
+            if len(out) >= expect and settle_until is None:
+                settle_until = time.monotonic() + settle
+            if settle_until is not None and time.monotonic() > settle_until:
+                break
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            out.append(Consumed(m.key(), dict(m.headers() or []), m.partition(), m.offset(),
+                                decode_single_object(m.value())))
+        return out
+    finally:
+        c.close()

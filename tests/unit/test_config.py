@@ -1,0 +1,138 @@
+"""Configuration: validated at load, errors name the key, the value and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from connector.config import load_config, parse_config
+from connector.errors import ConfigError
+
+ENV = {"PW": "s3cret-value"}
+
+
+def base(**mailbox: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {"id": "orders", "host": "pop.example.com", "username": "orders@example.com",
+                         "password": {"env": "PW"}}
+    m.update(mailbox)
+    return {"kafka": {"bootstrap_servers": "k:9092"}, "topics": {"mail": "mail"}, "mailboxes": [m]}
+
+
+def error_of(data: Any) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, environ=ENV)
+    return str(e.value)
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = parse_config(base(), environ=ENV)
+    m = cfg.mailboxes[0]
+    assert (m.port, m.tls, m.tls_verify, m.poll_interval_seconds) == (995, "implicit", True, 60.0)
+    assert m.password.reveal() == "s3cret-value"
+    assert cfg.record.key == "mailbox" and cfg.topics.create is True
+    assert parse_config(base(tls="starttls"), environ=ENV).mailboxes[0].port == 110
+
+
+def test_secret_never_prints() -> None:
+    m = parse_config(base(), environ=ENV).mailboxes[0]
+    assert "s3cret" not in repr(m) and "s3cret" not in str(m.password)
+    assert "env:PW" in repr(m.password)
+
+
+def test_unknown_key_is_named_with_suggestion() -> None:
+    msg = error_of(base(hots="x"))
+    assert msg.startswith("mailboxes[0].hots: unknown key; did you mean 'host'?")
+
+
+def test_wrong_choice_lists_allowed_values() -> None:
+    msg = error_of(base(tls="tsl"))
+    assert "mailboxes[0].tls: 'tsl' is not allowed; use one of: implicit, starttls, none" in msg
+
+
+@pytest.mark.parametrize(("patch", "fragment"), [
+    ({"port": 70000}, "mailboxes[0].port: 70000 is above the maximum 65535"),
+    ({"port": "995"}, "mailboxes[0].port: expected an integer, got a string '995'"),
+    ({"id": "Orders@Example"}, "mailboxes[0].id: 'Orders@Example' is not a valid mailbox id"),
+    ({"password": "inline"}, "mailboxes[0].password: expected a mapping"),
+    ({"password": {"env": "NOPE"}}, "mailboxes[0].password.env: environment variable 'NOPE' is not set"),
+    ({"password": {"env": "PW", "file": "/x"}}, "give exactly one of 'env' or 'file'"),
+    ({"tls": "none"}, "mailboxes[0].tls: 'none' would send the password unencrypted"),
+    ({"tls_verify": "yes"}, "mailboxes[0].tls_verify: expected true or false"),
+    ({"tls_ca_file": "/does/not/exist.pem"}, "mailboxes[0].tls_ca_file: '/does/not/exist.pem' does not exist"),
+    ({"poll_interval_seconds": 0}, "mailboxes[0].poll_interval_seconds: 0 is below the minimum 1"),
+])
+def test_bad_values(patch: dict[str, Any], fragment: str) -> None:
+    assert fragment in error_of(base(**patch))
+
+
+def test_missing_sections_and_duplicates() -> None:
+    assert "kafka: required key is missing" in error_of({"topics": {"mail": "m"}, "mailboxes": []})
+    data = base()
+    data["mailboxes"].append(dict(data["mailboxes"][0]))
+    assert "mailboxes[1].id: 'orders' is used by two mailboxes" in error_of(data)
+    data = base()
+    data["mailboxes"] = []
+    assert "mailboxes: the list is empty" in error_of(data)
+    data = base()
+    data["topics"]["mail"] = "bad topic!"
+    assert "topics.mail: 'bad topic!' is not a valid Kafka topic name" in error_of(data)
+
+
+def test_managed_kafka_keys_are_refused() -> None:
+    data = base()
+    data["kafka"]["client"] = {"acks": "1", "security.protocol": "SSL"}
+    assert "kafka.client.acks: set by the connector" in error_of(data)
+    data["kafka"]["client"] = {"security.protocol": "SSL"}
+    assert parse_config(data, environ=ENV).kafka.client == {"security.protocol": "SSL"}
+
+
+def test_password_file_relative_to_config(tmp_path: Path) -> None:
+    (tmp_path / "pw.txt").write_text("from-file\n")
+    data = base(password={"file": "pw.txt"})
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data))
+    assert load_config(f, environ=ENV).mailboxes[0].password.reveal() == "from-file"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("kafka:\n  bootstrap_servers: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(f)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "connector.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, check=False, timeout=60)
+
+
+def test_cli_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    data = base(hots="x")
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data))
+    for args in (["config", "validate", str(f)], ["poll-once", "--config", str(f)], ["run", "--config", str(f)]):
+        proc = run_cli(*args, env=ENV)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "mailboxes[0].hots: unknown key" in proc.stderr
+
+
+def test_cli_validate_ok(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(base()))
+    proc = run_cli("config", "validate", str(f), env=ENV)
+    assert proc.returncode == 0 and "OK (1 mailbox(es): orders)" in proc.stdout
+    assert run_cli("config", "validate", str(tmp_path / "missing.yaml")).returncode == 2
+
+
+def test_cli_unknown_mailbox_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(base()))
+    proc = run_cli("poll-once", "--config", str(f), "--mailbox", "nope", env=ENV)
+    assert proc.returncode == 2 and "--mailbox 'nope': no such mailbox" in proc.stderr
