@@ -10,7 +10,9 @@ A service that cannot be started fails the tests; it never skips them.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,12 +46,17 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
                              lmtp_port=int(os.environ.get("LMTP_PORT", "0")))
         yield Services(os.environ["KAFKA_BOOTSTRAP"], dove, None)
         return
-    stack = Stack.at(tmp_path_factory.mktemp("stack"))
+    # Not under pytest's tmp dir: that is mode 0700, and Dovecot's unprivileged processes
+    # (dovecot, dovenull, mail) must be able to traverse every parent of their files.
+    state = Path(tempfile.mkdtemp(prefix="pop3k-test-stack-"))
+    state.chmod(0o755)
+    stack = Stack.at(state)
     stack.up()
     try:
         yield Services(stack.kafka.bootstrap, stack.dovecot, stack)
     finally:
         stack.down()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture
@@ -66,3 +73,19 @@ def own_kafka(tmp_path: Path) -> Iterator[KafkaNode]:
 @pytest.fixture
 def topic() -> str:
     return f"mail-{uuid.uuid4().hex[:10]}"
+
+
+# A skipped test is a failure to set up, not a pass: fail the run if anything was skipped,
+# and never let "no tests collected" (pytest exit code 5) look like success.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and not os.environ.get("POP3K_ALLOW_SKIPS"):
+        print(f"\nERROR: {len(_skipped)} test(s) skipped; skips are failures here: {_skipped[:5]}")
+        session.exitstatus = 1

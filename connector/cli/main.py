@@ -186,13 +186,14 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
                 if args.idle_timeout is not None and time.monotonic() - last > args.idle_timeout:
                     break
                 continue
-            if msg.error():
-                print(f"pop3-kafka: consume error: {msg.error().str()}", file=sys.stderr)
+            err = msg.error()
+            if err is not None:
+                print(f"pop3-kafka: consume error: {err.str()}", file=sys.stderr)
                 continue
             last = time.monotonic()
             count += 1
             try:
-                rec = decode_single_object(msg.value())
+                rec = decode_single_object(msg.value() or b"")
             except ValueError as exc:
                 print(json.dumps({"partition": msg.partition(), "offset": msg.offset(), "error": str(exc)}))
                 continue

@@ -214,6 +214,7 @@ def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path,
             raise ConfigError(f"{path}.env: environment variable {env!r} is not set; export it or use "
                               "'file:'")
         return Secret(environ[env], f"env:{env}")
+    assert isinstance(file, str)
     p = Path(file) if Path(file).is_absolute() else base / file
     try:
         value = p.read_text(encoding="utf-8")

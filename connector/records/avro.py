@@ -149,5 +149,7 @@ def decode_single_object(data: bytes, schemas: dict[bytes, Schema] | None = None
     if fp not in known:
         raise UnknownSchemaError(f"unknown schema fingerprint {fp.hex()}; is schemas/ up to date?")
     schema = known[fp]
-    result: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema.parsed, None)
+    result = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema.parsed, None)
+    if not isinstance(result, dict):
+        raise ValueError(f"schema {schema.name} is not a record schema")
     return result

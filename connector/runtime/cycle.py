@@ -146,6 +146,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             budget -= len(raw)
             res.fetched += 1
             fetched_at = time.time_ns() // 1_000_000
+            log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
             if ctx.hooks.on_retrieved:
                 ctx.hooks.on_retrieved(uidl, len(raw))
             step = "decode"

@@ -309,6 +309,13 @@ class DovecotServer:
     def configure(self) -> None:
         if not Path(DOVECOT_BIN).exists():
             raise StackError("dovecot not found: apt-get install dovecot-core dovecot-pop3d dovecot-lmtpd")
+        if os.geteuid() == 0:
+            # Root mode: Dovecot's own users must traverse every parent directory.
+            for parent in self.dir.resolve().parents:
+                if not parent.stat().st_mode & 0o001:
+                    raise StackError(f"{parent} is not searchable by other users (mode "
+                                     f"{parent.stat().st_mode & 0o777:o}); Dovecot's unprivileged processes "
+                                     "cannot reach their files. Use a state directory under a 0755 path.")
         for sub in ("etc", "run", "state", "log", "mail", "tls"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localstack import DovecotServer  # noqa: E402
+from localstack import DovecotServer
 
 
 def kafka_spike(bootstrap: str) -> None:

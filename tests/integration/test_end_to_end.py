@@ -175,15 +175,22 @@ def test_sigterm_during_run_exits_zero_and_loses_nothing(services, topic: str, t
                        [mailbox("sig", "t5", services.dovecot.pop3s_port, services.cafile,
                                 max_messages_per_cycle=n, poll_interval_seconds=3600)])
     env = {**os.environ, "PW_SIG": "t5-pw"}
-    proc = subprocess.Popen([sys.executable, "-m", "connector.cli.main", "--log-format", "json", "run",
-                             "--config", str(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "connector.cli.main", "--log-format", "json",
+                             "--log-level", "debug", "run", "--config", str(cfg)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # SIGTERM as soon as the first record is in Kafka: the cycle is then mid-way.
-        first = consume_all(services.bootstrap, topic, expect=1, timeout=60, settle=0)
-        assert first, "no record appeared"
+        # SIGTERM once the cycle has retrieved 20 of its 600 mails: it is then mid-way.
+        seen, head = 0, []
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            head.append(line)
+            if '"msg": "retrieved' in line:
+                seen += 1
+                if seen == 20:
+                    break
+        assert seen == 20, "".join(head[-20:])
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

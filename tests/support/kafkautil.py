@@ -29,13 +29,18 @@ def consume_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 60.
                   "isolation.level": "read_committed", "enable.auto.commit": False,
                   "auto.offset.reset": "earliest"})
     try:
-        md = c.list_topics(topic, timeout=15)
-        parts = sorted(md.topics[topic].partitions) if topic in md.topics else []
+        deadline = time.monotonic() + timeout
+        parts: list[int] = []
+        while not parts and time.monotonic() < deadline:  # the connector may not have created it yet
+            md = c.list_topics(topic, timeout=15)
+            tmd = md.topics.get(topic)
+            parts = sorted(tmd.partitions) if tmd is not None and tmd.error is None else []
+            if not parts:
+                time.sleep(0.1)
         if not parts:
             return []
         c.assign([TopicPartition(topic, p, -2) for p in parts])
         out: list[Consumed] = []
-        deadline = time.monotonic() + timeout
         settle_until: float | None = None
         while time.monotonic() < deadline:
             if len(out) >= expect and settle_until is None:

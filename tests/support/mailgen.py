@@ -12,8 +12,8 @@ import hashlib
 import quopri
 import random
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 SHAPES = ("plain", "alternative", "attachments", "subject_utf8", "subject_latin1", "filename_2231",
           "qp_body", "addresses")

@@ -1,0 +1,59 @@
+# pop3-kafka developer entry points. `make demo` and `make test` work on a fresh Debian-like machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless
+
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean
+
+# System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
+deps:
+	@need=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$need; \
+	fi
+
+$(BIN)/pop3-kafka: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/pop3-kafka
+
+lint: venv
+	$(BIN)/ruff check connector tests bench deploy
+
+typecheck: venv
+	$(BIN)/mypy
+
+# The whole suite: lint, types, unit and integration tests (starts Kafka and Dovecot itself
+# unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at running ones).
+test: deps venv lint typecheck
+	$(BIN)/pytest
+
+test-unit: venv
+	$(BIN)/pytest tests/unit
+
+test-integration: deps venv
+	$(BIN)/pytest tests/integration
+
+demo: deps venv
+	$(BIN)/python deploy/local/demo.py
+
+demo-down:
+	$(BIN)/python deploy/local/localstack.py down --dir .stack/demo
+
+stack-up: deps venv
+	$(BIN)/python deploy/local/localstack.py up
+
+stack-down:
+	$(BIN)/python deploy/local/localstack.py down
+
+bench: venv
+	$(BIN)/python bench/parsers.py
+
+clean:
+	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

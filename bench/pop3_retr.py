@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Benchmark: RETR of every mail over POP3S, stdlib poplib vs connector.protocol.Pop3Session.
+
+Needs the local Dovecot (``eval "$(python deploy/local/localstack.py env --dir D)"``):
+POP3_HOST, POP3S_PORT, POP3_CAFILE, DOVECOT_TEST_DIR. Puts N mails of SIZE bytes into
+carol's maildir (tmp/ then rename into new/, owned like the maildir), times each client
+RETRieving all of them (same process, median of ROUNDS, order alternating; nothing is
+deleted: RSET + QUIT), removes the mails it created and writes bench/results/pop3_retr.md.
+
+    python bench/pop3_retr.py [--n 2000] [--size 20000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import poplib
+import ssl
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from connector.protocol import Pop3Session, make_tls_context
+
+USER, PASSWORD = "carol", "carol-pw"
+RESULTS = Path(__file__).resolve().parent / "results" / "pop3_retr.md"
+
+
+def make_mail(i: int, size: int) -> bytes:
+    """A plausible text mail of ~size bytes with LF endings (maildir), some dot lines."""
+    head = (
+        f"From: bench@example.com\nTo: {USER}@example.com\nSubject: bench {i}\n"
+        f"Message-ID: <bench-{i}@example.com>\n\n"
+    ).encode()
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tem\n"
+    body = bytearray()
+    n = 0
+    while len(head) + len(body) < size:
+        body += b".leading dot line\n" if n % 50 == 0 else line
+        n += 1
+    return head + bytes(body)
+
+
+def put_mails(maildir: Path, n: int, size: int, tag: str) -> None:
+    st = maildir.stat()
+    for i in range(n):
+        name = f"{time.time_ns()}.{tag}-{i}.bench"
+        tmp = maildir / "tmp" / name
+        tmp.write_bytes(make_mail(i, size))
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        tmp.rename(maildir / "new" / name)
+
+
+def remove_mails(maildir: Path, tag: str) -> int:
+    removed = 0
+    for sub in ("new", "cur", "tmp"):
+        for p in (maildir / sub).iterdir():
+            if f".{tag}-" in p.name:
+                p.unlink()
+                removed += 1
+    return removed
+
+
+def run_poplib(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
+    pop = poplib.POP3_SSL(host, port, context=ctx, timeout=60)
+    pop.user(USER)
+    pop.pass_(PASSWORD)
+    total = 0
+    for i in range(1, n + 1):
+        _, _lines, octets = pop.retr(i)
+        total += octets
+    pop.rset()
+    pop.quit()
+    return total
+
+
+def run_ours(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
+    s = Pop3Session.connect(host, port, tls="implicit", ssl_context=ctx, timeout=60)
+    s.login_user_pass(USER, PASSWORD)
+    total = 0
+    for i in range(1, n + 1):
+        total += len(s.retr(i))
+    s.abort()  # RSET + QUIT
+    return total
+
+
+def bench_scenario(
+    host: str, port: int, ctx: ssl.SSLContext, *, maildir: Path, n: int, size: int, rounds: int
+) -> list[str]:
+    """Run one (n, size) scenario; return its Markdown table rows. Always removes its mails."""
+    tag = uuid.uuid4().hex[:10]
+    clients: dict[str, Callable[[str, int, ssl.SSLContext, int], int]] = {
+        "stdlib poplib (POP3_SSL.retr)": run_poplib,
+        "Pop3Session.retr": run_ours,
+    }
+    wall: dict[str, list[float]] = {name: [] for name in clients}
+    cpu: dict[str, list[float]] = {name: [] for name in clients}
+    try:
+        put_mails(maildir, n, size, tag)
+        # Warm-up: Dovecot indexes the maildir (new/ -> cur/) and both byte-compare one mail.
+        with Pop3Session.connect(host, port, tls="implicit", ssl_context=ctx, timeout=60) as s:
+            s.login_user_pass(USER, PASSWORD)
+            count, _ = s.stat()
+            assert count == n, (count, n)
+            ours = s.retr(1)
+            s.rset()
+        pop = poplib.POP3_SSL(host, port, context=ctx, timeout=60)
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        theirs = b"\r\n".join(pop.retr(1)[1]) + b"\r\n"
+        pop.quit()
+        assert ours == theirs, "clients disagree on message 1"
+        for r in range(rounds):
+            order = list(clients) if r % 2 == 0 else list(reversed(clients))
+            for name in order:
+                t0, c0 = time.perf_counter(), time.process_time()
+                clients[name](host, port, ctx, n)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                print(
+                    f"{n}x{size} round {r + 1} {name}: {wall[name][-1]:.3f}s wall, {cpu[name][-1]:.3f}s CPU",
+                    flush=True,
+                )
+    finally:
+        removed = remove_mails(maildir, tag)
+        print(f"removed {removed} bench mails from {maildir}")
+    mb = n * size / 1e6
+    base = statistics.median(wall["stdlib poplib (POP3_SSL.retr)"])
+    base_cpu = statistics.median(cpu["stdlib poplib (POP3_SSL.retr)"])
+    rows = []
+    for name, ts in wall.items():
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
+        rows.append(
+            f"| {n} x {size} B | {name} | {med:.3f} | {mb / med:.1f} | {n / med:.0f} | {base / med:.2f}x | "
+            f"{med_cpu:.3f} | {base_cpu / med_cpu:.2f}x | {', '.join(f'{t:.3f}' for t in ts)} |"
+        )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="N:SIZE",
+        help="additional scenario, e.g. 10:5000000 for a few large mails (repeatable)",
+    )
+    args = ap.parse_args()
+    host, port = os.environ["POP3_HOST"], int(os.environ["POP3S_PORT"])
+    cafile = os.environ["POP3_CAFILE"]
+    maildir = Path(os.environ["DOVECOT_TEST_DIR"]) / "mail" / USER / "Maildir"
+    if any(next((maildir / sub).iterdir(), None) is not None for sub in ("new", "cur")):
+        print(f"{maildir} is not empty; refusing to benchmark on someone else's mail", file=sys.stderr)
+        return 2
+    ctx = make_tls_context(cafile)
+    scenarios = [(args.n, args.size)] + [tuple(int(x) for x in e.split(":")) for e in args.extra]
+    rows: list[str] = []
+    for n, size in scenarios:
+        rows += bench_scenario(host, port, ctx, maildir=maildir, n=n, size=size, rounds=args.rounds)
+    report = "\n".join(
+        [
+            "# POP3 RETR throughput: stdlib poplib vs Pop3Session",
+            "",
+            "Mails of SIZE bytes (LF on disk; sent as CRLF, dot-stuffed; a line starting with '.' every "
+            f"50 lines) over POP3S to the local Dovecot on {host}, TLS verified against the test CA; "
+            "RETR of every mail in one session, then RSET + QUIT (nothing deleted). Median of "
+            f"{args.rounds} rounds, client order alternating, both clients in the same process. "
+            "'client CPU' is this process's CPU time (Dovecot's is not included).",
+            "",
+            "| mails | client | median wall s | MB/s | mails/s | wall speed-up | client CPU s "
+            "| CPU speed-up | rounds wall (s) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            *rows,
+            "",
+            f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs; generated by `{' '.join(['bench/pop3_retr.py', *sys.argv[1:]])}` "
+            f"on {time.strftime('%Y-%m-%d')}.",
+            "",
+        ]
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

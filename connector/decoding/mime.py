@@ -1,0 +1,785 @@
+"""Raw RFC 5322 bytes -> :class:`DecodedMail`.
+
+The MIME tree comes from the stdlib parser with the ``compat32`` policy: it is the fastest
+stdlib policy, never raises on malformed input and records what it repaired in
+``Message.defects``. Everything above the tree is done here, because the stdlib helpers get
+the details wrong for real-world mail:
+
+* ``email.header.decode_header`` returns unencoded runs as ``raw-unicode-escape`` bytes,
+  which mangles raw UTF-8 headers (RFC 6532), so RFC 2047 is decoded by :func:`_decode_words`;
+* ``Message.get_filename`` returns the plain ``filename=`` when ``filename*=`` is also present
+  (RFC 2231 / RFC 6266 §4.3 say the extended one wins) and reads 8-bit parameters through a
+  lossy ``Header`` object, so parameters are parsed by :func:`_parse_params`;
+* ``parsedate_to_datetime`` maps two-digit years 50-68 to 20xx and leaves three-digit years
+  alone, both contrary to RFC 5322 §4.3 (see :meth:`_Decoder.date_millis`).
+
+Contract of :func:`decode_mail`:
+
+* it never raises anything but :class:`~connector.errors.DecodeError` (and its subclass
+  :class:`~connector.errors.MailTooLargeError`); input that is not a mail at all still
+  decodes, with warnings;
+* every ``str`` in the result is valid Unicode (no lone surrogates);
+* exception messages and warnings never contain mail content: only part numbers, header
+  field names, charset labels and defect class names, each reduced to a safe alphabet.
+
+Decoding is pure CPU-bound Python; it does no I/O and keeps no state between calls, so it is
+safe to call from several threads (which, under the GIL, does not make it faster).
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import email.parser
+import email.policy
+import email.utils
+import functools
+import hashlib
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from email.message import Message
+
+from connector.decoding.model import Address, Attachment, DecodedMail, Header
+from connector.errors import DecodeError, MailTooLargeError
+
+__all__ = ["decode_mail"]
+
+_POLICY = email.policy.compat32
+# Stateless between calls (each parsebytes builds its own FeedParser), so one instance serves all threads.
+_PARSER = email.parser.BytesParser(policy=_POLICY)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLI = timedelta(milliseconds=1)
+
+# ---------------------------------------------------------------- small string helpers
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# RFC 5322 §2.2.3: unfolding removes every CRLF that is immediately followed by WSP.
+# The parser keeps whatever line ending the mail used, so LF and CR alone are accepted too.
+_FOLD = re.compile(r"(?:\r\n|\n|\r)(?=[ \t])")
+_UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9._:+-]")
+
+
+def clean_str(text: str) -> str:
+    """Return ``text`` with every lone surrogate replaced by U+FFFD.
+
+    Python strings may hold surrogates (``surrogateescape`` from the parser, UTF-7 and
+    UTF-16 quirks); they cannot be encoded as UTF-8 and would break Avro/JSON serialisation
+    later, so every string leaving this module passes through here.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _safe_label(label: str) -> str:
+    """A charset label or header name made safe for a warning: restricted alphabet, bounded length."""
+    return repr(_UNSAFE_LABEL.sub("?", label[:40]))
+
+
+def _to_bytes(text: str) -> bytes:
+    """Recover the original bytes of a string produced by the parser (ASCII + surrogateescape)."""
+    try:
+        return text.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        # Not produced by BytesParser (a payload set by other means): best effort, never fails.
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _unfold(value: str) -> str:
+    return _FOLD.sub("", value) if ("\n" in value or "\r" in value) else value
+
+
+# ---------------------------------------------------------------- charsets
+
+# Labels seen in the wild that Python's codec registry does not know, or knows wrongly.
+_CHARSET_ALIASES: dict[str, str] = {
+    "uft-8": "utf-8",
+    "utf8mb4": "utf-8",
+    "unicode-1-1-utf-7": "utf-7",
+    "iso-8859-8-i": "iso-8859-8",  # RFC 1556: logical ordering; same code points
+    "iso-8859-8-e": "iso-8859-8",
+    "iso-8859-6-i": "iso-8859-6",
+    "iso-8859-6-e": "iso-8859-6",
+    "x-user-defined": "windows-1252",
+    "windows-874": "cp874",
+    "x-sjis": "shift_jis",
+    "ks_c_5601-1987": "cp949",  # Outlook's label; the real repertoire is Microsoft's cp949
+    "ks_c_5601": "cp949",
+    "gb2312": "gb18030",  # senders label GBK/GB18030 text as gb2312; GB18030 is a superset
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "ansi_x3.110-1983": "latin-1",
+    "x-mac-roman": "mac-roman",
+}
+# Labels that mean "some 8-bit charset, nobody knows which": guess UTF-8, then Latin-1.
+_GUESS_LABELS = frozenset({"unknown-8bit", "x-unknown", "unknown", "default", "charset", "8bit"})
+_ASCII_LABELS = frozenset({"us-ascii", "ascii", "us", "iso646-us", "ansi_x3.4-1968", "7bit"})
+# Codecs that exist in Python but are not mail charsets; decoding with them is meaningless.
+_DENIED_CODECS = frozenset({"undefined", "unicode-escape", "raw-unicode-escape", "idna", "punycode", "mbcs"})
+_CP_LABEL = re.compile(r"(?:cp|windows|win|ibm)[-_ ]?(\d{3,4})")
+
+
+@functools.lru_cache(maxsize=512)
+def _resolve_charset(label: str | None) -> tuple[str, str | None]:
+    """Classify a charset label (RFC 2045 §5.1 ``charset`` parameter, RFC 2047 §2 charset).
+
+    Returns ``(kind, codec)``: ``ascii`` (none/us-ascii), ``codec`` (known), ``alias``
+    (repaired via the alias table), ``guess`` (unknown-8bit and friends) or ``unknown``.
+    Cached: labels repeat across mails, and the cache is bounded against hostile input.
+    """
+    if label is None:
+        return ("ascii", None)
+    norm = label.strip().strip("\"'").strip().lower()
+    if not norm or norm in _ASCII_LABELS:
+        return ("ascii", None)
+    if norm in _GUESS_LABELS:
+        return ("guess", None)
+    alias = _CHARSET_ALIASES.get(norm)
+    if alias is None and (m := _CP_LABEL.fullmatch(norm)) and norm != f"cp{m[1]}":
+        alias = f"cp{m[1]}"  # 'cp-850', 'win-1252', 'ibm-437' -> 'cp850', ...
+    try:
+        info = codecs.lookup(alias or norm)
+    except (LookupError, ValueError, TypeError):
+        return ("unknown", None)
+    if info.name in _DENIED_CODECS or not getattr(info, "_is_text_encoding", True):
+        return ("unknown", None)
+    if info.name == "ascii":
+        return ("ascii", None)
+    return ("alias" if alias else "codec", info.name)
+
+
+# ---------------------------------------------------------------- transfer encodings
+
+_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/=]")
+# RFC 2045 §6.7 rule (3): trailing whitespace on a line was added in transport and is deleted.
+# The lookbehind and possessive quantifier keep this linear on long runs of blanks.
+_QP_TRAILING_WS = re.compile(rb"(?<![ \t])[ \t]++(?=\r?\n|\Z)")
+
+
+def _b64decode(data: bytes) -> tuple[bytes, bool]:
+    """Decode base64 (RFC 2045 §6.8) leniently; the flag says whether repair was needed.
+
+    Strict first (fast path). Otherwise characters outside the alphabet are dropped
+    (§6.8 says decoders must ignore them), each '='-terminated run is decoded on its own
+    (senders that concatenate separately encoded blocks) and missing padding is supplied;
+    a dangling single character, which cannot carry a whole byte, is dropped.
+    """
+    compact = data.translate(None, b" \t\r\n")
+    try:
+        return binascii.a2b_base64(compact, strict_mode=True), False
+    except binascii.Error:
+        pass
+    out = bytearray()
+    for run in _B64_JUNK.sub(b"", compact).split(b"="):
+        rem = len(run) % 4
+        chunk = run[:-1] if rem == 1 else run + b"=" * ((4 - rem) % 4)
+        if chunk:
+            out += binascii.a2b_base64(chunk)
+    return bytes(out), True
+
+
+def _qpdecode(data: bytes, *, header: bool = False) -> tuple[bytes, bool]:
+    """Decode quoted-printable (RFC 2045 §6.7; RFC 2047 §4.2 'Q' when ``header``) leniently.
+
+    Invalid '=' escapes are kept literally (what §6.7 note (2) recommends); the flag
+    reports them. Soft line breaks ('=' at end of line) are removed.
+    """
+    if not header and (b" \n" in data or b" \r\n" in data or b"\t\n" in data or b"\t\r" in data):
+        data = _QP_TRAILING_WS.sub(b"", data)
+    elif not header and data.endswith((b" ", b"\t")):
+        data = data.rstrip(b" \t")
+    decoded = binascii.a2b_qp(data, header=header)
+    # a2b_qp keeps an invalid '=' literally; the only other source of '=' in its output is
+    # '=3D'. Counting is much cheaper than scanning for bad escapes with a regex.
+    bad = decoded.count(b"=") > data.count(b"=3D") + data.count(b"=3d")
+    return decoded, bad
+
+
+# ---------------------------------------------------------------- parameters (RFC 2045/2183/2231)
+
+_CONTINUATION = re.compile(r"(.+?)\*(\d{1,6})(\*?)")
+
+
+def _split_params(value: str) -> list[str]:
+    """Split a structured header value on ';' outside quoted strings (RFC 5322 §3.2.4)."""
+    if '"' not in value:
+        return value.split(";")
+    items: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            items.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    items.append("".join(buf))
+    return items
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        # Only \\ and \" are unescaped: Windows paths in filenames are often left unescaped.
+        return value[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+    return value.strip('"')
+
+
+class _Params:
+    """Main value and parameters of a Content-Type / Content-Disposition header."""
+
+    __slots__ = ("params", "value")
+
+    def __init__(self, value: str, params: dict[str, str]) -> None:
+        self.value = value
+        self.params = params
+
+
+# ---------------------------------------------------------------- RFC 2047 encoded words
+
+# RFC 2047 §2: =?charset?encoding?encoded-text?=, with RFC 2231 §5 '*language' after the charset.
+# Encoded text is matched leniently (spaces allowed) as many senders break the rules.
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]*)(?:\*[^?\s]*)?\?([QqBb])\?([^?]*)\?=")
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+_PART_FIELDS = frozenset({"content-type", "content-disposition", "content-transfer-encoding", "content-id"})
+
+
+def _children(part: Message) -> list[Message] | None:
+    """Sub-entities of a multipart or message/* part, None for a leaf."""
+    if not part.is_multipart():
+        return None
+    payload = part.get_payload()
+    return [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else None
+
+
+def _kept_boundary_eol(part: Message) -> bool:
+    """Whether compat32 left the line break that belongs to the next boundary on ``part``.
+
+    RFC 2046 §5.1.1: the CRLF before a boundary delimiter belongs to the delimiter. compat32
+    removes it from the last entity parsed before the delimiter, except when that entity is
+    typed multipart/* but could not be split (no usable boundary): then it stays on the payload.
+    """
+    return part.get_content_maintype() == "multipart" and isinstance(getattr(part, "_payload", None), str)
+
+
+def _strip_eol(data: bytes) -> bytes:
+    for eol in (b"\r\n", b"\n", b"\r"):
+        if data.endswith(eol):
+            return data[: -len(eol)]
+    return data
+
+
+def _part_name(path: tuple[int, ...]) -> str:
+    return "part " + ".".join(map(str, path)) if path else "message"
+
+
+class _Decoder:
+    """State of one decode_mail call: the warnings collected so far."""
+
+    def __init__(self, max_depth: int, max_parts: int) -> None:
+        self.max_depth = max_depth
+        self.max_parts = max_parts
+        self._warnings: dict[str, None] = {}  # ordered set
+        self.text_body: str | None = None
+        self.html_body: str | None = None
+        self.attachments: list[Attachment] = []
+        self.linesep = "\r\n"
+
+    def warn(self, message: str) -> None:
+        self._warnings[message] = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(clean_str(w) for w in self._warnings)
+
+    # ------------------------------------------------------------ text and charsets
+
+    def decode_bytes(self, data: bytes, label: str | None, where: str) -> str:
+        """Decode ``data`` declared as charset ``label``; never fails, warns on every guess."""
+        kind, codec = _resolve_charset(label)
+        shown = _safe_label(label or "")
+        if codec is not None:
+            if kind == "alias":
+                self.warn(f"{where}: charset {shown} read as {codec!r}")
+            try:
+                return data.decode(codec)
+            except (UnicodeError, ValueError):
+                self.warn(f"{where}: bytes invalid in charset {codec!r} replaced")
+            try:
+                return data.decode(codec, "replace")
+            except (UnicodeError, ValueError, LookupError):
+                return data.decode("utf-8", "replace")
+        if kind == "unknown":
+            self.warn(f"{where}: unknown charset {shown} read as 'utf-8' with replacement")
+            return data.decode("utf-8", "replace")
+        if data.isascii():
+            return data.decode("ascii")
+        # 8-bit data without a usable label: UTF-8 is by far the most likely, and valid UTF-8 is
+        # very unlikely to be anything else; Latin-1 cannot fail. RFC 6532 makes UTF-8 the default.
+        what = f"charset {shown}" if kind == "guess" else "undeclared 8-bit data"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.warn(f"{where}: {what} read as 'latin-1'")
+            return data.decode("latin-1")
+        self.warn(f"{where}: {what} read as 'utf-8'")
+        return text
+
+    def recover_header(self, value: str, where: str) -> str:
+        """Turn a raw header value from the parser into Unicode.
+
+        RFC 6532 §3.2 allows raw UTF-8 in headers; compat32 hands it over as surrogateescape'd
+        ASCII. Anything that is not UTF-8 is read as Latin-1 (cannot fail) with a warning.
+        """
+        if value.isascii():
+            return value
+        data = _to_bytes(value)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.warn(f"{where}: 8-bit data is not UTF-8, read as 'latin-1'")
+            return data.decode("latin-1")
+
+    def decode_words(self, value: str, where: str) -> str:
+        """Decode RFC 2047 encoded words in an (already unfolded, already Unicode) header value.
+
+        RFC 2047 §6.2: whitespace between two adjacent encoded words is dropped. Adjacent words
+        in the same charset are joined as bytes before decoding, so a multi-byte character split
+        across two words (forbidden by §5 but common) survives.
+        """
+        if "=?" not in value:
+            return value
+        out: list[str] = []
+        pending = bytearray()
+        pending_charset: str | None = None
+        pos = 0
+        after_word = False
+
+        def flush() -> None:
+            nonlocal pending, pending_charset
+            if pending_charset is not None:
+                out.append(self.decode_bytes(bytes(pending), pending_charset or None, where))
+            pending = bytearray()
+            pending_charset = None
+
+        for match in _ENCODED_WORD.finditer(value):
+            gap = value[pos : match.start()]
+            if gap and not (after_word and not gap.strip(" \t")):
+                flush()
+                out.append(gap)
+            charset, encoding, text = match.groups()
+            raw = text.encode("utf-8", "surrogatepass")
+            if encoding in "Bb":
+                data, repaired = _b64decode(raw)
+            else:
+                data, repaired = _qpdecode(raw, header=True)
+            if repaired:
+                self.warn(f"{where}: malformed encoded word repaired")
+            charset = charset.lower()
+            if pending_charset is not None and charset != pending_charset:
+                flush()
+            pending += data
+            pending_charset = charset
+            pos = match.end()
+            after_word = True
+        flush()
+        out.append(value[pos:])
+        return "".join(out)
+
+    # ------------------------------------------------------------ headers of a part
+
+    def part_headers(self, part: Message, where: str) -> dict[str, str]:
+        """First occurrence of each MIME header field (RFC 2045 §3) of ``part``.
+
+        Lower-cased name -> unfolded Unicode value; other fields are not looked at.
+        """
+        found: dict[str, str] = {}
+        prefix = "" if where == "message" else f"{where} "
+        for name, value in part.raw_items():
+            key = str(name).lower()
+            if key in _PART_FIELDS and key not in found:
+                text = _unfold(str(value))
+                if not text.isascii():
+                    text = self.recover_header(text, f"{prefix}header {_safe_label(str(name))}")
+                found[key] = text
+        return found
+
+    def parse_params(self, value: str | None, where: str) -> _Params:
+        """Parse ``value *(";" attribute=value)`` (RFC 2045 §5.1, RFC 2183 §2) with RFC 2231.
+
+        RFC 2231 §3 continuations (``name*0=``, ``name*1*=``) are joined in index order; §4
+        extended values (``charset'language'percent-encoded``) are decoded. An extended or
+        continued value wins over a plain one of the same name (RFC 6266 §4.3 reasoning).
+        """
+        if value is None:
+            return _Params("", {})
+        items = _split_params(value)
+        plain: dict[str, str] = {}
+        extended: dict[str, str] = {}
+        continued: dict[str, dict[int, tuple[str, bool]]] = {}
+        for item in items[1:]:
+            name, sep, val = item.partition("=")
+            if not sep:
+                continue
+            name = name.strip().lower()
+            if m := _CONTINUATION.fullmatch(name):
+                continued.setdefault(m[1], {})[int(m[2])] = (_unquote(val), bool(m[3]))
+            elif name.endswith("*"):
+                extended.setdefault(name[:-1], _unquote(val))
+            elif name:
+                plain.setdefault(name, _unquote(val))
+        params = dict(plain)
+        for name, segments in continued.items():
+            params[name] = self._join_continuations(segments, where)
+        for name, val in extended.items():
+            params[name] = self._decode_extended(val, where)
+        return _Params(items[0].strip().lower(), params)
+
+    def _decode_extended(self, value: str, where: str) -> str:
+        # RFC 2231 §4: charset'language'%XX-encoded; without the quotes, take it as %-encoded UTF-8.
+        parts = value.split("'", 2)
+        charset, text = (parts[0], parts[2]) if len(parts) == 3 else ("utf-8", value)
+        return self.decode_bytes(urllib.parse.unquote_to_bytes(text), charset or None, where)
+
+    def _join_continuations(self, segments: dict[int, tuple[str, bool]], where: str) -> str:
+        charset: str | None = None
+        data = bytearray()
+        for index in sorted(segments):
+            text, encoded = segments[index]
+            if encoded:
+                if index == 0 and text.count("'") >= 2:
+                    label, _lang, text = text.split("'", 2)
+                    charset = label or None
+                data += urllib.parse.unquote_to_bytes(text)
+            else:
+                data += text.encode("utf-8")
+        if charset is None and data.isascii():
+            return data.decode("ascii")
+        return self.decode_bytes(bytes(data), charset or "utf-8", where)
+
+    # ------------------------------------------------------------ top-level header fields
+
+    def headers(self, msg: Message) -> list[Header]:
+        result: list[Header] = []
+        for field, value in msg.raw_items():
+            name = clean_str(str(field))
+            raw = _unfold(str(value))
+            if raw.isascii() and "=?" not in raw:  # the common case, and cheap
+                result.append(Header(name=name, raw=raw, value=raw))
+                continue
+            where = f"header {_safe_label(name)}"
+            raw = clean_str(self.recover_header(raw, where))
+            result.append(Header(name=name, raw=raw, value=clean_str(self.decode_words(raw, where))))
+        return result
+
+    def addresses(self, values: Sequence[str], where: str) -> tuple[Address, ...]:
+        """Mailboxes of address header fields (RFC 5322 §3.4); groups are flattened.
+
+        Parsed before RFC 2047 decoding, so an encoded comma or '<' in a display name cannot
+        split or invent addresses; the display names are decoded afterwards (RFC 2047 §5 (3)).
+        """
+        if not values:
+            return ()
+        result = []
+        for name, addr in email.utils.getaddresses(list(values)):
+            if addr:
+                decoded = self.decode_words(name, where) if name else ""
+                result.append(Address(name=clean_str(decoded), address=clean_str(addr)))
+        if not result and any(v.strip() and not v.strip().endswith(":;") for v in values):
+            self.warn(f"{where}: no address could be parsed")
+        return tuple(result)
+
+    def date_millis(self, raw: str) -> int | None:
+        """Milliseconds since the epoch (UTC) of an RFC 5322 §3.3 date, or None with a warning.
+
+        A date without zone information ('-0000', or a naive result) is taken as UTC. Years
+        follow RFC 5322 §4.3 (obs-year): 00-49 -> 20xx, 50-99 and three digits -> +1900;
+        Python maps 50-68 to 20xx and leaves three-digit years unchanged, so both are corrected.
+        """
+        try:
+            dt = email.utils.parsedate_to_datetime(raw)
+            if 2050 <= dt.year <= 2068 and not re.search(rf"(?<![\d+-]){dt.year}(?!\d)", raw):
+                dt = dt.replace(year=dt.year - 100)
+            elif 100 <= dt.year <= 999:
+                dt = dt.replace(year=dt.year + 1900)
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            return (dt - _EPOCH) // _MILLI
+        except (ValueError, TypeError, OverflowError, IndexError, AttributeError):
+            self.warn("header 'Date': unparseable date")
+            return None
+
+    # ------------------------------------------------------------ structure
+
+    def survey(self, root: Message) -> None:
+        """Enforce the depth and part limits and turn parser defects into warnings.
+
+        Iterative, so a hostile tree cannot exhaust the Python stack here; everything after
+        this runs on a tree known to be at most ``max_depth`` deep.
+        """
+        count = 0
+        stack: list[tuple[Message, tuple[int, ...]]] = [(root, ())]
+        while stack:
+            part, path = stack.pop()
+            count += 1
+            if count > self.max_parts:
+                raise MailTooLargeError(f"more than {self.max_parts} MIME parts")
+            if len(path) > self.max_depth:
+                raise MailTooLargeError(f"MIME nesting deeper than {self.max_depth} levels")
+            for defect in part.defects:
+                self.warn(f"{_part_name(path)}: defect {type(defect).__name__}")
+            children = _children(part)
+            if children is not None:
+                stack.extend((child, (*path, i)) for i, child in reversed(list(enumerate(children, 1))))
+
+    def walk(self, part: Message, path: tuple[int, ...], can_claim: bool) -> bool:
+        """Assign ``part`` and its descendants to the bodies or the attachments.
+
+        Returns whether a body was claimed below ``part``. RFC 2046 §5.1.4: the children of
+        multipart/alternative are versions of the same content, so each may supply the plain or
+        the HTML body. RFC 2387 §3.2: in multipart/related only the root (``start``, else the
+        first child) can be a body. Any other multipart (mixed §5.1.3, signed, report and
+        unknown subtypes per §5.1.7) is treated as mixed: the first child that yields a body
+        ends body claiming, later text parts become attachments.
+        """
+        where = _part_name(path)
+        ctype = clean_str(part.get_content_type())
+        maintype, _, subtype = ctype.partition("/")
+        children = _children(part)
+        if children is not None and maintype == "multipart":
+            claimed = False
+            if subtype == "alternative":
+                for i, child in enumerate(children, 1):
+                    claimed = self.walk(child, (*path, i), can_claim) or claimed
+            elif subtype == "related":
+                root = self._related_root(part, children, where)
+                for i, child in enumerate(children, 1):
+                    claimed = self.walk(child, (*path, i), can_claim and i == root) or claimed
+            else:
+                for i, child in enumerate(children, 1):
+                    claimed = self.walk(child, (*path, i), can_claim and not claimed) or claimed
+            return claimed
+
+        headers = self.part_headers(part, where)
+        disposition = self.parse_params(headers.get("content-disposition"), where)
+        if children is not None:
+            # message/rfc822 and other message/* (RFC 2046 §5.2): one attachment, the whole
+            # embedded message as bytes. Bodies are never taken from inside it.
+            data = self._serialise(children, headers, where, inside_multipart=bool(path))
+        else:
+            data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
+            if (
+                can_claim
+                and ctype in ("text/plain", "text/html")
+                and disposition.value != "attachment"
+                and (self.text_body if subtype == "plain" else self.html_body) is None
+            ):
+                charset = self.parse_params(headers.get("content-type"), where).params.get("charset")
+                text = clean_str(self.decode_bytes(data, charset, where))
+                if subtype == "plain":
+                    self.text_body = text
+                else:
+                    self.html_body = text
+                return True
+
+        self.attachments.append(self._attachment(ctype, headers, disposition, data, where))
+        return False
+
+    def _related_root(self, part: Message, children: list[Message], where: str) -> int:
+        ctype = self.part_headers(part, where).get("content-type")
+        start = self.parse_params(ctype, where).params.get("start")
+        if start:
+            for i, child in enumerate(children, 1):
+                cid = self.part_headers(child, f"{where}.{i}").get("content-id")
+                if cid is not None and cid.strip() == start.strip():
+                    return i
+        return 1
+
+    def _attachment(
+        self, ctype: str, headers: dict[str, str], disposition: _Params, data: bytes, where: str
+    ) -> Attachment:
+        # RFC 2183 §2.3 filename, else the older Content-Type name (RFC 1341); RFC 2047 inside
+        # a quoted parameter is illegal (RFC 2047 §5) but so common that it is decoded too.
+        filename = disposition.params.get("filename")
+        if not filename:
+            filename = self.parse_params(headers.get("content-type"), where).params.get("name")
+        if filename:
+            filename = self.decode_words(filename, where).strip()
+        content_id = headers.get("content-id")
+        content_id = content_id.strip() if content_id else None
+        return Attachment(
+            filename=clean_str(filename) if filename else None,
+            content_type=ctype,
+            disposition=clean_str(disposition.value) if disposition.value else None,
+            content_id=clean_str(content_id) if content_id else None,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            content=data,
+        )
+
+    def _transfer_decode(self, part: Message, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
+        """The part's body with its Content-Transfer-Encoding (RFC 2045 §6) removed."""
+        # The stored payload, not get_payload(): that one decodes 8-bit bodies with the declared
+        # charset and errors='replace' before we could see the bytes.
+        payload = getattr(part, "_payload", None)
+        data = _to_bytes(payload) if isinstance(payload, str) else b""
+        if strip_eol:
+            data = _strip_eol(data)
+        cte = headers.get("content-transfer-encoding", "").split(";")[0].strip().strip('"').lower()
+        if cte in ("", "7bit", "8bit", "binary"):
+            return data
+        if cte == "base64":
+            decoded, repaired = _b64decode(data)
+            if repaired:
+                self.warn(f"{where}: malformed base64 repaired")
+            return decoded
+        if cte == "quoted-printable":
+            decoded, bad = _qpdecode(data)
+            if bad:
+                self.warn(f"{where}: invalid quoted-printable escape kept as is")
+            return decoded
+        if cte in ("x-uuencode", "uuencode", "uue", "x-uue"):
+            result = part.get_payload(decode=True)
+            return result if isinstance(result, bytes) else data
+        self.warn(f"{where}: unknown Content-Transfer-Encoding {_safe_label(cte)}, body kept encoded")
+        return data
+
+    def _serialise(
+        self, children: list[Message], headers: dict[str, str], where: str, *, inside_multipart: bool
+    ) -> bytes:
+        out = bytearray()
+        for child in children:
+            self._flatten(child, out)
+        data = bytes(out)
+        last = children[-1] if children else None
+        while last is not None and last.get_content_maintype() == "message" and (inner := _children(last)):
+            last = inner[-1]
+        if inside_multipart and last is not None and _kept_boundary_eol(last):
+            data = _strip_eol(data)
+        cte = headers.get("content-transfer-encoding", "").strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            # Forbidden by RFC 2046 §5.2.1 but sent anyway: the parser saw encoded text as a
+            # header-less message, so undo the encoding on the serialised form.
+            self.warn(f"{where}: message part with {cte} encoding")
+            data = data.lstrip(b"\r\n")
+            data = _b64decode(data)[0] if cte == "base64" else _qpdecode(data)[0]
+        return data
+
+    def _flatten(self, msg: Message, out: bytearray) -> None:
+        """Write ``msg`` back as bytes, as close to the original as compat32 allows.
+
+        Not email.generator: it re-derives boundaries through lossy Header objects and fails on
+        8-bit ones. Here header fields are written as stored (original folding kept), bodies
+        byte for byte, and a multipart is re-assembled per RFC 2046 §5.1.1 with the boundary as
+        it appeared. Recursion is bounded: survey() has checked the depth.
+        """
+        nl = self.linesep.encode("ascii")
+        for name, value in msg.raw_items():
+            out += _to_bytes(f"{name}: {value}") + nl
+        out += nl
+        payload = getattr(msg, "_payload", None)
+        if isinstance(payload, str):
+            out += _to_bytes(payload)
+            return
+        children = _children(msg)
+        if children is None:
+            return
+        if msg.get_content_maintype() != "multipart":
+            for child in children:
+                self._flatten(child, out)
+            return
+        raw_type = next((str(v) for k, v in msg.raw_items() if str(k).lower() == "content-type"), "")
+        boundary = _to_bytes(self.parse_params(_unfold(raw_type), "message").params.get("boundary", ""))
+        if msg.preamble is not None:
+            out += _to_bytes(msg.preamble) + nl
+        for i, child in enumerate(children):
+            out += (nl if i else b"") + b"--" + boundary + nl
+            self._flatten(child, out)
+        out += nl + b"--" + boundary + b"--"
+        if msg.epilogue is not None:
+            out += nl + _to_bytes(msg.epilogue)
+
+
+def _first(headers: Iterable[Header], name: str) -> Header | None:
+    name = name.lower()
+    return next((h for h in headers if h.name.lower() == name), None)
+
+
+def _decode(raw: bytes, max_depth: int, max_parts: int) -> DecodedMail:
+    dec = _Decoder(max_depth, max_parts)
+    if not raw.strip():
+        dec.warn("empty input: not a mail")
+        return DecodedMail(
+            message_id=None, subject=None, date_raw=None, date_millis=None, from_=(), to=(), cc=(),
+            headers=(), text_body=None, html_body=None, attachments=(), warnings=dec.warnings,
+        )  # fmt: skip
+    if b"\r\n" not in raw[:65536]:
+        dec.linesep = "\n"
+    msg = _PARSER.parsebytes(raw)
+    dec.survey(msg)
+    headers = dec.headers(msg)
+    if not headers:
+        dec.warn("message: no header fields")
+
+    def raw_values(name: str) -> list[str]:
+        return [h.raw for h in headers if h.name.lower() == name]
+
+    subject = _first(headers, "subject")
+    message_id = _first(headers, "message-id")
+    date = _first(headers, "date")
+    date_raw = date.raw.strip() if date is not None else None
+    dec.walk(msg, (), True)
+    return DecodedMail(
+        message_id=message_id.raw.strip() if message_id is not None else None,
+        subject=subject.value if subject is not None else None,
+        date_raw=date_raw,
+        date_millis=dec.date_millis(date_raw) if date_raw is not None else None,
+        from_=dec.addresses(raw_values("from"), "header 'From'"),
+        to=dec.addresses(raw_values("to"), "header 'To'"),
+        cc=dec.addresses(raw_values("cc"), "header 'Cc'"),
+        headers=tuple(headers),
+        text_body=dec.text_body,
+        html_body=dec.html_body,
+        attachments=tuple(dec.attachments),
+        warnings=dec.warnings,
+    )
+
+
+def decode_mail(raw: bytes, *, max_depth: int = 32, max_parts: int = 2000) -> DecodedMail:
+    """Decode one raw RFC 5322 message (as retrieved by POP3 RETR, dot-unstuffed).
+
+    * ``max_depth``: deepest allowed MIME nesting (the top-level message is depth 0; each
+      multipart child or message/rfc822 body adds one). Deeper -> :class:`MailTooLargeError`.
+    * ``max_parts``: most MIME entities (containers included) allowed in the whole tree,
+      embedded messages included. More -> :class:`MailTooLargeError`.
+
+    Bodies keep their line endings as received. The first inline text/plain and text/html
+    parts become ``text_body``/``html_body``; every other leaf and every message/* part is an
+    attachment, in tree order.
+
+    Raises only :class:`DecodeError` / :class:`MailTooLargeError`, chained to the cause; their
+    messages and the warnings never contain mail content.
+    """
+    try:
+        return _decode(bytes(raw), max_depth, max_parts)
+    except DecodeError:
+        raise
+    except RecursionError as exc:
+        # The stdlib parser recurses once per nesting level; far past max_depth it overflows.
+        raise MailTooLargeError("MIME nesting too deep for the parser") from exc
+    except Exception as exc:  # the contract: nothing but DecodeError leaves here
+        raise DecodeError(f"unexpected {type(exc).__name__} while decoding the mail") from exc

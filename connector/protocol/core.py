@@ -1,0 +1,450 @@
+"""Sans-IO POP3 protocol core: bytes in, bytes and values out; no sockets, no clocks.
+
+In the spirit of h11: everything here is a pure function of the bytes it is given, so it
+can be tested exhaustively (every chunking, every split point) and reused by any I/O
+layer (the blocking :mod:`connector.protocol.transport`, or an async one later).
+
+References
+----------
+* RFC 1939 (POP3): §3 command/response syntax, multi-line responses and dot-stuffing;
+  §5-§7 STAT, LIST, UIDL, RETR; §7 unique-id syntax.
+* RFC 2449 (POP3 extensions): §5 CAPA, §8 extended response codes.
+* RFC 3206 (SYS and AUTH response codes).
+
+Contracts
+---------
+* Every malformed server input raises :class:`~connector.errors.Pop3ProtocolError`;
+  nothing here raises ``ValueError``/``IndexError``/``UnicodeDecodeError`` to callers,
+  except :func:`encode_command`, whose :class:`~connector.errors.Pop3ArgumentError` is
+  both a ``Pop3ProtocolError`` and a ``ValueError`` (it is a caller bug, not a server one).
+* Bodies are handled with ``bytes.find`` / ``bytes.replace`` only: a 50 MB message costs a
+  handful of C-level passes, never one Python call per line, and lines inside bodies have
+  no length limit. Status lines are limited to :data:`MAX_STATUS_LINE` bytes.
+* Line endings: RFC 1939 §3 mandates CRLF. Status lines also accept a bare LF (trivial and
+  harmless); multi-line bodies require CRLF: with a bare-LF server the terminator is not
+  recognised and the read runs into the timeout, and dot-stuffing after bare-LF line breaks
+  is not undone. Dovecot, Courier, GNU pop3d and every RFC-conforming server send CRLF.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from connector.errors import Pop3ArgumentError, Pop3ProtocolError
+
+__all__ = [
+    "CRLF",
+    "MAX_STATUS_LINE",
+    "MAX_UIDL_LENGTH",
+    "LineBuffer",
+    "MultilineReader",
+    "StatusLine",
+    "dot_stuff",
+    "encode_command",
+    "find_duplicate_uidls",
+    "parse_capa",
+    "parse_list",
+    "parse_stat",
+    "parse_status",
+    "parse_uidl",
+    "unstuff_response",
+    "validate_uidl",
+]
+
+CRLF = b"\r\n"
+#: Upper bound for one status line including CRLF. RFC 2449 §4 limits responses to 512
+#: octets; real servers exceed that with long texts, so we allow 8 KiB and refuse beyond.
+MAX_STATUS_LINE = 8192
+#: RFC 1939 §7 (UIDL): "The unique-id of a message ... consists of 1 to 70 characters".
+MAX_UIDL_LENGTH = 70
+
+# The end of a multi-line response: CRLF "." CRLF (RFC 1939 §3), where the first CRLF ends
+# the last body line. The reader keeps a virtual CRLF before the body so that the first
+# line is handled exactly like every other one (and an empty body is ".\r\n").
+_TERMINATOR = b"\r\n.\r\n"
+# A line that starts with the termination octet (RFC 1939 §3 dot-stuffing).
+_LINE_START_DOT = b"\r\n."
+_KEYWORD = re.compile(r"[A-Za-z]{3,4}")
+_FORBIDDEN_IN_ARGS = (b"\r", b"\n", b"\x00")
+_UIDL_CHARS = re.compile(rb"[\x21-\x7e]{1,70}")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def encode_command(name: str, *args: str | bytes) -> bytes:
+    """Encode one POP3 command line ``NAME arg1 arg2 CRLF`` (RFC 1939 §3).
+
+    * ``name`` must be a 3-4 letter keyword (RFC 1939 §3, RFC 2449 §3); it is upper-cased.
+    * ``str`` arguments are encoded as UTF-8 (RFC 6856 permits UTF-8 credentials; ASCII is
+      unchanged); ``bytes`` arguments are sent as they are.
+    * CR, LF and NUL are refused in any argument: they would end the command early and let
+      the rest be read as a second command (command injection).
+    * Spaces separate arguments, so they are refused inside arguments, except for the
+      single argument of ``PASS``: RFC 1939 §7 lets the server treat the rest of the line
+      as the password, and real passwords do contain spaces. For the same reason an empty
+      argument is only accepted for ``PASS``.
+    * The RFC 1939 §3 limit of 40 octets per argument is deliberately not enforced: it
+      would reject legitimate long passwords and usernames, and servers accept them.
+
+    Raises :class:`~connector.errors.Pop3ArgumentError` (a ``Pop3ProtocolError`` and a
+    ``ValueError``); its message never repeats a ``PASS`` argument.
+    """
+    if not _KEYWORD.fullmatch(name):
+        raise Pop3ArgumentError(f"invalid POP3 command keyword {name!r}")
+    keyword = name.upper()
+    is_pass = keyword == "PASS"
+    parts = [keyword.encode("ascii")]
+    for i, arg in enumerate(args, start=1):
+        raw = arg.encode("utf-8") if isinstance(arg, str) else bytes(arg)
+        shown = "***" if is_pass else repr(arg)
+        if any(bad in raw for bad in _FORBIDDEN_IN_ARGS):
+            raise Pop3ArgumentError(f"{keyword} argument {i} {shown} contains CR, LF or NUL")
+        if not is_pass:
+            if not raw:
+                raise Pop3ArgumentError(f"{keyword} argument {i} is empty")
+            if b" " in raw or b"\t" in raw:
+                raise Pop3ArgumentError(f"{keyword} argument {i} {shown} contains whitespace")
+        parts.append(raw)
+    return b" ".join(parts) + CRLF
+
+
+# ---------------------------------------------------------------------------- status lines
+
+
+@dataclass(frozen=True, slots=True)
+class StatusLine:
+    """One parsed status line (RFC 1939 §3).
+
+    ``ok`` is True for ``+OK``; ``code`` is the RFC 2449 §8 extended response code without
+    brackets and upper-cased (``"IN-USE"``, ``"SYS/TEMP"``, ...) or None; ``text`` is the
+    human-readable rest with the code removed, decoded as UTF-8 with replacement.
+    """
+
+    ok: bool
+    text: str
+    code: str | None = None
+
+    def describe(self) -> str:
+        """The line as a server would print it, minus the status indicator (for messages)."""
+        return f"[{self.code}] {self.text}".rstrip() if self.code else self.text
+
+
+def parse_status(line: bytes) -> StatusLine:
+    """Parse ``+OK [text]`` / ``-ERR [[CODE] text]``; a trailing CRLF (or bare LF) is allowed.
+
+    RFC 1939 §3: the indicator is upper case and followed by end of line or a space.
+    RFC 2449 §8: an extended response code, ``[`` level *("/" level) ``]``, may follow the
+    indicator and its space. It is extracted from ``+OK`` lines too (harmless, and RFC 2449
+    does not forbid it); a ``[`` without a closing ``]`` is left in the text.
+
+    Raises :class:`~connector.errors.Pop3ProtocolError` for an over-long line, an embedded
+    CR/LF/NUL, or anything that is not a status line (e.g. the server talking out of turn).
+    """
+    if len(line) > MAX_STATUS_LINE:
+        raise Pop3ProtocolError(f"status line longer than {MAX_STATUS_LINE} bytes")
+    if line.endswith(b"\n"):
+        line = line[:-2] if line.endswith(CRLF) else line[:-1]
+    if b"\r" in line or b"\n" in line or b"\x00" in line:
+        raise Pop3ProtocolError(f"malformed status line {_preview(line)}")
+    if line.startswith(b"+OK"):
+        ok, rest = True, line[3:]
+    elif line.startswith(b"-ERR"):
+        ok, rest = False, line[4:]
+    else:
+        raise Pop3ProtocolError(f"expected +OK or -ERR, got {_preview(line)}")
+    if rest and rest[:1] != b" ":
+        raise Pop3ProtocolError(f"expected +OK or -ERR, got {_preview(line)}")
+    text = rest[1:].decode("utf-8", errors="replace")
+    code: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        # RFC 2449 §8: resp-level = 1*<any CHAR except "/" and "]">; CHAR excludes NUL,
+        # and a level never contains a space in any registered code.
+        candidate = text[1:end] if end > 0 else ""
+        levels = candidate.split("/")
+        if candidate and all(lv and " " not in lv for lv in levels):
+            code = candidate.upper()
+            text = text[end + 1 :].lstrip(" ")
+    return StatusLine(ok=ok, text=text, code=code)
+
+
+def _preview(data: bytes, limit: int = 60) -> str:
+    """A short, printable excerpt of server bytes for error messages (never a body)."""
+    shown = data[:limit].decode("ascii", errors="backslashreplace")
+    return repr(shown + ("..." if len(data) > limit else ""))
+
+
+class LineBuffer:
+    """Receive buffer that frames status lines (sans-IO).
+
+    ``feed()`` raw bytes as they arrive; ``next_line()`` returns one complete line
+    including its line ending, or None when more data is needed. Bytes after the line stay
+    buffered: after a status line that starts a multi-line response they are the start of
+    the body, taken with :meth:`take`. A line that is not complete within
+    ``max_line`` bytes raises :class:`~connector.errors.Pop3ProtocolError` (a server that
+    streams garbage cannot make us buffer without bound).
+    """
+
+    __slots__ = ("_buf", "max_line")
+
+    def __init__(self, max_line: int = MAX_STATUS_LINE) -> None:
+        self._buf = bytearray()
+        self.max_line = max_line
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buf += data
+
+    def next_line(self) -> bytes | None:
+        """Pop one line ending in LF (normally CRLF), or None if no full line is buffered yet."""
+        end = self._buf.find(b"\n", 0, self.max_line)
+        if end < 0:
+            if len(self._buf) >= self.max_line:
+                raise Pop3ProtocolError(f"status line longer than {self.max_line} bytes")
+            return None
+        line = bytes(self._buf[: end + 1])
+        del self._buf[: end + 1]
+        return line
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered (the start of a body, or stray bytes)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front (what a body reader received past its terminator)."""
+        if data:
+            self._buf[:0] = data
+
+
+# ---------------------------------------------------------------------------- multi-line bodies
+
+
+class MultilineReader:
+    """Incremental decoder for one multi-line response body (RFC 1939 §3).
+
+    Feed it the bytes that follow the ``+OK`` status line, in chunks of any size (1 byte
+    or 50 MB); each :meth:`feed` returns the next piece of the *unstuffed* body (possibly
+    ``b""``), so callers can stream a message to disk without holding it in memory.
+    Concatenating all returned pieces gives exactly the body: every line with its CRLF,
+    the terminating ``.CRLF`` removed, and dot-stuffing undone.
+
+    Dot-stuffing (RFC 1939 §3): a line that starts with "." has the "." removed; a line
+    that is exactly "." ends the response. Note that this is the RFC's rule ("if octets
+    other than CRLF follow, the first octet of the line is stripped away"), which equals
+    replacing ``CRLF ".."`` by ``CRLF "."`` for a conforming server, and also decodes a
+    server that forgot to stuff a ``.x`` line the way the RFC prescribes.
+
+    Implementation: a virtual CRLF is placed before the body, so "line start" is always
+    "after CRLF" and an empty body is just the terminator. Each feed searches for the
+    terminator with ``bytes.find`` and unstuffs with one ``bytes.replace``; at most 4 bytes
+    (a possible partial terminator or ``CRLF "."``) are held back between chunks, so there
+    is no line-length limit and no quadratic re-scanning.
+
+    After the terminator, :attr:`done` is True and :attr:`leftover` holds any bytes that
+    followed it (normally none: POP3 clients here do not pipeline). Feeding after
+    :attr:`done` raises :class:`~connector.errors.Pop3ProtocolError`.
+    """
+
+    __slots__ = ("_pending", "_skip", "done", "leftover", "raw_bytes")
+
+    #: bytes held back at most: len(terminator) - 1.
+    _HOLD = len(_TERMINATOR) - 1
+
+    def __init__(self) -> None:
+        # Not-yet-emitted raw bytes; begins with the virtual CRLF, later with held-back bytes.
+        self._pending = CRLF
+        # How many leading bytes of _pending are the virtual CRLF (never emitted).
+        self._skip = len(CRLF)
+        self.done = False
+        self.leftover = b""
+        #: raw (still stuffed) bytes consumed so far, terminator included.
+        self.raw_bytes = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume one chunk; return the unstuffed body bytes it completes (maybe ``b""``)."""
+        if self.done:
+            raise Pop3ProtocolError("data fed to a multi-line reader after its terminator")
+        if not data:
+            return b""
+        buf = self._pending + data if self._pending else bytes(data)
+        # A terminator can only start in the held-back bytes or in the new data, and the
+        # held-back part (<= 4 bytes) was already known not to contain a whole one.
+        end = buf.find(_TERMINATOR)
+        if end >= 0:
+            body_end = end + len(CRLF)  # keep the CRLF of the last body line
+            self.leftover = buf[end + len(_TERMINATOR) :]
+            self.raw_bytes += len(data) - len(self.leftover)
+            self.done = True
+            self._pending = b""
+            return self._emit(buf, body_end)
+        self.raw_bytes += len(data)
+        cut = len(buf) - self._HOLD
+        if cut <= self._skip:
+            self._pending = buf
+            return b""
+        # Never cut through a CRLF "." sequence: the replace needs all three bytes. One that
+        # starts at cut-2 or cut-1 is held back whole (it then starts the pending bytes).
+        split = buf.find(CRLF, max(cut - 2, 0), cut + 1)
+        if split >= 0:
+            cut = split
+        if cut <= self._skip:
+            self._pending = buf
+            return b""
+        self._pending = buf[cut:]
+        return self._emit(buf, cut)
+
+    def _emit(self, buf: bytes, end: int) -> bytes:
+        """Unstuff ``buf[:end]`` and drop the virtual CRLF if it is still in front."""
+        piece = buf[:end].replace(_LINE_START_DOT, CRLF)
+        if self._skip:
+            # buf starts with the virtual CRLF; replace() kept it (and dropped a dot after it).
+            piece = piece[self._skip :]
+            self._skip = 0
+        return piece
+
+    def feed_all(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Feed chunks until the terminator, yielding non-empty pieces (streaming helper)."""
+        for chunk in chunks:
+            piece = self.feed(chunk)
+            if piece:
+                yield piece
+            if self.done:
+                return
+        raise Pop3ProtocolError("multi-line response ended without its terminator")
+
+
+def unstuff_response(raw: bytes) -> bytes:
+    """Decode one complete multi-line body (everything after the status line, terminator
+    included) in one go. Bytes after the terminator raise Pop3ProtocolError."""
+    reader = MultilineReader()
+    body = reader.feed(raw)
+    if not reader.done:
+        raise Pop3ProtocolError("multi-line response ended without its terminator")
+    if reader.leftover:
+        raise Pop3ProtocolError("unexpected bytes after the multi-line terminator")
+    return body
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """Server-side encoding (RFC 1939 §3): stuff lines starting with "." and append the
+    terminator; a body not ending in CRLF gets one. The inverse of :class:`MultilineReader`
+    for CRLF bodies; used by test servers and tools."""
+    if body and not body.endswith(CRLF):
+        body += CRLF
+    stuffed = (CRLF + body).replace(_LINE_START_DOT, b"\r\n..")[len(CRLF) :]
+    return stuffed + b".\r\n"
+
+
+# ---------------------------------------------------------------------------- listings
+
+
+def _lines(body: bytes, what: str) -> list[bytes]:
+    """Split a (small) listing body into lines; the body must end with CRLF or be empty."""
+    if not body:
+        return []
+    if not body.endswith(CRLF):
+        raise Pop3ProtocolError(f"{what} listing does not end with CRLF")
+    return body[: -len(CRLF)].split(CRLF)
+
+
+def _msg_num(token: bytes, what: str) -> int:
+    if not token.isdigit() or len(token) > 10:
+        raise Pop3ProtocolError(f"{what}: invalid message number {_preview(token)}")
+    num = int(token)
+    if num < 1:
+        raise Pop3ProtocolError(f"{what}: message number {num} is not positive")
+    return num
+
+
+def validate_uidl(uid: bytes | str) -> str:
+    """Check an RFC 1939 §7 unique-id (1-70 octets in 0x21-0x7E) and return it as str."""
+    raw = uid.encode("utf-8", errors="replace") if isinstance(uid, str) else uid
+    if not _UIDL_CHARS.fullmatch(raw):
+        raise Pop3ProtocolError(
+            f"invalid UIDL {_preview(raw)}: RFC 1939 requires 1-{MAX_UIDL_LENGTH} characters in 0x21-0x7E"
+        )
+    return raw.decode("ascii")
+
+
+def parse_uidl(body: bytes) -> list[tuple[int, str]]:
+    """Parse a UIDL multi-line body (RFC 1939 §7) into ``[(msg_num, unique_id), ...]``.
+
+    Each line is ``msg_num SP unique-id``. Invalid numbers, invalid unique-ids, extra
+    fields and repeated message numbers raise Pop3ProtocolError. Repeated unique-ids are
+    *not* rejected here (see :func:`find_duplicate_uidls`): the policy is the caller's.
+    """
+    out: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    for line in _lines(body, "UIDL"):
+        fields = line.split(b" ")
+        if len(fields) != 2:
+            raise Pop3ProtocolError(f"UIDL: malformed line {_preview(line)}")
+        num = _msg_num(fields[0], "UIDL")
+        if num in seen:
+            raise Pop3ProtocolError(f"UIDL: message number {num} listed twice")
+        seen.add(num)
+        out.append((num, validate_uidl(fields[1])))
+    return out
+
+
+def parse_list(body: bytes) -> list[tuple[int, int]]:
+    """Parse a LIST multi-line body (RFC 1939 §5 scan listings) into ``[(msg_num, size)]``.
+
+    RFC 1939 §5 allows (discourages) more information after the size; it is ignored.
+    """
+    out: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for line in _lines(body, "LIST"):
+        fields = line.split(b" ")
+        if len(fields) < 2:
+            raise Pop3ProtocolError(f"LIST: malformed line {_preview(line)}")
+        num = _msg_num(fields[0], "LIST")
+        if num in seen:
+            raise Pop3ProtocolError(f"LIST: message number {num} listed twice")
+        seen.add(num)
+        if not fields[1].isdigit():
+            raise Pop3ProtocolError(f"LIST: invalid size {_preview(fields[1])}")
+        out.append((num, int(fields[1])))
+    return out
+
+
+def parse_stat(status: StatusLine) -> tuple[int, int]:
+    """Parse the ``+OK nn mm`` drop listing of STAT (RFC 1939 §5): (messages, octets)."""
+    fields = status.text.split()
+    if not status.ok or len(fields) < 2 or not (fields[0].isdigit() and fields[1].isdigit()):
+        raise Pop3ProtocolError(f"STAT: malformed response {status.describe()!r}")
+    return int(fields[0]), int(fields[1])
+
+
+def parse_capa(body: bytes) -> dict[str, list[str]]:
+    """Parse a CAPA body (RFC 2449 §5) into ``{TAG: [args...]}``; tags are upper-cased.
+
+    Capability names are case-insensitive (RFC 2449 §6), arguments are kept as sent. A tag
+    listed twice keeps its last arguments. Empty lines are skipped.
+    """
+    caps: dict[str, list[str]] = {}
+    for line in _lines(body, "CAPA"):
+        fields = line.decode("utf-8", errors="replace").split()
+        if fields:
+            caps[fields[0].upper()] = fields[1:]
+    return caps
+
+
+def find_duplicate_uidls(entries: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    """Return ``{unique_id: [msg_nums...]}`` for every unique-id listed more than once.
+
+    RFC 1939 §7 requires unique-ids to be unique within a maildrop; some servers break this
+    (e.g. copies of one file). Deduplication by UIDL must not silently skip such mails.
+    """
+    by_uid: dict[str, list[int]] = {}
+    for num, uid in entries:
+        by_uid.setdefault(uid, []).append(num)
+    return {uid: nums for uid, nums in by_uid.items() if len(nums) > 1}

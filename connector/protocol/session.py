@@ -1,0 +1,450 @@
+"""The POP3 session API: one authenticated conversation with one maildrop.
+
+Glues the sans-IO core (:mod:`connector.protocol.core`) to the blocking transport
+(:mod:`connector.protocol.transport`) and tracks the RFC 1939 §3 session states:
+
+    AUTHORIZATION --USER/PASS +OK--> TRANSACTION --QUIT--> (UPDATE) --> CLOSED
+          |                              |
+          +-------- close() / abort() / any I/O failure ---------------> CLOSED
+
+Exactly-once relevant rules (RFC 1939 §6):
+
+* DELE only *marks* a message; it is removed when the server enters the UPDATE state,
+  which happens only on QUIT, and ``+OK`` to QUIT confirms the removal. ``-ERR`` to QUIT
+  ("some deleted messages not removed") raises :class:`~connector.errors.Pop3CommandError`.
+* A connection that ends any other way (``close()``, a timeout, a reset) removes nothing.
+* ``abort()`` sends RSET and then QUIT (releasing the maildrop lock at once rather than when
+  the server notices the drop), and only sends QUIT if RSET got ``+OK``: otherwise it just
+  drops the connection, so pending deletes can never be committed by accident.
+
+Errors: socket/ssl exceptions are translated by the transport; ``-ERR`` replies become
+typed errors (RFC 2449 §8 / RFC 3206 codes): ``[IN-USE]`` -> Pop3MailboxBusyError,
+``[LOGIN-DELAY]`` -> Pop3LoginDelayError, ``[SYS/TEMP]`` -> Pop3TempError, ``[AUTH]`` and any
+other ``-ERR`` to USER/PASS -> Pop3AuthError, any other ``-ERR`` -> Pop3CommandError.
+After a timeout, connection error or framing error the session is closed (the response
+stream is out of sync); after a plain ``-ERR`` it stays usable.
+
+Extension points for later issues: APOP needs the greeting's timestamp (``greeting.text``);
+SASL (RFC 5034) needs ``+ `` continuation lines, which :meth:`Pop3Session._read_status`
+deliberately rejects today; both will be new ``login_*`` methods sharing ``_command``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from connector.errors import (
+    ConfigError,
+    ConnectorError,
+    Pop3ArgumentError,
+    Pop3AuthError,
+    Pop3CommandError,
+    Pop3Error,
+    Pop3LoginDelayError,
+    Pop3MailboxBusyError,
+    Pop3ProtocolError,
+    Pop3TempError,
+    Pop3TlsError,
+    Pop3UnsupportedError,
+)
+from connector.protocol.core import (
+    LineBuffer,
+    MultilineReader,
+    StatusLine,
+    encode_command,
+    parse_capa,
+    parse_list,
+    parse_stat,
+    parse_status,
+    parse_uidl,
+)
+from connector.protocol.transport import Transport, make_tls_context
+
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["Pop3Session", "SessionState", "TlsMode", "Transcript"]
+
+TlsMode = Literal["implicit", "starttls", "none"]
+#: ``transcript(direction, line)``: direction is ``"C"`` (client) or ``"S"`` (server); the
+#: line has no CRLF, the PASS argument is ``***``, and bodies are never passed.
+Transcript = Callable[[str, str], None]
+
+_TLS_MODES: tuple[TlsMode, ...] = ("implicit", "starttls", "none")
+PLAINTEXT_REFUSED = (
+    "refusing to send a password over an unencrypted connection; "
+    "set tls: implicit|starttls or allow_plaintext_auth: true"
+)
+
+
+class SessionState(enum.Enum):
+    """RFC 1939 §3 states as seen by the client (UPDATE is the QUIT exchange itself)."""
+
+    AUTHORIZATION = "authorization"
+    TRANSACTION = "transaction"
+    CLOSED = "closed"
+
+
+def _has_code(status: StatusLine, code: str) -> bool:
+    """True if the response code is ``code`` or a sub-level of it (RFC 2449 §8 hierarchy)."""
+    return status.code is not None and (status.code == code or status.code.startswith(code + "/"))
+
+
+class Pop3Session:
+    """A blocking POP3 client session. Build it with :meth:`connect`; not thread-safe.
+
+    Use as a context manager: a clean exit calls :meth:`quit` (committing DELEs), an exit
+    by exception calls :meth:`abort` (committing nothing).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        allow_plaintext_auth: bool = False,
+        transcript: Transcript | None = None,
+    ) -> None:
+        """Wrap a connected transport; no I/O happens here (see :meth:`connect`)."""
+        self._transport = transport
+        self._buffer = LineBuffer()
+        self._caps: dict[str, list[str]] | None = None
+        self._transcript = transcript
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self.state = SessionState.AUTHORIZATION
+        self.greeting: StatusLine | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        tls: TlsMode,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        allow_plaintext_auth: bool = False,
+        transcript: Transcript | None = None,
+    ) -> Pop3Session:
+        """Connect, (for ``implicit``) handshake TLS, read the greeting, (for ``starttls``) upgrade.
+
+        * ``tls="implicit"``: POP3S, TLS from the first byte (RFC 8314, port 995).
+        * ``tls="starttls"``: plain connect, then CAPA must list STLS (RFC 2595 §4) or
+          :class:`~connector.errors.Pop3TlsError` is raised; capabilities are re-read after.
+        * ``tls="none"``: no TLS; :meth:`login_user_pass` then refuses unless
+          ``allow_plaintext_auth``.
+
+        ``ssl_context`` defaults to :func:`make_tls_context` (system CAs, verification on).
+        ``timeout`` is per socket operation. On any failure the socket is closed.
+        """
+        if tls not in _TLS_MODES:
+            raise ConfigError(f"tls {tls!r} is not one of {list(_TLS_MODES)}")
+        if tls != "none" and ssl_context is None:
+            ssl_context = make_tls_context(None)
+        transport = Transport.connect(host, port, timeout, ssl_context if tls == "implicit" else None)
+        session = cls(transport, allow_plaintext_auth=allow_plaintext_auth, transcript=transcript)
+        try:
+            session.read_greeting()
+            if tls == "starttls":
+                assert ssl_context is not None
+                session.starttls(ssl_context)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def read_greeting(self) -> StatusLine:
+        """Read the server greeting (RFC 1939 §4); ``-ERR`` raises (typed by its code)."""
+        if self.greeting is not None:
+            raise Pop3ProtocolError("greeting already read")
+        status = self._read_status()
+        if not status.ok:
+            self.close()
+            raise self._error("greeting", status)
+        self.greeting = status
+        return status
+
+    def close(self) -> None:
+        """Drop the connection without QUIT: no pending DELE is applied (RFC 1939 §6).
+        Never raises; idempotent."""
+        self.state = SessionState.CLOSED
+        self._transport.close()
+
+    def quit(self) -> None:
+        """Send QUIT and close. From TRANSACTION this commits the DELEs (RFC 1939 §6 UPDATE).
+
+        ``+OK`` means every marked message was removed. ``-ERR`` raises Pop3CommandError
+        (some were not removed); a timeout or lost connection raises as usual and leaves it
+        unknown whether the server reached UPDATE. The session is closed in every case.
+        """
+        self._require("QUIT", SessionState.AUTHORIZATION, SessionState.TRANSACTION)
+        try:
+            status = self._command("QUIT")
+        finally:
+            self.close()
+        if not status.ok:
+            raise Pop3CommandError("QUIT", status.describe())
+
+    def abort(self) -> None:
+        """Best effort RSET + QUIT, then close; never raises. No DELE is ever committed:
+        QUIT is only sent if RSET was acknowledged (or nothing could be pending)."""
+        if self.state is SessionState.CLOSED:
+            return
+        try:
+            if self.state is SessionState.TRANSACTION and not self._command("RSET").ok:
+                return  # cannot be sure the marks are gone: dropping the line keeps the mail
+            self._command("QUIT")
+        except ConnectorError:
+            pass
+        finally:
+            self.close()
+
+    def __enter__(self) -> Pop3Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self.state is not SessionState.CLOSED:
+            self.quit()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def is_tls(self) -> bool:
+        """True when the connection is encrypted (implicit TLS or after STLS)."""
+        return self._transport.is_tls
+
+    @property
+    def host(self) -> str:
+        return self._transport.host
+
+    @property
+    def port(self) -> int:
+        return self._transport.port
+
+    # ------------------------------------------------------------------ AUTHORIZATION state
+
+    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
+        """CAPA (RFC 2449 §5) as ``{TAG: [args]}``; ``{}`` if the server has no CAPA.
+
+        Cached per state: the cache is dropped after STLS (RFC 2595 §4 requires it) and
+        after login (RFC 2449 §5: capabilities may differ in TRANSACTION state).
+        """
+        self._require("CAPA", SessionState.AUTHORIZATION, SessionState.TRANSACTION)
+        if self._caps is None or refresh:
+            status = self._command("CAPA")
+            self._caps = parse_capa(self._read_body()) if status.ok else {}
+        return {tag: list(args) for tag, args in self._caps.items()}
+
+    def starttls(self, ssl_context: ssl.SSLContext) -> None:
+        """Upgrade to TLS with STLS (RFC 2595 §4). Any failure closes the session.
+
+        Raises Pop3TlsError if the server does not list STLS, refuses it, sends anything
+        between its ``+OK`` and the handshake (a plaintext injection, cf. CVE-2011-0411),
+        or fails the handshake/verification.
+        """
+        self._require("STLS", SessionState.AUTHORIZATION)
+        try:
+            if self.is_tls:
+                raise Pop3TlsError("connection is already TLS")
+            if "STLS" not in self.capabilities():
+                raise Pop3TlsError(
+                    f"server {self.host}:{self.port} does not offer STLS; "
+                    "use tls: implicit with the POP3S port, or fix the server"
+                )
+            status = self._command("STLS")
+            if not status.ok:
+                raise Pop3TlsError(f"server {self.host}:{self.port} refused STLS: {status.describe()}")
+            if len(self._buffer):
+                raise Pop3TlsError(
+                    f"server {self.host}:{self.port} sent data after +OK to STLS, before the TLS "
+                    "handshake (possible injection); refusing to continue"
+                )
+            self._transport.start_tls(ssl_context)
+            self._caps = None  # RFC 2595 §4: discard capabilities learnt before TLS
+        except BaseException:
+            self.close()
+            raise
+
+    def login_user_pass(self, username: str, password: str) -> None:
+        """USER/PASS login (RFC 1939 §7); on success the session is in TRANSACTION state.
+
+        Refuses (Pop3TlsError, nothing sent) on an unencrypted connection unless
+        ``allow_plaintext_auth``. ``-ERR`` raises Pop3MailboxBusyError ([IN-USE]),
+        Pop3LoginDelayError ([LOGIN-DELAY]), Pop3TempError ([SYS/TEMP]) or Pop3AuthError
+        (anything else); the session stays in AUTHORIZATION. Messages name the user and
+        the server's text, never the password.
+        """
+        self._require("USER", SessionState.AUTHORIZATION)
+        if not self.is_tls and not self.allow_plaintext_auth:
+            raise Pop3TlsError(PLAINTEXT_REFUSED)
+        encode_command("USER", username)  # validate both arguments before sending anything
+        encode_command("PASS", password)
+        for command, arg in (("USER", username), ("PASS", password)):
+            status = self._command(command, arg)
+            if not status.ok:
+                raise self._error(command, status, auth=True, what=f"login as {username!r}")
+        self.state = SessionState.TRANSACTION
+        self._caps = None  # RFC 2449 §5: capabilities may change after authentication
+
+    # ------------------------------------------------------------------ TRANSACTION state
+
+    def stat(self) -> tuple[int, int]:
+        """STAT (RFC 1939 §5): (message count, maildrop size in octets), deleted excluded."""
+        return parse_stat(self._simple("STAT"))
+
+    def uidl(self) -> list[tuple[int, str]]:
+        """UIDL (RFC 1939 §7) for all messages: ``[(msg_num, unique_id)]``.
+
+        A server without UIDL raises Pop3UnsupportedError: without unique ids the
+        connector cannot tell mails it already delivered from new ones.
+        """
+        self._require("UIDL", SessionState.TRANSACTION)
+        status = self._command("UIDL")
+        if not status.ok:
+            error = self._error("UIDL", status)
+            if type(error) is Pop3CommandError:
+                raise Pop3UnsupportedError(
+                    f"server {self.host}:{self.port} does not support UIDL ({status.describe()}); "
+                    "unique ids are required to avoid duplicates: enable UIDL on the server "
+                    "(RFC 1939 §7, optional command)"
+                )
+            raise error
+        return parse_uidl(self._read_body())
+
+    def list(self) -> list[tuple[int, int]]:
+        """LIST (RFC 1939 §5) for all messages: ``[(msg_num, size_in_octets)]``."""
+        self._require("LIST", SessionState.TRANSACTION)
+        status = self._command("LIST")
+        if not status.ok:
+            raise self._error("LIST", status)
+        return parse_list(self._read_body())
+
+    def retr(self, msg_num: int) -> bytes:
+        """RETR (RFC 1939 §7): the whole message, dot-stuffing undone, CRLF line endings."""
+        pieces: list[bytes] = []
+        self.retr_into(msg_num, pieces.append)
+        return b"".join(pieces)
+
+    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int:
+        """RETR streaming each unstuffed piece into ``sink`` as it arrives; returns the byte
+        count. If ``sink`` raises, the session is closed (the body was not fully read) and
+        the exception propagates unchanged."""
+        self._require("RETR", SessionState.TRANSACTION)
+        status = self._command("RETR", self._msg_arg(msg_num))
+        if not status.ok:
+            raise self._error(f"RETR {msg_num}", status)
+        return self._read_body_into(sink)
+
+    def dele(self, msg_num: int) -> None:
+        """DELE (RFC 1939 §6): mark for deletion; only a successful QUIT removes it."""
+        self._simple("DELE", self._msg_arg(msg_num))
+
+    def rset(self) -> None:
+        """RSET (RFC 1939 §6): unmark every message marked by DELE in this session."""
+        self._simple("RSET")
+
+    def noop(self) -> None:
+        """NOOP (RFC 1939 §6): keep-alive."""
+        self._simple("NOOP")
+
+    # ------------------------------------------------------------------ internals
+
+    def _require(self, command: str, *states: SessionState) -> None:
+        if self.state not in states:
+            if self.state is SessionState.CLOSED:
+                raise Pop3ProtocolError(f"{command}: the session is closed")
+            allowed = " or ".join(s.value for s in states)
+            raise Pop3ProtocolError(f"{command} is not allowed in state {self.state.value} (only {allowed})")
+
+    @staticmethod
+    def _msg_arg(msg_num: int) -> str:
+        if isinstance(msg_num, bool) or not isinstance(msg_num, int) or msg_num < 1:
+            raise Pop3ArgumentError(f"message number must be a positive int, got {msg_num!r}")
+        return str(msg_num)
+
+    def _simple(self, command: str, *args: str) -> StatusLine:
+        """A single-line TRANSACTION command; ``-ERR`` raises."""
+        self._require(command, SessionState.TRANSACTION)
+        status = self._command(command, *args)
+        if not status.ok:
+            raise self._error(" ".join((command, *args)), status)
+        return status
+
+    def _error(self, command: str, status: StatusLine, *, auth: bool = False, what: str = "") -> Pop3Error:
+        """Map a ``-ERR`` status to the typed error (RFC 2449 §8, RFC 3206)."""
+        where = f"{what or command} refused by {self.host}:{self.port}: {status.describe()}"
+        if _has_code(status, "IN-USE"):
+            return Pop3MailboxBusyError(where)
+        if _has_code(status, "LOGIN-DELAY"):
+            return Pop3LoginDelayError(where)
+        if _has_code(status, "SYS/TEMP"):
+            return Pop3TempError(where)
+        if auth or _has_code(status, "AUTH"):
+            return Pop3AuthError(where)
+        return Pop3CommandError(command, status.describe())
+
+    def _command(self, name: str, *args: str) -> StatusLine:
+        """Send one command and read its status line (the body, if any, is the caller's)."""
+        if self.state is SessionState.CLOSED:
+            raise Pop3ProtocolError(f"{name}: the session is closed")
+        data = encode_command(name, *args)
+        if self._transcript is not None:
+            shown = f"{name} ***" if name.upper() == "PASS" else data[:-2].decode("utf-8", "replace")
+            self._transcript("C", shown)
+        try:
+            self._transport.send(data)
+        except ConnectorError:
+            self.close()
+            raise
+        return self._read_status()
+
+    def _read_status(self) -> StatusLine:
+        try:
+            line = self._buffer.next_line()
+            while line is None:
+                self._buffer.feed(self._transport.recv())
+                line = self._buffer.next_line()
+            status = parse_status(line)
+        except ConnectorError:
+            self.close()
+            raise
+        if self._transcript is not None:
+            self._transcript("S", line.rstrip(b"\r\n").decode("utf-8", "replace"))
+        return status
+
+    def _read_body(self) -> bytes:
+        pieces: list[bytes] = []
+        self._read_body_into(pieces.append)
+        return b"".join(pieces)
+
+    def _read_body_into(self, sink: Callable[[bytes], None]) -> int:
+        """Stream one multi-line body (RFC 1939 §3) into ``sink``; returns the byte count."""
+        reader = MultilineReader()
+        total = 0
+        try:
+            data = self._buffer.take()
+            while True:
+                if data:
+                    piece = reader.feed(data)
+                    if piece:
+                        total += len(piece)
+                        sink(piece)
+                    if reader.done:
+                        break
+                data = self._transport.recv()
+        except BaseException:
+            self.close()
+            raise
+        self._buffer.unread(reader.leftover)
+        return total
