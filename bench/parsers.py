@@ -111,7 +111,7 @@ def stdlib_default_walk(raw: bytes) -> object:
         facts.append(header.addresses if header is not None else ())
     for part in msg.walk():
         if not part.is_multipart():
-            facts.append(part.get_content())  # type: ignore[attr-defined]
+            facts.append(part.get_content())
             facts.append(part.get_filename())
     return facts
 
@@ -166,9 +166,7 @@ def main() -> None:
 
             fmp_version = version("fast-mail-parser")
         candidates.append((f"fast_mail_parser.parse_email ({fmp_version})", fast_mail_parser.parse_email))
-        candidates.append(
-            (f"fast_mail_parser.parse_email_tree ({fmp_version})", fast_mail_parser.parse_email_tree)
-        )
+        candidates.append((f"fast_mail_parser.parse_email_tree ({fmp_version})", fast_mail_parser.parse_email_tree))
     except ImportError:
         print("fast_mail_parser not importable: skipped", file=sys.stderr)
 

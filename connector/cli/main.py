@@ -72,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(cfg)
         if args.command == "tail":
-            return _tail(cfg, args)
+            try:
+                return _tail(cfg, args)
+            except KeyboardInterrupt:
+                return EXIT_OK
     except ConfigError as exc:
         print(f"pop3-kafka: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -163,6 +166,7 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
     topic = cfg.topics.mail
     conf = dict(cfg.kafka.client)
     conf.update({"bootstrap.servers": cfg.kafka.bootstrap_servers, "group.id": "pop3-kafka-tail",
+                 "logger": logging.getLogger("pop3kafka.rdkafka.tail"),
                  "enable.auto.commit": False, "isolation.level": "read_committed"})
     consumer = Consumer(conf)
     try:

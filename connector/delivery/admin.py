@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from connector.errors import DeliveryError
 def admin_client(bootstrap: str, client: Mapping[str, Any]) -> AdminClient:
     conf = dict(client)
     conf["bootstrap.servers"] = bootstrap
+    # librdkafka logs through Python logging (structured, filtered) instead of raw stderr.
+    conf["logger"] = logging.getLogger("pop3kafka.rdkafka.admin")
     return AdminClient(conf)
 
 

@@ -29,7 +29,7 @@ from connector.errors import (
     RecordTooLargeError,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pop3kafka.rdkafka")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from connector.config.model import Config, MailboxConfig
 from connector.decoding import decode_mail
@@ -75,6 +76,25 @@ class CycleHooks:
     on_deleted: Callable[[str], None] | None = None  # (uidl) after DELE was acknowledged
 
 
+class MailboxSession(Protocol):
+    """What a cycle needs from a POP3 session (connection already made, greeting read)."""
+
+    def login_user_pass(self, username: str, password: str) -> None: ...
+    def uidl(self) -> list[tuple[int, str]]: ...
+    def list(self) -> list[tuple[int, int]]: ...
+    def retr(self, msg_num: int) -> bytes: ...
+    def dele(self, msg_num: int) -> None: ...
+    def quit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def open_session(mailbox: MailboxConfig) -> MailboxSession:
+    """Connect (implicit TLS, STLS or plain, as configured) and read the greeting."""
+    ssl_ctx = make_tls_context(mailbox.tls_ca_file, verify=mailbox.tls_verify) if mailbox.tls != "none" else None
+    return Pop3Session.connect(mailbox.host, mailbox.port, tls=mailbox.tls, ssl_context=ssl_ctx,
+                               timeout=mailbox.timeout_seconds, allow_plaintext_auth=mailbox.allow_plaintext_auth)
+
+
 @dataclass
 class _Pending:
     msg_num: int
@@ -90,6 +110,8 @@ class CycleContext:
     publisher: Publisher
     stop: threading.Event = field(default_factory=threading.Event)
     hooks: CycleHooks = field(default_factory=CycleHooks)
+    #: opens a POP3 session for a mailbox; tests substitute scripted sessions here.
+    session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
 
 
 def _record_key(ctx: CycleContext, mailbox: MailboxConfig, rid: str) -> bytes:
@@ -104,15 +126,11 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     t0 = time.monotonic()
     extra = {"mailbox": mailbox.id, "cycle": res.cycle_id}
     step = "connect"
-    session: Pop3Session | None = None
+    session: MailboxSession | None = None
     pending: list[_Pending] = []
     schema = mail_schema()
     try:
-        ssl_ctx = make_tls_context(mailbox.tls_ca_file, verify=mailbox.tls_verify) if mailbox.tls != "none" \
-            else None
-        session = Pop3Session.connect(mailbox.host, mailbox.port, tls=mailbox.tls, ssl_context=ssl_ctx,
-                                      timeout=mailbox.timeout_seconds,
-                                      allow_plaintext_auth=mailbox.allow_plaintext_auth)
+        session = ctx.session_factory(mailbox)
         step = "login"
         session.login_user_pass(mailbox.username, mailbox.password.reveal())
         step = "uidl"

@@ -309,6 +309,7 @@ class DovecotServer:
     def configure(self) -> None:
         if not Path(DOVECOT_BIN).exists():
             raise StackError("dovecot not found: apt-get install dovecot-core dovecot-pop3d dovecot-lmtpd")
+        self.dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # Root mode: Dovecot's own users must traverse every parent directory.
             for parent in self.dir.resolve().parents:

@@ -93,14 +93,23 @@ def test_hundred_mails_of_every_shape_arrive_exactly_once(services, topic: str, 
     assert server_uidls(services, "t1") == []
 
 
-def test_starttls_mailbox(services, topic: str, tmp_path: Path) -> None:
-    expected = put_mails(services, "t6", 5, seed=6)
+def test_starttls_mailbox_with_lmtp_delivery(services, topic: str, tmp_path: Path) -> None:
+    services.dovecot.clear("t6")
+    expected = {}
+    for i in range(5):
+        raw, exp = make_mail(i, seed=6)
+        services.dovecot.deliver_lmtp("t6", raw)  # through Dovecot's LMTP: real trace headers
+        expected[exp.message_id] = exp
     cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic,
                        [mailbox("stls", "t6", services.dovecot.pop3_port, services.cafile, tls="starttls")])
     proc = cli("poll-once", "--config", str(cfg), env={"PW_STLS": "t6-pw"})
     assert proc.returncode == 0, proc.stderr
     got = consume_all(services.bootstrap, topic, expect=5)
     assert sorted(c.record["message_id"] for c in got) == sorted(expected)
+    for c in got:
+        names = [h["name"] for h in c.record["headers"]]
+        assert names[0] == "Return-Path" and "Delivered-To" in names and "Received" in names
+        assert c.record["subject"] == expected[c.record["message_id"]].subject
     assert server_uidls(services, "t6") == []
 
 
