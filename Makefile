@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless
+# libpython3.11-testsuite: CPython's test_email corpus, used by the decoding tests
+APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless libpython3.11-testsuite
 
 .PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean
 

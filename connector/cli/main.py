@@ -90,7 +90,8 @@ def _ensure_topics(cfg: Config) -> None:
 
     t = cfg.topics
     if ensure_topic(cfg.kafka.bootstrap_servers, cfg.kafka.client, t.mail, create=t.create,
-                    partitions=t.partitions, replication_factor=t.replication_factor):
+                    partitions=t.partitions, replication_factor=t.replication_factor,
+                    timeout=min(15.0, cfg.kafka.delivery_timeout_seconds)):
         log.info("created topic %s (%d partitions)", t.mail, t.partitions)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,9 @@ def ensure_topic(bootstrap: str, client: Mapping[str, Any], topic: str, *, creat
                                             replication_factor=replication_factor)])
     try:
         futures[topic].result(timeout=timeout)
+    except concurrent.futures.TimeoutError as exc:
+        raise DeliveryError(f"creating topic {topic!r} on {bootstrap} did not finish within {timeout:.0f}s; "
+                            "create it yourself and set topics.create: false") from exc
     except KafkaException as exc:
         err = exc.args[0]
         if err.name() == "TOPIC_ALREADY_EXISTS":  # another replica won the race

@@ -237,3 +237,23 @@ def test_tail_prints_decoded_records(services, topic: str, tmp_path: Path) -> No
     subjects = sorted(x["record"]["subject"] for x in lines)
     assert subjects == sorted(make_mail(i, seed=7)[1].subject for i in range(3))
     assert all(x["record"]["record_id"].startswith("tail:") for x in lines)
+
+
+def test_unreachable_pop3_server_names_mailbox_and_step(services, topic: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    good = put_mails(services, "t8", 2, seed=8)
+    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, [
+        mailbox("gone", "t8", port, services.cafile, timeout_seconds=2),
+        mailbox("here", "t8", services.dovecot.pop3s_port, services.cafile),
+    ])
+    proc = cli("poll-once", "--config", str(cfg), env={"PW_GONE": "x", "PW_HERE": "t8-pw"})
+    assert proc.returncode == 1
+    assert "gone: FAILED: [mailbox 'gone', step connect] Pop3ConnectError" in proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr
+    assert "here: ok: 2 published, 2 deleted" in proc.stdout
+    got = consume_all(services.bootstrap, topic, expect=2)
+    assert sorted(c.record["message_id"] for c in got) == sorted(good)

@@ -136,3 +136,14 @@ def test_cli_unknown_mailbox_is_a_config_error(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump(base()))
     proc = run_cli("poll-once", "--config", str(f), "--mailbox", "nope", env=ENV)
     assert proc.returncode == 2 and "--mailbox 'nope': no such mailbox" in proc.stderr
+
+
+def test_cli_unreachable_kafka_exits_1_with_the_fix(tmp_path: Path) -> None:
+    data = base()
+    data["kafka"]["bootstrap_servers"] = "127.0.0.1:1"
+    data["kafka"]["delivery_timeout_seconds"] = 2
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data))
+    proc = run_cli("poll-once", "--config", str(f), env=ENV)
+    assert proc.returncode == 1
+    assert "cannot reach Kafka at 127.0.0.1:1" in proc.stderr and "kafka.bootstrap_servers" in proc.stderr
