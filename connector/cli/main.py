@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--idle-timeout", type=float, default=None,
                       help="stop after this many seconds without a new record")
     tail.add_argument("--bodies", action="store_true", help="include text/html bodies (off: lengths only)")
+    tail.add_argument("--format", choices=["json", "summary"], default="json",
+                      help="json: one decoded record per line; summary: one short line per record")
     return p
 
 
@@ -159,6 +161,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _summary(partition: int | None, offset: int | None, rec: dict[str, Any]) -> str:
+    sender = ", ".join(a["address"] for a in rec.get("from", [])) or "-"
+    atts = rec.get("attachments", [])
+    names = ", ".join(f"{a['filename'] or a['content_type']} ({a['size']} B)" for a in atts)
+    parts = [f"p{partition}@{offset}", rec["record_id"], f"from {sender}", repr(rec.get("subject") or "")]
+    if names:
+        parts.append(f"attachments: {names}")
+    if rec.get("decode_warnings"):
+        parts.append(f"warnings: {len(rec['decode_warnings'])}")
+    return "  ".join(parts)
+
+
 def _tail(cfg: Config, args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -206,6 +220,9 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
                 for k in ("text_body", "html_body"):
                     if rec.get(k) is not None:
                         rec[k] = f"<{len(rec[k])} characters; --bodies to show>"
+            if args.format == "summary":
+                print(_summary(msg.partition(), msg.offset(), rec), flush=True)
+                continue
             out = {"partition": msg.partition(), "offset": msg.offset(), "record": _jsonable(rec)}
             print(json.dumps(out, ensure_ascii=False), flush=True)
     finally:

@@ -59,8 +59,13 @@ def main() -> int:
     rc = subprocess.call([*cli, "poll-once", "--config", str(cfg)])
     if rc != 0:
         return rc
-    print("==> pop3-kafka tail --from-beginning (decoded records, bodies elided)", flush=True)
-    rc = subprocess.call([*cli, "tail", "--config", str(cfg), "--from-beginning", "--idle-timeout", "5"])
+    print("==> pop3-kafka tail --from-beginning --format summary", flush=True)
+    rc = subprocess.call([*cli, "tail", "--config", str(cfg), "--from-beginning", "--idle-timeout", "5",
+                          "--format", "summary"])
+    if rc == 0:
+        print("==> one whole record: pop3-kafka tail --from-beginning --max 1 --bodies", flush=True)
+        rc = subprocess.call([*cli, "tail", "--config", str(cfg), "--from-beginning", "--max", "1",
+                              "--idle-timeout", "5", "--bodies"])
     print(f"\nThe stack keeps running: try `pop3-kafka run --config {cfg}` and drop mail into "
           f"{stack.dovecot.maildir('orders')}/new. Stop it with `make demo-down`.")
     return rc

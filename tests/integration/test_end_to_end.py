@@ -237,6 +237,13 @@ def test_tail_prints_decoded_records(services, topic: str, tmp_path: Path) -> No
     subjects = sorted(x["record"]["subject"] for x in lines)
     assert subjects == sorted(make_mail(i, seed=7)[1].subject for i in range(3))
     assert all(x["record"]["record_id"].startswith("tail:") for x in lines)
+    assert all(x["record"]["text_body"].startswith("<") for x in lines)  # bodies elided by default
+
+    summary = cli("tail", "--config", str(cfg), "--from-beginning", "--max", "3", "--idle-timeout", "20",
+                  "--format", "summary", env={"PW_TAIL": "t7-pw"})
+    rows = summary.stdout.splitlines()
+    assert summary.returncode == 0 and len(rows) == 3
+    assert all(" tail:" in r and "from sender" in r for r in rows)
 
 
 def test_unreachable_pop3_server_names_mailbox_and_step(services, topic: str, tmp_path: Path) -> None:
