@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 from typing import Final
 
 from connector.errors import ConfigError, Pop3ConnectError, Pop3TimeoutError, Pop3TlsError
@@ -168,18 +169,25 @@ class Transport:
                 f"TLS handshake with {self.host}:{self.port} failed: {exc}; {TLS_FIX_HINT}"
             ) from exc
 
+    @contextlib.contextmanager
+    def _io(self, timed_out: str, failed: str) -> Iterator[None]:
+        """Translate socket errors of one send/recv; the framing is lost, so close first."""
+        try:
+            yield
+        except TimeoutError as exc:
+            self.close()
+            raise Pop3TimeoutError(timed_out) from exc
+        except OSError as exc:
+            self.close()
+            raise Pop3ConnectError(f"{failed}: {exc}") from exc
+
     def send(self, data: bytes) -> None:
         """Send all of ``data`` (one command: a single write, so Nagle never delays it)."""
         sock = self._require()
         self._quickack()
-        try:
+        with self._io(f"sending to {self.host}:{self.port} timed out",
+                      f"sending to {self.host}:{self.port} failed"):
             sock.sendall(data)
-        except TimeoutError as exc:
-            self.close()
-            raise Pop3TimeoutError(f"sending to {self.host}:{self.port} timed out") from exc
-        except OSError as exc:
-            self.close()
-            raise Pop3ConnectError(f"sending to {self.host}:{self.port} failed: {exc}") from exc
 
     def recv(self) -> bytes:
         """Return the next bytes received (1..RECV_SIZE of them); never ``b""``.
@@ -189,14 +197,9 @@ class Transport:
         since the response framing is lost.
         """
         sock = self._require()
-        try:
+        with self._io(f"{self.host}:{self.port} did not answer in time",
+                      f"receiving from {self.host}:{self.port} failed"):
             n = sock.recv_into(self._buf)
-        except TimeoutError as exc:
-            self.close()
-            raise Pop3TimeoutError(f"{self.host}:{self.port} did not answer in time") from exc
-        except OSError as exc:
-            self.close()
-            raise Pop3ConnectError(f"receiving from {self.host}:{self.port} failed: {exc}") from exc
         if not n:
             self.close()
             raise Pop3ConnectError(f"connection closed by {self.host}:{self.port}")
