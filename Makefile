@@ -4,17 +4,25 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # libpython3.11-testsuite: CPython's test_email corpus, used by the decoding tests
-APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless libpython3.11-testsuite
+# python3-venv: Debian's python3 has no ensurepip without it.
+APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
+	libpython3.11-testsuite python3-venv
 
 .PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
+# Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
+# policy-rc.d forbids service starts during the install (our servers listen on loopback only).
 deps:
 	@need=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $$SUDO chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$need; \
+	  rc=$$?; if [ -n "$$guard" ]; then $$SUDO rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
 $(BIN)/pop3-kafka: pyproject.toml
@@ -26,6 +34,7 @@ venv: $(BIN)/pop3-kafka
 
 lint: venv
 	$(BIN)/ruff check connector tests bench deploy
+	$(BIN)/ruff format --check connector tests bench deploy
 
 typecheck: venv
 	$(BIN)/mypy
@@ -45,7 +54,7 @@ demo: deps venv
 	$(BIN)/python deploy/local/demo.py
 
 demo-down:
-	$(BIN)/python deploy/local/localstack.py down --dir .stack/demo
+	$(BIN)/python deploy/local/demo.py --down
 
 stack-up: deps venv
 	$(BIN)/python deploy/local/localstack.py up

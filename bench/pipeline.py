@@ -68,8 +68,11 @@ def main() -> int:
     stack: Stack | None = None
     if os.environ.get("KAFKA_BOOTSTRAP") and os.environ.get("DOVECOT_TEST_DIR"):
         bootstrap = os.environ["KAFKA_BOOTSTRAP"]
-        dove = DovecotServer(Path(os.environ["DOVECOT_TEST_DIR"]), pop3_port=int(os.environ["POP3_PORT"]),
-                             pop3s_port=int(os.environ["POP3S_PORT"]))
+        dove = DovecotServer(
+            Path(os.environ["DOVECOT_TEST_DIR"]),
+            pop3_port=int(os.environ["POP3_PORT"]),
+            pop3s_port=int(os.environ["POP3S_PORT"]),
+        )
     else:
         d = Path(tempfile.mkdtemp(prefix="pop3k-bench-"))
         d.chmod(0o755)
@@ -85,25 +88,40 @@ def main() -> int:
     os.environ.update({f"PW_{u.upper()}": f"{u}-pw" for u in users})
 
     def cfg(mboxes: list[str], sessions: int, topic: str):  # type: ignore[no-untyped-def]
-        return parse_config({
-            "kafka": {"bootstrap_servers": bootstrap},
-            "topics": {"mail": topic, "partitions": 4},
-            "runtime": {"max_concurrent_sessions": sessions},
-            "mailboxes": [{"id": u, "host": "127.0.0.1", "port": dove.pop3s_port, "tls": "implicit",
-                           "tls_ca_file": str(dove.cafile), "username": u, "password": {"env": f"PW_{u.upper()}"},
-                           "max_messages_per_cycle": 100_000} for u in mboxes]})
+        return parse_config(
+            {
+                "kafka": {"bootstrap_servers": bootstrap},
+                "topics": {"mail": topic, "partitions": 4},
+                "runtime": {"max_concurrent_sessions": sessions},
+                "mailboxes": [
+                    {
+                        "id": u,
+                        "host": "127.0.0.1",
+                        "port": dove.pop3s_port,
+                        "tls": "implicit",
+                        "tls_ca_file": str(dove.cafile),
+                        "username": u,
+                        "password": {"env": f"PW_{u.upper()}"},
+                        "max_messages_per_cycle": 100_000,
+                    }
+                    for u in mboxes
+                ],
+            }
+        )
 
     def retrieve_only() -> None:
-        s = Pop3Session.connect("127.0.0.1", dove.pop3s_port, tls="implicit",
-                                ssl_context=make_tls_context(str(dove.cafile)), timeout=30)
+        s = Pop3Session.connect(
+            "127.0.0.1", dove.pop3s_port, tls="implicit", ssl_context=make_tls_context(str(dove.cafile)), timeout=30
+        )
         s.login_user_pass("t9", "t9-pw")
         for num, _ in s.uidl():
             s.retr(num)
         s.abort()
 
     def retrieve_and_delete() -> None:
-        s = Pop3Session.connect("127.0.0.1", dove.pop3s_port, tls="implicit",
-                                ssl_context=make_tls_context(str(dove.cafile)), timeout=30)
+        s = Pop3Session.connect(
+            "127.0.0.1", dove.pop3s_port, tls="implicit", ssl_context=make_tls_context(str(dove.cafile)), timeout=30
+        )
         s.login_user_pass("t9", "t9-pw")
         nums = [num for num, _ in s.uidl()]
         s.list()
@@ -132,6 +150,7 @@ def main() -> int:
                 runner.close()
             assert all(r.ok for r in results), [r.error for r in results]
             assert sum(r.deleted for r in results) == n, [r.deleted for r in results]
+
         return go
 
     per = n // 4
@@ -140,10 +159,8 @@ def main() -> int:
         "retrieve+dele": (lambda: fill(dove, "t9", raws), retrieve_and_delete),
         "decode": (lambda: None, decode_only),
         "e2e-1": (lambda: fill(dove, "t9", raws), e2e(["t9"], 1)),
-        "e2e-4x1": (lambda: [fill(dove, u, raws[i * per:(i + 1) * per]) for i, u in enumerate(users)],
-                    e2e(users, 1)),
-        "e2e-4x4": (lambda: [fill(dove, u, raws[i * per:(i + 1) * per]) for i, u in enumerate(users)],
-                    e2e(users, 4)),
+        "e2e-4x1": (lambda: [fill(dove, u, raws[i * per : (i + 1) * per]) for i, u in enumerate(users)], e2e(users, 1)),
+        "e2e-4x4": (lambda: [fill(dove, u, raws[i * per : (i + 1) * per]) for i, u in enumerate(users)], e2e(users, 4)),
     }
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in scenarios}
     try:
@@ -172,8 +189,10 @@ def main() -> int:
     for k, v in results.items():
         walls = [w for w, _ in v]
         cpu = statistics.median(c for _, c in v)
-        lines.append(f"| {k} | {med[k]:.3f} | {min(walls):.3f} | {max(walls):.3f} | {n / med[k]:.0f} | "
-                     f"{cpu:.2f} | {med['e2e-1'] / med[k]:.2f}x |")
+        lines.append(
+            f"| {k} | {med[k]:.3f} | {min(walls):.3f} | {max(walls):.3f} | {n / med[k]:.0f} | "
+            f"{cpu:.2f} | {med['e2e-1'] / med[k]:.2f}x |"
+        )
     lines += ["", "CPU s is this process's CPU time (decoding, TLS, librdkafka threads); Dovecot's is not counted."]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

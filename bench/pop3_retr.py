@@ -34,8 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pop3_retr.md"
 def make_mail(i: int, size: int) -> bytes:
     """A plausible text mail of ~size bytes with LF endings (maildir), some dot lines."""
     head = (
-        f"From: bench@example.com\nTo: {USER}@example.com\nSubject: bench {i}\n"
-        f"Message-ID: <bench-{i}@example.com>\n\n"
+        f"From: bench@example.com\nTo: {USER}@example.com\nSubject: bench {i}\nMessage-ID: <bench-{i}@example.com>\n\n"
     ).encode()
     line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tem\n"
     body = bytearray()

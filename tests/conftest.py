@@ -41,9 +41,12 @@ class Services:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     if os.environ.get("KAFKA_BOOTSTRAP") and os.environ.get("DOVECOT_TEST_DIR"):
-        dove = DovecotServer(Path(os.environ["DOVECOT_TEST_DIR"]),
-                             pop3_port=int(os.environ["POP3_PORT"]), pop3s_port=int(os.environ["POP3S_PORT"]),
-                             lmtp_port=int(os.environ.get("LMTP_PORT", "0")))
+        dove = DovecotServer(
+            Path(os.environ["DOVECOT_TEST_DIR"]),
+            pop3_port=int(os.environ["POP3_PORT"]),
+            pop3s_port=int(os.environ["POP3S_PORT"]),
+            lmtp_port=int(os.environ.get("LMTP_PORT", "0")),
+        )
         yield Services(os.environ["KAFKA_BOOTSTRAP"], dove, None)
         return
     # Not under pytest's tmp dir: that is mode 0700, and Dovecot's unprivileged processes
@@ -51,8 +54,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     state = Path(tempfile.mkdtemp(prefix="pop3k-test-stack-"))
     state.chmod(0o755)
     stack = Stack.at(state)
-    stack.up()
     try:
+        stack.up()
         yield Services(stack.kafka.bootstrap, stack.dovecot, stack)
     finally:
         stack.down()

@@ -29,8 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pop3-kafka", description="Move e-mail from POP3 mailboxes into Kafka.")
     p.add_argument("--version", action="version", version=f"pop3-kafka {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
-                   help="json lines, or text; auto = text on a terminal")
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "text"],
+        help="json lines, or text; auto = text on a terminal",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="configuration commands")
@@ -40,8 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     once = sub.add_parser("poll-once", help="one cycle per mailbox, then exit (0 = every mailbox succeeded)")
     once.add_argument("--config", "-c", required=True)
-    once.add_argument("--mailbox", "-m", action="append", default=None,
-                      help="only this mailbox id (repeatable)")
+    once.add_argument("--mailbox", "-m", action="append", default=None, help="only this mailbox id (repeatable)")
 
     run = sub.add_parser("run", help="poll every mailbox on its interval until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", required=True)
@@ -50,11 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--config", "-c", required=True)
     tail.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
     tail.add_argument("--max", type=int, default=None, help="stop after this many records")
-    tail.add_argument("--idle-timeout", type=float, default=None,
-                      help="stop after this many seconds without a new record")
+    tail.add_argument(
+        "--idle-timeout", type=float, default=None, help="stop after this many seconds without a new record"
+    )
     tail.add_argument("--bodies", action="store_true", help="include text/html bodies (off: lengths only)")
-    tail.add_argument("--format", choices=["json", "summary"], default="json",
-                      help="json: one decoded record per line; summary: one short line per record")
+    tail.add_argument(
+        "--format",
+        choices=["json", "summary"],
+        default="json",
+        help="json: one decoded record per line; summary: one short line per record",
+    )
     return p
 
 
@@ -91,18 +99,37 @@ def _ensure_topics(cfg: Config) -> None:
     from connector.delivery.admin import ensure_topic
 
     t = cfg.topics
-    if ensure_topic(cfg.kafka.bootstrap_servers, cfg.kafka.client, t.mail, create=t.create,
-                    partitions=t.partitions, replication_factor=t.replication_factor,
-                    timeout=min(15.0, cfg.kafka.delivery_timeout_seconds)):
+    if ensure_topic(
+        cfg.kafka.bootstrap_servers,
+        cfg.kafka.client,
+        t.mail,
+        create=t.create,
+        partitions=t.partitions,
+        replication_factor=t.replication_factor,
+        timeout=min(15.0, cfg.kafka.delivery_timeout_seconds),
+    ):
         log.info("created topic %s (%d partitions)", t.mail, t.partitions)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT end the work gracefully: cycles finish or abort, nothing half-deleted."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing cycles in flight, starting no new ones", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def _poll_once(cfg: Config, only: list[str] | None) -> int:
     from connector.runtime.runner import Runner
 
-    targets = [cfg.mailbox(m) for m in only] if only else list(cfg.mailboxes)
-    _ensure_topics(cfg)
+    # dict.fromkeys: `--mailbox x --mailbox x` must not open two sessions on one maildrop.
+    targets = [cfg.mailbox(m) for m in dict.fromkeys(only)] if only else list(cfg.mailboxes)
     runner = Runner(cfg)
+    _stop_on_signals(runner.stop)
+    _ensure_topics(cfg)
     try:
         results = runner.poll_once(targets)
     finally:
@@ -110,7 +137,12 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
     failed = 0
     for r in results:
         if r.ok:
-            note = f", {r.undecodable} undecodable left on server" if r.undecodable else ""
+            left = {
+                "undecodable": r.undecodable,
+                "over max_message_bytes": r.oversized,
+                "too large for Kafka": r.too_large,
+            }
+            note = "".join(f", {n} {what} left on server" for what, n in left.items() if n)
             note += ", more mail waiting" if r.more_pending else ""
             print(f"{r.mailbox}: ok: {r.published} published, {r.deleted} deleted of {r.listed} listed{note}")
         else:
@@ -124,15 +156,9 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
 def _run(cfg: Config) -> int:
     from connector.runtime.runner import Runner
 
-    _ensure_topics(cfg)
     runner = Runner(cfg)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: finishing cycles in flight, starting no new ones", signal.Signals(signum).name)
-        runner.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    _stop_on_signals(runner.stop)
+    _ensure_topics(cfg)
     log.info("pop3-kafka %s running %d mailbox(es)", __version__, len(cfg.mailboxes))
     try:
         runner.run()
@@ -140,13 +166,18 @@ def _run(cfg: Config) -> int:
         runner.close()
     stragglers = [t for t in threading.enumerate() if t.name.startswith("cycle") and t.is_alive()]
     if stragglers:
-        log.error("%d cycle(s) still running after the grace period; exiting without their QUIT "
-                  "(RFC 1939: nothing of theirs is deleted)", len(stragglers))
+        log.error(
+            "%d cycle(s) still running after the grace period; exiting without their QUIT "
+            "(RFC 1939: nothing of theirs is deleted)",
+            len(stragglers),
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         import os
 
         os._exit(EXIT_FAILED)
+    if runner.fatal:
+        return EXIT_FAILED
     log.info("stopped cleanly")
     return EXIT_OK
 
@@ -180,16 +211,28 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
 
     topic = cfg.topics.mail
     conf = dict(cfg.kafka.client)
-    conf.update({"bootstrap.servers": cfg.kafka.bootstrap_servers, "group.id": "pop3-kafka-tail",
-                 "logger": logging.getLogger("pop3kafka.rdkafka.tail"),
-                 "enable.auto.commit": False, "isolation.level": "read_committed"})
-    consumer = Consumer(conf)
+    conf.update(
+        {
+            "bootstrap.servers": cfg.kafka.bootstrap_servers,
+            "group.id": "pop3-kafka-tail",
+            "logger": logging.getLogger("pop3kafka.rdkafka.tail"),
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        consumer = Consumer(conf)
+    except KafkaException as exc:
+        from connector.delivery.kafka import client_config_error
+
+        raise client_config_error(exc) from exc
     try:
         try:
             md = consumer.list_topics(topic, timeout=15)
         except KafkaException as exc:
-            print(f"pop3-kafka: cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc.args[0].str()}",
-                  file=sys.stderr)
+            print(
+                f"pop3-kafka: cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc.args[0].str()}", file=sys.stderr
+            )
             return EXIT_FAILED
         tmd = md.topics.get(topic)
         if tmd is None or tmd.error is not None or not tmd.partitions:

@@ -12,5 +12,14 @@ from connector.config.model import (
     parse_config,
 )
 
-__all__ = ["Config", "KafkaConfig", "MailboxConfig", "RecordConfig", "RuntimeConfig", "Secret",
-           "TopicsConfig", "load_config", "parse_config"]
+__all__ = [
+    "Config",
+    "KafkaConfig",
+    "MailboxConfig",
+    "RecordConfig",
+    "RuntimeConfig",
+    "Secret",
+    "TopicsConfig",
+    "load_config",
+    "parse_config",
+]

@@ -24,6 +24,7 @@ KeyMode = Literal["mailbox", "record_id"]
 # A mailbox id is a short label used in record ids, Kafka keys, metrics and logs:
 # never an address. ':' is excluded so "<mailbox>:<uidl>" splits unambiguously.
 MAILBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
@@ -71,7 +72,7 @@ class MailboxConfig:
     timeout_seconds: float = 30.0
     max_messages_per_cycle: int = 500
     max_bytes_per_cycle: int = 256 * 1024 * 1024
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 32 * 1024 * 1024
 
     @property
     def server(self) -> str:
@@ -131,13 +132,15 @@ def _check_mailbox_id(value: Any, path: str) -> None:
     if not MAILBOX_ID_RE.match(value):
         raise ConfigError(
             f"{path}: {value!r} is not a valid mailbox id; use 1-63 characters of a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit (a short label, not an e-mail address)")
+            "starting with a letter or digit (a short label, not an e-mail address)"
+        )
 
 
 def _check_topic(value: Any, path: str) -> None:
     if not TOPIC_RE.match(value) or value in (".", ".."):
-        raise ConfigError(f"{path}: {value!r} is not a valid Kafka topic name "
-                          "(1-249 characters of A-Z, a-z, 0-9, '.', '_', '-')")
+        raise ConfigError(
+            f"{path}: {value!r} is not a valid Kafka topic name (1-249 characters of A-Z, a-z, 0-9, '.', '_', '-')"
+        )
 
 
 def _check_client(value: Any, path: str) -> None:
@@ -147,17 +150,26 @@ def _check_client(value: Any, path: str) -> None:
         if key in _MANAGED_CLIENT_KEYS:
             raise ConfigError(
                 f"{path}.{key}: set by the connector to keep its delivery guarantee; remove it "
-                f"(managed keys: {', '.join(sorted(_MANAGED_CLIENT_KEYS))})")
+                f"(managed keys: {', '.join(sorted(_MANAGED_CLIENT_KEYS))})"
+            )
 
 
-_MANAGED_CLIENT_KEYS = frozenset({
-    "bootstrap.servers", "enable.idempotence", "acks", "transactional.id", "message.timeout.ms",
-    "delivery.timeout.ms", "on_delivery", "isolation.level",
-})
+_MANAGED_CLIENT_KEYS = frozenset(
+    {
+        "bootstrap.servers",
+        "enable.idempotence",
+        "acks",
+        "transactional.id",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "on_delivery",
+        "isolation.level",
+    }
+)
 
 SECRET_SCHEMA: dict[str, Field] = {
-    "env": Field("str", help="name of an environment variable holding the secret"),
-    "file": Field("str", help="path of a file holding the secret (trailing newline stripped)"),
+    "env": Field("str", secret=True, help="name of an environment variable holding the secret"),
+    "file": Field("str", secret=True, help="path of a file holding the secret (trailing newline stripped)"),
 }
 
 MAILBOX_SCHEMA: dict[str, Field] = {
@@ -169,34 +181,55 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "tls_verify": Field("bool", default=True),
     "allow_plaintext_auth": Field("bool", default=False),
     "username": Field("str", required=True),
-    "password": Field("map", required=True, schema=SECRET_SCHEMA,
-                      help="{env: VAR} or {file: /path}; inline passwords are refused"),
+    "password": Field(
+        "map",
+        required=True,
+        schema=SECRET_SCHEMA,
+        secret=True,
+        help="{env: VAR} or {file: /path}; inline passwords are refused",
+    ),
     "poll_interval_seconds": Field("float", default=60.0, minimum=1, maximum=30 * 86400),
     "timeout_seconds": Field("float", default=30.0, minimum=1, maximum=3600),
     "max_messages_per_cycle": Field("int", default=500, minimum=1, maximum=100_000),
     "max_bytes_per_cycle": Field("int", default=256 * 1024 * 1024, minimum=1024),
-    "max_message_bytes": Field("int", default=64 * 1024 * 1024, minimum=1024),
+    "max_message_bytes": Field("int", default=32 * 1024 * 1024, minimum=1024),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
-    "kafka": Field("map", required=True, schema={
-        "bootstrap_servers": Field("str", required=True),
-        "client": Field("map", free_form=True, default=dict, check=_check_client),
-        "delivery_timeout_seconds": Field("float", default=30.0, minimum=1, maximum=3600),
-    }),
-    "topics": Field("map", required=True, schema={
-        "mail": Field("str", required=True, check=_check_topic),
-        "create": Field("bool", default=True),
-        "partitions": Field("int", default=3, minimum=1, maximum=10_000),
-        "replication_factor": Field("int", default=-1, minimum=-1, maximum=100),
-    }),
-    "record": Field("map", default=dict, schema={
-        "key": Field("str", default="mailbox", choices=("mailbox", "record_id")),
-    }),
-    "runtime": Field("map", default=dict, schema={
-        "max_concurrent_sessions": Field("int", default=8, minimum=1, maximum=1024),
-        "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
-    }),
+    "kafka": Field(
+        "map",
+        required=True,
+        schema={
+            "bootstrap_servers": Field("str", required=True),
+            "client": Field("map", free_form=True, default=dict, check=_check_client),
+            "delivery_timeout_seconds": Field("float", default=30.0, minimum=1, maximum=3600),
+        },
+    ),
+    "topics": Field(
+        "map",
+        required=True,
+        schema={
+            "mail": Field("str", required=True, check=_check_topic),
+            "create": Field("bool", default=True),
+            "partitions": Field("int", default=3, minimum=1, maximum=10_000),
+            "replication_factor": Field("int", default=-1, minimum=-1, maximum=100),
+        },
+    ),
+    "record": Field(
+        "map",
+        default=dict,
+        schema={
+            "key": Field("str", default="mailbox", choices=("mailbox", "record_id")),
+        },
+    ),
+    "runtime": Field(
+        "map",
+        default=dict,
+        schema={
+            "max_concurrent_sessions": Field("int", default=8, minimum=1, maximum=1024),
+            "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
+        },
+    ),
     "mailboxes": Field("list", required=True, schema=MAILBOX_SCHEMA),
 }
 
@@ -204,15 +237,15 @@ ROOT_SCHEMA: dict[str, Field] = {
 # ------------------------------------------------------------------------------ loading
 
 
-def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path,
-                    environ: Mapping[str, str]) -> Secret:
+def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> Secret:
     env, file = spec.get("env"), spec.get("file")
     if (env is None) == (file is None):
         raise ConfigError(f"{path}: give exactly one of 'env' or 'file'")
     if env is not None:
         if env not in environ:
-            raise ConfigError(f"{path}.env: environment variable {env!r} is not set; export it or use "
-                              "'file:'")
+            # Echo the name only when it looks like one: a password pasted here must not print.
+            shown = repr(env) if ENV_NAME_RE.match(env) else "(name hidden: it does not look like a variable name)"
+            raise ConfigError(f"{path}.env: environment variable {shown} is not set; export it or use 'file:'")
         return Secret(environ[env], f"env:{env}")
     assert isinstance(file, str)
     p = Path(file) if Path(file).is_absolute() else base / file
@@ -220,12 +253,15 @@ def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path,
         value = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}.file: cannot read {str(p)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}.file: {str(p)!r} is not UTF-8 text") from None
     # A secret file written by an editor or `echo` ends in a newline that is not part of it.
     return Secret(value.rstrip("\r\n"), f"file:{p}")
 
 
-def parse_config(data: Any, *, source: str = "<memory>", base: Path | None = None,
-                 environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    data: Any, *, source: str = "<memory>", base: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     """Validate raw (YAML-decoded) data and build the typed config, or raise ConfigError."""
     env = os.environ if environ is None else environ
     base = base or Path.cwd()
@@ -243,25 +279,38 @@ def parse_config(data: Any, *, source: str = "<memory>", base: Path | None = Non
         if m["tls"] == "none" and not m["allow_plaintext_auth"]:
             raise ConfigError(
                 f"{path}.tls: 'none' would send the password unencrypted; use 'implicit' or 'starttls', "
-                "or set allow_plaintext_auth: true if you accept that")
+                "or set allow_plaintext_auth: true if you accept that"
+            )
         if m["tls_ca_file"] is not None:
             ca = Path(m["tls_ca_file"]) if Path(m["tls_ca_file"]).is_absolute() else base / m["tls_ca_file"]
             if not ca.is_file():
                 raise ConfigError(f"{path}.tls_ca_file: {str(ca)!r} does not exist or is not a file")
             m["tls_ca_file"] = str(ca)
-        mailboxes.append(MailboxConfig(
-            id=m["id"], host=m["host"], port=port, tls=m["tls"], username=m["username"],
-            password=_resolve_secret(m["password"], f"{path}.password", base, env),
-            tls_ca_file=m["tls_ca_file"], tls_verify=m["tls_verify"],
-            allow_plaintext_auth=m["allow_plaintext_auth"],
-            poll_interval_seconds=m["poll_interval_seconds"], timeout_seconds=m["timeout_seconds"],
-            max_messages_per_cycle=m["max_messages_per_cycle"], max_bytes_per_cycle=m["max_bytes_per_cycle"],
-            max_message_bytes=m["max_message_bytes"],
-        ))
+        mailboxes.append(
+            MailboxConfig(
+                id=m["id"],
+                host=m["host"],
+                port=port,
+                tls=m["tls"],
+                username=m["username"],
+                password=_resolve_secret(m["password"], f"{path}.password", base, env),
+                tls_ca_file=m["tls_ca_file"],
+                tls_verify=m["tls_verify"],
+                allow_plaintext_auth=m["allow_plaintext_auth"],
+                poll_interval_seconds=m["poll_interval_seconds"],
+                timeout_seconds=m["timeout_seconds"],
+                max_messages_per_cycle=m["max_messages_per_cycle"],
+                max_bytes_per_cycle=m["max_bytes_per_cycle"],
+                max_message_bytes=m["max_message_bytes"],
+            )
+        )
     k = v["kafka"]
     return Config(
-        kafka=KafkaConfig(bootstrap_servers=k["bootstrap_servers"], client=k["client"],
-                          delivery_timeout_seconds=k["delivery_timeout_seconds"]),
+        kafka=KafkaConfig(
+            bootstrap_servers=k["bootstrap_servers"],
+            client=k["client"],
+            delivery_timeout_seconds=k["delivery_timeout_seconds"],
+        ),
         topics=TopicsConfig(**v["topics"]),
         record=RecordConfig(key=v["record"]["key"]),
         runtime=RuntimeConfig(**v["runtime"]),
@@ -277,6 +326,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -9,6 +9,7 @@ to a default.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,16 +34,26 @@ class Field:
     check: Callable[[Any, str], None] | None = None
     help: str = ""
     items: str | None = field(default=None)  # for "list" of scalars: the scalar kind
+    #: the value may be a secret: error messages never show it, only its type.
+    secret: bool = False
 
 
 def _type_name(value: object) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
-def _show(value: object) -> str:
+def _show(value: object, secret: bool = False) -> str:
+    if secret:
+        return "(value hidden)"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -50,16 +61,17 @@ def _show(value: object) -> str:
 def _check_scalar(kind: str, value: Any, path: str, spec: Field) -> Any:
     if kind == "str":
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: expected a non-empty string, got {_type_name(value)} {_show(value)}")
-        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(
+                f"{path}: expected a non-empty string, got {_type_name(value)} {_show(value, spec.secret)}"
+            )
+        if spec.choices is not None and value not in spec.choices:  # choices are never secret
             hint = difflib.get_close_matches(value, list(spec.choices), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(
-                f"{path}: {value!r} is not allowed; use one of: {', '.join(spec.choices)}{extra}")
+            raise ConfigError(f"{path}: {value!r} is not allowed; use one of: {', '.join(spec.choices)}{extra}")
         return value
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_type_name(value)} {_show(value)}")
+            raise ConfigError(f"{path}: expected true or false, got {_type_name(value)} {_show(value, spec.secret)}")
         return value
     if kind in ("int", "float"):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -67,7 +79,9 @@ def _check_scalar(kind: str, value: Any, path: str, spec: Field) -> Any:
             ok = ok or isinstance(value, float)
         if not ok:
             want = "an integer" if kind == "int" else "a number"
-            raise ConfigError(f"{path}: expected {want}, got {_type_name(value)} {_show(value)}")
+            raise ConfigError(f"{path}: expected {want}, got {_type_name(value)} {_show(value, spec.secret)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value} is not a finite number")
         if spec.minimum is not None and value < spec.minimum:
             raise ConfigError(f"{path}: {value} is below the minimum {spec.minimum:g}")
         if spec.maximum is not None and value > spec.maximum:
@@ -90,7 +104,8 @@ def validate(data: Any, schema: Mapping[str, Field], path: str) -> dict[str, Any
             hint = difflib.get_close_matches(str(key), list(schema), n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
-                f"{_join(path, str(key))}: unknown key{extra} (allowed here: {', '.join(sorted(schema))})")
+                f"{_join(path, str(key))}: unknown key{extra} (allowed here: {', '.join(sorted(schema))})"
+            )
     for key, spec in schema.items():
         p = _join(path, key)
         if key not in data or data[key] is None:
@@ -109,7 +124,8 @@ def validate(data: Any, schema: Mapping[str, Field], path: str) -> dict[str, Any
 def _value(value: Any, spec: Field, path: str) -> Any:
     if spec.kind == "map":
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_type_name(value)} {_show(value)}")
+            what = f" ({spec.help})" if spec.help else ""
+            raise ConfigError(f"{path}: expected a mapping{what}, got {_type_name(value)} {_show(value, spec.secret)}")
         result: Any = dict(value) if spec.free_form else validate(value, spec.schema or {}, path)
     elif spec.kind == "list":
         if not isinstance(value, list):

@@ -23,6 +23,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from connector.errors import (
+    ConfigError,
+    ConnectorError,
     DeliveryError,
     DeliveryFatalError,
     DeliveryTimeoutError,
@@ -47,6 +49,13 @@ class Delivery:
         return self.done.is_set() and self.error is None
 
 
+def client_config_error(exc: KafkaException) -> ConnectorError:
+    """librdkafka refused the client settings: a configuration error naming kafka.client."""
+    err = exc.args[0]
+    text = err.str() if isinstance(err, KafkaError) else str(err)
+    return ConfigError(f"kafka.client: librdkafka refused the settings: {text}")
+
+
 def producer_config(bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float) -> dict[str, Any]:
     """librdkafka settings: the operator's pass-through keys, then the ones our guarantee needs."""
     conf: dict[str, Any] = {
@@ -55,23 +64,26 @@ def producer_config(bootstrap: str, client: Mapping[str, Any], delivery_timeout_
         "client.id": "pop3-kafka",
     }
     conf.update(client)
-    conf.update({
-        "bootstrap.servers": bootstrap,
-        # Idempotence gives acks=all, in-order, no duplicates from librdkafka's own retries.
-        "enable.idempotence": True,
-        "acks": "all",
-        # A record not confirmed in this time gets an error report instead of waiting forever,
-        # so a cycle against a dead broker ends and deletes nothing.
-        "message.timeout.ms": int(delivery_timeout_s * 1000),
-    })
+    conf.update(
+        {
+            "bootstrap.servers": bootstrap,
+            # Idempotence gives acks=all, in-order, no duplicates from librdkafka's own retries.
+            "enable.idempotence": True,
+            "acks": "all",
+            # A record not confirmed in this time gets an error report instead of waiting forever,
+            # so a cycle against a dead broker ends and deletes nothing.
+            "message.timeout.ms": int(delivery_timeout_s * 1000),
+        }
+    )
     return conf
 
 
 class Publisher:
     """Thin owner of one confluent_kafka Producer; created lazily, no network in __init__."""
 
-    def __init__(self, bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float, logger: logging.Logger | None = None
+    ) -> None:
         self._conf = producer_config(bootstrap, client, delivery_timeout_s)
         self._timeout = delivery_timeout_s
         self._producer: Producer | None = None
@@ -89,7 +101,7 @@ class Publisher:
                 try:
                     self._producer = Producer(conf)
                 except KafkaException as exc:
-                    raise DeliveryFatalError(f"cannot create the Kafka producer: {exc.args[0]}") from exc
+                    raise client_config_error(exc) from exc
             return self._producer
 
     def _on_error(self, err: KafkaError) -> None:
@@ -97,8 +109,7 @@ class Publisher:
             self._fatal = err
             self._log.error("kafka fatal error: %s", err.str())
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._log.warning("kafka: all brokers down (%s); records wait until the delivery timeout",
-                              self._bootstrap)
+            self._log.warning("kafka: all brokers down (%s); records wait until the delivery timeout", self._bootstrap)
         else:
             self._log.debug("kafka client error: %s", err.str())
 
@@ -126,7 +137,8 @@ class Publisher:
                 if time.monotonic() > deadline:
                     raise DeliveryTimeoutError(
                         f"local producer queue stayed full for {self._timeout:.0f}s "
-                        f"(is the broker at {self._bootstrap} reachable?)") from None
+                        f"(is the broker at {self._bootstrap} reachable?)"
+                    ) from None
                 producer.poll(0.1)
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
@@ -136,19 +148,37 @@ class Publisher:
         producer.poll(0)
         return d
 
-    def wait(self, deliveries: Sequence[Delivery], timeout: float | None = None) -> None:
+    @property
+    def fatal(self) -> str | None:
+        """librdkafka's fatal error, if one happened: the producer is then unusable."""
+        return self._fatal.str() if self._fatal is not None else None
+
+    def wait(
+        self,
+        deliveries: Sequence[Delivery],
+        timeout: float | None = None,
+        stop: threading.Event | None = None,
+        stop_grace: float = 10.0,
+    ) -> None:
         """Block until every delivery has a report or the deadline passes.
 
         Never raises for a failed record: callers look at each :class:`Delivery` and delete
         only what is ``ok``. The deadline is the delivery timeout plus a margin, because
-        librdkafka itself times records out at message.timeout.ms.
+        librdkafka itself times records out at message.timeout.ms. Once ``stop`` is set
+        (shutdown), the wait ends at most ``stop_grace`` seconds later, so a dead broker
+        cannot hold a SIGTERM beyond the grace period; unconfirmed records are then treated
+        as failed and nothing of theirs is deleted.
         """
         if not deliveries:
             return
         producer = self._get()
         deadline = time.monotonic() + (timeout if timeout is not None else self._timeout + 5.0)
+        stop_seen = False
         for d in deliveries:
             while not d.done.is_set():
+                if stop is not None and not stop_seen and stop.is_set():
+                    stop_seen = True
+                    deadline = min(deadline, time.monotonic() + stop_grace)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -163,8 +193,9 @@ class Publisher:
         errors = sorted({d.error.str() for d in failed if d.error is not None})
         codes = {d.error.code() for d in failed if d.error is not None}
         detail = "; ".join(errors) if errors else "no report"
-        msg = (f"Kafka did not confirm {len(failed)} of {len(deliveries)} records "
-               f"(bootstrap {self._bootstrap}): {detail}")
+        msg = (
+            f"Kafka did not confirm {len(failed)} of {len(deliveries)} records (bootstrap {self._bootstrap}): {detail}"
+        )
         if pending:
             msg += f" ({pending} still without a report)"
         if KafkaError.MSG_SIZE_TOO_LARGE in codes:

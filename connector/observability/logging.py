@@ -1,7 +1,7 @@
 """Structured logging: JSON lines by default, a readable line on a terminal.
 
 Context fields (mailbox, cycle, uidl) come from ``extra=`` on each call. Nothing here adds
-mail content; callers never pass bodies, passwords or decrypted text (docs/security.md).
+mail content; callers never pass bodies, passwords or decrypted text (design.md section 6).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ CONTEXT_FIELDS = ("mailbox", "cycle", "uidl", "step")
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -36,8 +35,10 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ctx = " ".join(f"{n}={record.__dict__[n]}" for n in CONTEXT_FIELDS if record.__dict__.get(n))
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} " \
-               f"{record.getMessage()}" + (f"  [{ctx}]" if ctx else "")
+        line = (
+            f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} "
+            f"{record.getMessage()}" + (f"  [{ctx}]" if ctx else "")
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

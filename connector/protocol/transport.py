@@ -37,9 +37,7 @@ _TLS_VERSIONS: Final = {
 }
 
 
-def make_tls_context(
-    ca_file: str | None, verify: bool = True, min_version: str = "TLSv1.2"
-) -> ssl.SSLContext:
+def make_tls_context(ca_file: str | None, verify: bool = True, min_version: str = "TLSv1.2") -> ssl.SSLContext:
     """Build the client ``SSLContext`` for POP3S / STLS.
 
     * ``verify=True`` (default): the server certificate must chain to ``ca_file`` (PEM), or
@@ -52,7 +50,7 @@ def make_tls_context(
     unreadable or invalid CA file).
     """
     if min_version not in _TLS_VERSIONS:
-        raise ConfigError(f"tls_min_version {min_version!r} is not one of {sorted(_TLS_VERSIONS)}")
+        raise ConfigError(f"TLS minimum version {min_version!r} is not one of {sorted(_TLS_VERSIONS)}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
     ctx.minimum_version = _TLS_VERSIONS[min_version]
     if verify:
@@ -100,9 +98,7 @@ class Transport:
         self._view = memoryview(self._buf)
 
     @classmethod
-    def connect(
-        cls, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None = None
-    ) -> Transport:
+    def connect(cls, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None = None) -> Transport:
         """Open TCP to ``host:port`` and, with ``ssl_context``, do implicit TLS (POP3S, RFC 8314).
 
         TCP_NODELAY is set: our commands are single writes, but without it Nagle plus the
@@ -165,9 +161,7 @@ class Transport:
             raise Pop3TimeoutError(f"TLS handshake with {self.host}:{self.port} timed out") from exc
         except OSError as exc:  # reset / EOF during the handshake
             self.close()
-            raise Pop3TlsError(
-                f"TLS handshake with {self.host}:{self.port} failed: {exc}; {TLS_FIX_HINT}"
-            ) from exc
+            raise Pop3TlsError(f"TLS handshake with {self.host}:{self.port} failed: {exc}; {TLS_FIX_HINT}") from exc
 
     @contextlib.contextmanager
     def _io(self, timed_out: str, failed: str) -> Iterator[None]:
@@ -185,8 +179,7 @@ class Transport:
         """Send all of ``data`` (one command: a single write, so Nagle never delays it)."""
         sock = self._require()
         self._quickack()
-        with self._io(f"sending to {self.host}:{self.port} timed out",
-                      f"sending to {self.host}:{self.port} failed"):
+        with self._io(f"sending to {self.host}:{self.port} timed out", f"sending to {self.host}:{self.port} failed"):
             sock.sendall(data)
 
     def recv(self) -> bytes:
@@ -197,8 +190,9 @@ class Transport:
         since the response framing is lost.
         """
         sock = self._require()
-        with self._io(f"{self.host}:{self.port} did not answer in time",
-                      f"receiving from {self.host}:{self.port} failed"):
+        with self._io(
+            f"{self.host}:{self.port} did not answer in time", f"receiving from {self.host}:{self.port} failed"
+        ):
             n = sock.recv_into(self._buf)
         if not n:
             self.close()

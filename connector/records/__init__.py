@@ -13,5 +13,15 @@ from connector.records.avro import (
     record_id,
 )
 
-__all__ = ["HEADER_MAILBOX", "HEADER_RECORD_ID", "Provenance", "Schema", "UnknownSchemaError",
-           "build_mail_record", "decode_single_object", "encode_single_object", "mail_schema", "record_id"]
+__all__ = [
+    "HEADER_MAILBOX",
+    "HEADER_RECORD_ID",
+    "Provenance",
+    "Schema",
+    "UnknownSchemaError",
+    "build_mail_record",
+    "decode_single_object",
+    "encode_single_object",
+    "mail_schema",
+    "record_id",
+]

@@ -63,8 +63,7 @@ def load_schema(filename: str) -> Schema:
     # fastavro returns the fingerprint as hex of the little-endian bytes (checked against an
     # independent CRC-64-AVRO implementation in tests/unit/test_records.py).
     fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
-    return Schema(name=raw["namespace"] + "." + raw["name"], parsed=parsed, canonical=canonical,
-                  fingerprint=fp)
+    return Schema(name=raw["namespace"] + "." + raw["name"], parsed=parsed, canonical=canonical, fingerprint=fp)
 
 
 @cache
@@ -115,8 +114,14 @@ def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
         "text_body": mail.text_body,
         "html_body": mail.html_body,
         "attachments": [
-            {"filename": a.filename, "content_type": a.content_type, "disposition": a.disposition,
-             "content_id": a.content_id, "size": a.size, "sha256": a.sha256}
+            {
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "disposition": a.disposition,
+                "content_id": a.content_id,
+                "size": a.size,
+                "sha256": a.sha256,
+            }
             for a in mail.attachments
         ],
         "decode_warnings": list(mail.warnings),

@@ -28,7 +28,15 @@ from typing import Protocol
 from connector.config.model import Config, MailboxConfig
 from connector.decoding import decode_mail
 from connector.delivery.kafka import Delivery, Publisher
-from connector.errors import ConnectorError, DecodeError, Pop3UnsupportedError
+from connector.errors import (
+    ConnectorError,
+    DecodeError,
+    DeliveryError,
+    DeliveryFatalError,
+    Pop3ProtocolError,
+    Pop3UnsupportedError,
+    RecordTooLargeError,
+)
 from connector.protocol import Pop3Session, make_tls_context
 from connector.records import (
     HEADER_MAILBOX,
@@ -57,6 +65,8 @@ class CycleResult:
     undecodable: int = 0
     #: mails left on the server because they exceed max_message_bytes.
     oversized: int = 0
+    #: mails left on the server because Kafka refuses a record that large (message.max.bytes).
+    too_large: int = 0
     #: the cycle stopped at a count/byte bound or on shutdown with mail still waiting.
     more_pending: bool = False
     error: BaseException | None = None
@@ -82,7 +92,7 @@ class MailboxSession(Protocol):
     def login_user_pass(self, username: str, password: str) -> None: ...
     def uidl(self) -> list[tuple[int, str]]: ...
     def list(self) -> list[tuple[int, int]]: ...
-    def retr(self, msg_num: int) -> bytes: ...
+    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int: ...
     def dele(self, msg_num: int) -> None: ...
     def quit(self) -> None: ...
     def abort(self) -> None: ...
@@ -91,8 +101,14 @@ class MailboxSession(Protocol):
 def open_session(mailbox: MailboxConfig) -> MailboxSession:
     """Connect (implicit TLS, STLS or plain, as configured) and read the greeting."""
     ssl_ctx = make_tls_context(mailbox.tls_ca_file, verify=mailbox.tls_verify) if mailbox.tls != "none" else None
-    return Pop3Session.connect(mailbox.host, mailbox.port, tls=mailbox.tls, ssl_context=ssl_ctx,
-                               timeout=mailbox.timeout_seconds, allow_plaintext_auth=mailbox.allow_plaintext_auth)
+    return Pop3Session.connect(
+        mailbox.host,
+        mailbox.port,
+        tls=mailbox.tls,
+        ssl_context=ssl_ctx,
+        timeout=mailbox.timeout_seconds,
+        allow_plaintext_auth=mailbox.allow_plaintext_auth,
+    )
 
 
 @dataclass
@@ -120,8 +136,42 @@ def _record_key(ctx: CycleContext, mailbox: MailboxConfig, rid: str) -> bytes:
     return (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
 
 
+def _retr_bounded(session: MailboxSession, msg_num: int, limit: int) -> bytes | None:
+    """RETR into memory, but never hold more than ``limit`` bytes.
+
+    Past the limit the rest of the body is still read (and dropped) so the session stays in
+    step with the server; the caller gets None and leaves the mail on the server. LIST sizes
+    are only the server's word (design.md section 6: limits on message size).
+    """
+    pieces: list[bytes] = []
+    held = 0
+    over = False
+
+    def sink(piece: bytes) -> None:
+        nonlocal held, over
+        if over:
+            return
+        held += len(piece)
+        if held > limit:
+            over = True
+            pieces.clear()
+        else:
+            pieces.append(piece)
+
+    session.retr_into(msg_num, sink)
+    return None if over else b"".join(pieces)
+
+
 def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
-    """Run one cycle; never raises for expected failures (they are in ``result.error``)."""
+    """Run one cycle; never raises for expected failures (they are in ``result.error``).
+
+    Two phases. Fetch: RETR, decode and produce each new mail; a problem with one mail
+    (undecodable, too large for Kafka, over max_message_bytes) leaves that mail on the server
+    and goes on with the next. Settle: wait for the delivery reports, DELE exactly the
+    confirmed mails, QUIT. A POP3 failure (the session is then unusable) skips the settle
+    phase: abort() drops pending deletes (RFC 1939 §6); what was already queued still reaches
+    Kafka and is published again next cycle with the same record id (at-least-once).
+    """
     res = CycleResult(mailbox=mailbox.id, cycle_id=uuid.uuid4().hex[:12])
     t0 = time.monotonic()
     extra = {"mailbox": mailbox.id, "cycle": res.cycle_id}
@@ -129,7 +179,16 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     session: MailboxSession | None = None
     pending: list[_Pending] = []
     schema = mail_schema()
+    #: a Kafka-side failure after which the session is still healthy enough to settle.
+    failure: ConnectorError | None = None
+    grace = ctx.config.runtime.shutdown_grace_seconds
     try:
+        fatal = ctx.publisher.fatal
+        if fatal is not None:
+            step = "produce"
+            raise DeliveryFatalError(
+                f"the Kafka producer is in a fatal state ({fatal}); not polling until the process is restarted"
+            )
         session = ctx.session_factory(mailbox)
         step = "login"
         session.login_user_pass(mailbox.username, mailbox.password.reveal())
@@ -138,31 +197,50 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         sizes = dict(session.list())
         res.listed = len(uidls)
         seen: set[str] = set()
-        for _, uidl in uidls:
+        for msg_num, uidl in uidls:
             if uidl in seen:
                 raise Pop3UnsupportedError(
                     f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) "
                     "for de-duplication to work. Ask the server's operator, or poll this mailbox with "
-                    "another tool until it is fixed")
+                    "another tool until it is fixed"
+                )
+            if msg_num not in sizes:
+                raise Pop3ProtocolError(
+                    f"UIDL lists message {msg_num} but LIST does not; the maildrop "
+                    "changed during the session or the server is broken"
+                )
             seen.add(uidl)
         budget = mailbox.max_bytes_per_cycle
         for msg_num, uidl in uidls:
             if ctx.stop.is_set() or res.fetched >= mailbox.max_messages_per_cycle:
                 res.more_pending = True
                 break
-            size = sizes.get(msg_num, 0)
+            size = sizes[msg_num]
             if size > mailbox.max_message_bytes:
                 res.oversized += 1
-                log.error("mail of %d bytes exceeds max_message_bytes (%d); left on the server",
-                          size, mailbox.max_message_bytes, extra={**extra, "uidl": uidl})
+                log.error(
+                    "mail of %d bytes (LIST) exceeds max_message_bytes (%d); left on the server",
+                    size,
+                    mailbox.max_message_bytes,
+                    extra={**extra, "uidl": uidl},
+                )
                 continue
             if res.fetched and size > budget:
                 res.more_pending = True
                 break
             step = "retr"
-            raw = session.retr(msg_num)
-            budget -= len(raw)
+            raw = _retr_bounded(session, msg_num, mailbox.max_message_bytes)
             res.fetched += 1
+            if raw is None:
+                res.oversized += 1
+                log.error(
+                    "mail grew past max_message_bytes (%d) during RETR (LIST said %d); left on the server",
+                    mailbox.max_message_bytes,
+                    size,
+                    extra={**extra, "uidl": uidl},
+                )
+                continue
+            budget -= len(raw)
             fetched_at = time.time_ns() // 1_000_000
             log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
             if ctx.hooks.on_retrieved:
@@ -171,25 +249,40 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             rid = record_id(mailbox.id, uidl)
             try:
                 decoded = decode_mail(raw)
-                prov = Provenance(mailbox_id=mailbox.id, uidl=uidl, server=mailbox.server,
-                                  fetched_at_millis=fetched_at, raw_size=len(raw),
-                                  raw_sha256=hashlib.sha256(raw).hexdigest())
+                prov = Provenance(
+                    mailbox_id=mailbox.id,
+                    uidl=uidl,
+                    server=mailbox.server,
+                    fetched_at_millis=fetched_at,
+                    raw_size=len(raw),
+                    raw_sha256=hashlib.sha256(raw).hexdigest(),
+                )
                 value = encode_single_object(schema, build_mail_record(decoded, prov))
             except DecodeError as exc:
                 # Dead-letter topic comes with the decoding issue; until then the mail stays on
                 # the server (nothing lost) and the cycle goes on with the next one.
                 res.undecodable += 1
-                log.error("mail could not be decoded, left on the server: %s", exc,
-                          extra={**extra, "uidl": uidl})
+                log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
                 continue
             step = "produce"
             headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
-            d = ctx.publisher.send(ctx.config.topics.mail, _record_key(ctx, mailbox, rid), value, headers)
+            try:
+                d = ctx.publisher.send(ctx.config.topics.mail, _record_key(ctx, mailbox, rid), value, headers)
+            except RecordTooLargeError as exc:
+                res.too_large += 1
+                log.error("record too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl})
+                continue
+            except DeliveryError as exc:
+                failure = exc  # stop fetching, but settle what is already queued
+                res.more_pending = True
+                break
             pending.append(_Pending(msg_num, uidl, d))
+
+        # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
         step = "produce"
         deliveries = [p.delivery for p in pending]
-        ctx.publisher.wait(deliveries)
-        failure = ctx.publisher.check(deliveries)
+        ctx.publisher.wait(deliveries, stop=ctx.stop, stop_grace=grace / 2)
+        failure = failure or ctx.publisher.check(deliveries)
         res.published = sum(1 for d in deliveries if d.ok)
         if ctx.hooks.on_published:
             for p in pending:
@@ -225,7 +318,17 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 ctx.publisher.wait([p.delivery for p in pending], timeout=5.0)
         res.duration_s = time.monotonic() - t0
     if res.ok:
-        log.info("cycle done: listed=%d fetched=%d published=%d deleted=%d undecodable=%d in %.2fs",
-                 res.listed, res.fetched, res.published, res.deleted, res.undecodable, res.duration_s,
-                 extra=extra)
+        log.info(
+            "cycle done: listed=%d fetched=%d published=%d deleted=%d left: undecodable=%d oversized=%d "
+            "too_large=%d in %.2fs",
+            res.listed,
+            res.fetched,
+            res.published,
+            res.deleted,
+            res.undecodable,
+            res.oversized,
+            res.too_large,
+            res.duration_s,
+            extra=extra,
+        )
     return res

@@ -21,7 +21,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from connector.config.model import Config, MailboxConfig
 from connector.delivery.kafka import Publisher
-from connector.runtime.cycle import CycleContext, CycleHooks, CycleResult, run_cycle
+from connector.runtime.cycle import (
+    CycleContext,
+    CycleHooks,
+    CycleResult,
+    MailboxSession,
+    open_session,
+    run_cycle,
+)
 
 log = logging.getLogger("pop3kafka.runner")
 
@@ -29,15 +36,29 @@ log = logging.getLogger("pop3kafka.runner")
 class Runner:
     """Owns the producer and the worker pool for one configuration."""
 
-    def __init__(self, config: Config, *, hooks: CycleHooks | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        hooks: CycleHooks | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        session_factory: Callable[[MailboxConfig], MailboxSession] | None = None,
+    ) -> None:
         self.config = config
         self.stop = threading.Event()
-        self.publisher = Publisher(config.kafka.bootstrap_servers, config.kafka.client,
-                                   config.kafka.delivery_timeout_seconds)
-        self.ctx = CycleContext(config=config, publisher=self.publisher, stop=self.stop,
-                                hooks=hooks or CycleHooks())
+        self.publisher = Publisher(
+            config.kafka.bootstrap_servers, config.kafka.client, config.kafka.delivery_timeout_seconds
+        )
+        self.ctx = CycleContext(
+            config=config,
+            publisher=self.publisher,
+            stop=self.stop,
+            hooks=hooks or CycleHooks(),
+            session_factory=session_factory or open_session,
+        )
         self._clock = clock
+        #: set when run() stopped because the producer hit a fatal error.
+        self.fatal = False
 
     def poll_once(self, mailboxes: Sequence[MailboxConfig] | None = None) -> list[CycleResult]:
         """One cycle per mailbox (concurrently, bounded); results in configuration order."""
@@ -56,6 +77,12 @@ class Runner:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cycle")
         try:
             while not self.stop.is_set():
+                if self.publisher.fatal is not None:
+                    # A fatal producer never recovers; exit so the orchestrator restarts us.
+                    log.error("Kafka producer is in a fatal state (%s); stopping", self.publisher.fatal)
+                    self.fatal = True
+                    self.stop.set()
+                    break
                 now = self._clock()
                 busy = {m.id for m in running.values()}
                 for m in mailboxes:
@@ -69,8 +96,11 @@ class Runner:
                     for f in done:
                         m = running.pop(f)
                         result = f.result()
-                        # A cycle that stopped at its bound with mail waiting goes again at once.
-                        delay = 0.0 if (result.ok and result.more_pending) else m.poll_interval_seconds
+                        # A cycle that stopped at its bound with mail waiting goes again at once,
+                        # but only if it made progress: mail it had to leave (undecodable,
+                        # oversized) must not turn into a hot loop.
+                        again = result.ok and result.more_pending and result.deleted > 0
+                        delay = 0.0 if again else m.poll_interval_seconds
                         next_due[m.id] = self._clock() + delay
                 else:
                     self.stop.wait(min(sleep, 1.0))
@@ -83,8 +113,11 @@ class Runner:
             log.info("shutting down: waiting up to %.0fs for %d cycle(s) in flight", grace, len(futures))
             _, not_done = wait(futures, timeout=grace)
             if not_done:
-                log.warning("%d cycle(s) did not finish within the grace period; their POP3 connections "
-                            "are dropped without QUIT, so nothing of theirs is deleted", len(not_done))
+                log.warning(
+                    "%d cycle(s) did not finish within the grace period; their POP3 connections "
+                    "are dropped without QUIT, so nothing of theirs is deleted",
+                    len(not_done),
+                )
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:

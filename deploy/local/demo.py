@@ -2,7 +2,7 @@
 """The demo: local Kafka + Dovecot, a few sample mails, one connector cycle, the records.
 
     make demo          # installs what it needs, then runs this
-    make demo-down     # stops the demo's Kafka and Dovecot
+    make demo-down     # stops the demo's Kafka and Dovecot (python deploy/local/demo.py --down)
 
 Steps: bring up the stack in .stack/demo; drop sample mails into two mailboxes; write a
 connector config; run `pop3-kafka poll-once`; run `pop3-kafka tail` to show the decoded records.
@@ -22,12 +22,18 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
-from localstack import Stack  # noqa: E402
+from localstack import STATE_ROOT, Stack  # noqa: E402
 from support.mailgen import SHAPES, make_mail  # noqa: E402
+
+DEMO_DIR = Path(os.environ.get("POP3K_DEMO_DIR", STATE_ROOT / "demo"))
 
 
 def main() -> int:
-    state = Path(os.environ.get("POP3K_DEMO_DIR", REPO / ".stack" / "demo"))
+    if sys.argv[1:] == ["--down"]:
+        Stack.at(DEMO_DIR).down()
+        print(f"demo stack in {DEMO_DIR} stopped")
+        return 0
+    state = DEMO_DIR
     stack = Stack.at(state)
     print(f"==> starting Kafka and Dovecot (state in {state})", flush=True)
     stack.up()
@@ -46,9 +52,16 @@ def main() -> int:
         "kafka": {"bootstrap_servers": stack.kafka.bootstrap},
         "topics": {"mail": "demo.mail", "partitions": 3},
         "mailboxes": [
-            {"id": user, "host": "127.0.0.1", "port": stack.dovecot.pop3s_port, "tls": "implicit",
-             "tls_ca_file": str(stack.dovecot.cafile), "username": user,
-             "password": {"file": f"secrets/{user}.pw"}, "poll_interval_seconds": 30}
+            {
+                "id": user,
+                "host": "127.0.0.1",
+                "port": stack.dovecot.pop3s_port,
+                "tls": "implicit",
+                "tls_ca_file": str(stack.dovecot.cafile),
+                "username": user,
+                "password": {"file": f"secrets/{user}.pw"},
+                "poll_interval_seconds": 30,
+            }
             for user in ("orders", "invoices")
         ],
     }
@@ -60,14 +73,18 @@ def main() -> int:
     if rc != 0:
         return rc
     print("==> pop3-kafka tail --from-beginning --format summary", flush=True)
-    rc = subprocess.call([*cli, "tail", "--config", str(cfg), "--from-beginning", "--idle-timeout", "5",
-                          "--format", "summary"])
+    rc = subprocess.call(
+        [*cli, "tail", "--config", str(cfg), "--from-beginning", "--idle-timeout", "5", "--format", "summary"]
+    )
     if rc == 0:
         print("==> one whole record: pop3-kafka tail --from-beginning --max 1 --bodies", flush=True)
-        rc = subprocess.call([*cli, "tail", "--config", str(cfg), "--from-beginning", "--max", "1",
-                              "--idle-timeout", "5", "--bodies"])
-    print(f"\nThe stack keeps running: try `pop3-kafka run --config {cfg}` and drop mail into "
-          f"{stack.dovecot.maildir('orders')}/new. Stop it with `make demo-down`.")
+        rc = subprocess.call(
+            [*cli, "tail", "--config", str(cfg), "--from-beginning", "--max", "1", "--idle-timeout", "5", "--bodies"]
+        )
+    print(
+        f"\nThe stack keeps running: try `pop3-kafka run --config {cfg}` and drop mail into "
+        f"{stack.dovecot.maildir('orders')}/new. Stop it with `make demo-down`."
+    )
     return rc
 
 

@@ -41,7 +41,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KAFKA_POM = HERE / "kafka" / "pom.xml"
 CACHE = Path(os.environ.get("POP3K_CACHE", Path.home() / ".cache" / "pop3-kafka"))
-DEFAULT_DIR = Path(os.environ.get("POP3K_STACK_DIR", REPO / ".stack"))
+# Under /var/tmp rather than the checkout: as root, Dovecot's unprivileged processes must
+# traverse every parent directory, and a clone under /root (mode 0700) would not allow that.
+STATE_ROOT = Path(os.environ.get("POP3K_STATE_ROOT", f"/var/tmp/pop3-kafka-{os.getuid()}"))
+DEFAULT_DIR = Path(os.environ.get("POP3K_STACK_DIR", STATE_ROOT / "stack"))
 DOVECOT_BIN = os.environ.get("DOVECOT_BIN", "/usr/sbin/dovecot")
 DOVECOT_LDA = "/usr/lib/dovecot/dovecot-lda"
 
@@ -75,6 +78,18 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def pid_is(pid: int, *needles: str) -> bool:
+    """True when ``pid`` runs and its command line contains every needle.
+
+    Saved pids outlive reboots and get reused; never signal a process that is not ours.
+    """
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return all(n in cmdline for n in needles) and pid_alive(pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,8 +139,7 @@ def kafka_lib(version_pom: Path = KAFKA_POM) -> Path:
     tmp = lib.with_name("lib.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cmd = ["mvn", "-q", "-B", "-f", str(version_pom), "dependency:copy-dependencies",
-           f"-DoutputDirectory={tmp}"]
+    cmd = ["mvn", "-q", "-B", "-f", str(version_pom), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise StackError(f"Maven could not resolve Kafka: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -209,39 +223,63 @@ class KafkaNode:
         if not (data / "meta.properties").exists():
             lib = kafka_lib()
             self.cluster_id = self.cluster_id or self._java(lib, ["kafka.tools.StorageTool", "random-uuid"]).strip()
-            self._java(lib, ["kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id,
-                             "-c", str(self.dir / "server.properties")])
+            self._java(
+                lib,
+                [
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    self.cluster_id,
+                    "-c",
+                    str(self.dir / "server.properties"),
+                ],
+            )
 
     def _java(self, lib: Path, args: list[str]) -> str:
-        cmd = ["java", "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"),
-               "-cp", f"{lib}/*", *args]
+        cmd = ["java", "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"), "-cp", f"{lib}/*", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise StackError(f"{args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         return proc.stdout
 
+    def running(self) -> bool:
+        return bool(self.pid) and pid_is(self.pid, "kafka.Kafka", str(self.dir / "server.properties"))
+
     def start(self, timeout: float = 90.0) -> None:
-        if self.pid and pid_alive(self.pid):
+        if self.running():
             return
         self.configure()
         lib = kafka_lib()
         out = open(self.dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
-        cmd = ["java", f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-               "-Djava.awt.headless=true",
-               "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"),
-               "-cp", f"{lib}/*", "kafka.Kafka", str(self.dir / "server.properties")]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        cmd = [
+            "java",
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"),
+            "-cp",
+            f"{lib}/*",
+            "kafka.Kafka",
+            str(self.dir / "server.properties"),
+        ]
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         out.close()
         self.pid = proc.pid
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started broker behind
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         """Ready when the AdminClient sees the broker and its controller (no fixed sleep)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0,
-                             "logger": _null_logger()})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0, "logger": _null_logger()})
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -259,7 +297,7 @@ class KafkaNode:
         raise StackError(f"Kafka not ready after {timeout:.0f}s at {self.bootstrap}: {last}")
 
     def stop(self) -> None:
-        if self.pid:
+        if self.running():
             stop_pid(self.pid)
         self.pid = 0
 
@@ -314,9 +352,11 @@ class DovecotServer:
             # Root mode: Dovecot's own users must traverse every parent directory.
             for parent in self.dir.resolve().parents:
                 if not parent.stat().st_mode & 0o001:
-                    raise StackError(f"{parent} is not searchable by other users (mode "
-                                     f"{parent.stat().st_mode & 0o777:o}); Dovecot's unprivileged processes "
-                                     "cannot reach their files. Use a state directory under a 0755 path.")
+                    raise StackError(
+                        f"{parent} is not searchable by other users (mode "
+                        f"{parent.stat().st_mode & 0o777:o}); Dovecot's unprivileged processes "
+                        "cannot reach their files. Use a state directory under a 0755 path."
+                    )
         for sub in ("etc", "run", "state", "log", "mail", "tls"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
@@ -344,9 +384,19 @@ class DovecotServer:
         rootless = os.geteuid() != 0
         chroots = ""
         if rootless:
-            chroots = "".join(f"service {s} {{\n  chroot =\n}}\n" for s in (
-                "pop3-login", "imap-login", "submission-login", "imap-urlauth-login", "ipc",
-                "old-stats", "aggregator", "director"))
+            chroots = "".join(
+                f"service {s} {{\n  chroot =\n}}\n"
+                for s in (
+                    "pop3-login",
+                    "imap-login",
+                    "submission-login",
+                    "imap-urlauth-login",
+                    "ipc",
+                    "old-stats",
+                    "aggregator",
+                    "director",
+                )
+            )
         d = self.dir
         self.conf.write_text(f"""\
 # Generated by deploy/local/localstack.py: a self-contained POP3 test server.
@@ -429,8 +479,7 @@ service anvil {{
   }}
 }}
 {chroots}""")
-        proc = subprocess.run([DOVECOT_BIN, "-c", str(self.conf), "-n"], capture_output=True, text=True,
-                              check=False)
+        proc = subprocess.run([DOVECOT_BIN, "-c", str(self.conf), "-n"], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise StackError(f"dovecot config check failed: {proc.stderr[-2000:]}")
 
@@ -440,43 +489,88 @@ service anvil {{
         def run(*args: str) -> None:
             subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
-            "-keyout", str(t / "ca.key"), "-out", str(t / "ca.pem"), "-subj", "/CN=pop3-kafka test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-keyout", str(t / "server.key"),
-            "-out", str(t / "server.csr"), "-subj", "/CN=localhost")
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-days",
+            "3650",
+            "-keyout",
+            str(t / "ca.key"),
+            "-out",
+            str(t / "ca.pem"),
+            "-subj",
+            "/CN=pop3-kafka test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-keyout",
+            str(t / "server.key"),
+            "-out",
+            str(t / "server.csr"),
+            "-subj",
+            "/CN=localhost",
+        )
         (t / "server.ext").write_text(
             "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-        run("x509", "-req", "-in", str(t / "server.csr"), "-CA", str(t / "ca.pem"), "-CAkey", str(t / "ca.key"),
-            "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", str(t / "server.ext"),
-            "-out", str(t / "server.pem"))
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            str(t / "server.csr"),
+            "-CA",
+            str(t / "ca.pem"),
+            "-CAkey",
+            str(t / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-sha256",
+            "-extfile",
+            str(t / "server.ext"),
+            "-out",
+            str(t / "server.pem"),
+        )
         os.chmod(t / "server.key", 0o600)
         os.chmod(t / "ca.key", 0o600)
 
     def master_pid(self) -> int:
+        """Pid of our Dovecot master, or 0 (a stale pid file from before a reboot is ignored)."""
         try:
-            return int((self.dir / "run" / "master.pid").read_text().strip())
+            pid = int((self.dir / "run" / "master.pid").read_text().strip())
         except (OSError, ValueError):
             return 0
+        return pid if pid_is(pid, "dovecot", str(self.conf)) else 0
 
     def start(self, timeout: float = 20.0) -> None:
-        pid = self.master_pid()
-        if pid and pid_alive(pid):
+        if self.master_pid():
             return
         self.configure()
         # A stale penalty socket makes auth retry connect() for 5 s at every start.
         (self.dir / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
         # The daemon keeps inherited stdout/stderr open: never hand it a pipe.
         with open(self.dir / "log" / "startup.log", "ab") as log:
-            rc = subprocess.call([DOVECOT_BIN, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=log)
+            rc = subprocess.call([DOVECOT_BIN, "-c", str(self.conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         if rc != 0:
             raise StackError(f"dovecot failed to start: {(self.dir / 'log' / 'startup.log').read_text()[-2000:]}")
         deadline = time.monotonic() + timeout
         while not all(port_open(p) for p in (self.pop3_port, self.pop3s_port, self.lmtp_port)):
             if time.monotonic() > deadline:
+                self.stop()
                 raise StackError(f"dovecot ports did not open; see {self.dir / 'log' / 'dovecot.log'}")
             time.sleep(0.02)
 
@@ -545,15 +639,21 @@ class Stack:
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        data = {"kafka": {k: v for k, v in asdict(self.kafka).items() if k != "dir"},
-                "dovecot": {k: v for k, v in asdict(self.dovecot).items() if k not in ("dir", "users")}}
+        data = {
+            "kafka": {k: v for k, v in asdict(self.kafka).items() if k != "dir"},
+            "dovecot": {k: v for k, v in asdict(self.dovecot).items() if k not in ("dir", "users")},
+        }
         (self.dir / "stack.json").write_text(json.dumps(data, indent=2, default=str))
 
     def up(self) -> None:
-        self.dovecot.start()
-        self.save()
-        self.kafka.start()
-        self.save()
+        try:
+            self.dovecot.start()
+            self.save()
+            self.kafka.start()
+            self.save()
+        except BaseException:
+            self.down()  # all or nothing: no orphaned servers after a failed start
+            raise
 
     def down(self) -> None:
         self.kafka.stop()
@@ -590,9 +690,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.down()
             return 0
         elif args.action == "status":
-            k = bool(stack.kafka.pid and pid_alive(stack.kafka.pid))
-            dpid = stack.dovecot.master_pid()
-            d = bool(dpid and pid_alive(dpid))
+            k = stack.kafka.running()
+            d = bool(stack.dovecot.master_pid())
             print(f"kafka: {'running' if k else 'stopped'}  dovecot: {'running' if d else 'stopped'}")
             return 0 if k and d else 1
     except StackError as exc:

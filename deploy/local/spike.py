@@ -30,8 +30,14 @@ def kafka_spike(bootstrap: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
     t0 = time.monotonic()
-    p = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"spike-{uuid.uuid4().hex[:6]}",
-                  "enable.idempotence": True, "acks": "all"})
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": f"spike-{uuid.uuid4().hex[:6]}",
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+    )
     p.init_transactions(60)
     t1 = time.monotonic()
     p.begin_transaction()
@@ -43,9 +49,15 @@ def kafka_spike(bootstrap: str) -> None:
     p.flush(10)
     p.abort_transaction(30)
     t2 = time.monotonic()
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"spike-{uuid.uuid4().hex[:6]}",
-                  "isolation.level": "read_committed", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"spike-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.assign([TopicPartition(topic, 0, 0)])
     seen: list[bytes] = []
     deadline = time.monotonic() + 30
@@ -58,8 +70,10 @@ def kafka_spike(bootstrap: str) -> None:
         seen.append(m.value())
     c.close()
     assert seen == [f"committed-{i}".encode() for i in range(10)], seen
-    print(f"kafka: init_transactions {t1 - t0:.2f}s, commit+abort {t2 - t1:.2f}s, "
-          f"read_committed saw {len(seen)} committed, 0 aborted")
+    print(
+        f"kafka: init_transactions {t1 - t0:.2f}s, commit+abort {t2 - t1:.2f}s, "
+        f"read_committed saw {len(seen)} committed, 0 aborted"
+    )
 
 
 def pop3_spike(dovecot: DovecotServer) -> None:
@@ -80,5 +94,10 @@ def pop3_spike(dovecot: DovecotServer) -> None:
 
 if __name__ == "__main__":
     kafka_spike(os.environ["KAFKA_BOOTSTRAP"])
-    pop3_spike(DovecotServer(Path(os.environ["DOVECOT_TEST_DIR"]), pop3_port=int(os.environ["POP3_PORT"]),
-                             pop3s_port=int(os.environ["POP3S_PORT"])))
+    pop3_spike(
+        DovecotServer(
+            Path(os.environ["DOVECOT_TEST_DIR"]),
+            pop3_port=int(os.environ["POP3_PORT"]),
+            pop3s_port=int(os.environ["POP3S_PORT"]),
+        )
+    )

@@ -29,9 +29,14 @@ pytestmark = pytest.mark.integration
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "connector.cli.main", "--log-format", "json", *args],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "connector.cli.main", "--log-format", "json", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def server_uidls(services, user: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -58,8 +63,12 @@ def put_mails(services, user: str, n: int, seed: int) -> dict[str, object]:  # t
 
 def test_hundred_mails_of_every_shape_arrive_exactly_once(services, topic: str, tmp_path: Path) -> None:
     expected = put_mails(services, "t1", 100, seed=1)
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic,
-                       [mailbox("e2e", "t1", services.dovecot.pop3s_port, services.cafile)])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("e2e", "t1", services.dovecot.pop3s_port, services.cafile)],
+    )
     proc = cli("poll-once", "--config", str(cfg), env={"PW_E2E": "t1-pw"})
     assert proc.returncode == 0, proc.stderr
     assert "e2e: ok: 100 published, 100 deleted of 100 listed" in proc.stdout
@@ -100,8 +109,12 @@ def test_starttls_mailbox_with_lmtp_delivery(services, topic: str, tmp_path: Pat
         raw, exp = make_mail(i, seed=6)
         services.dovecot.deliver_lmtp("t6", raw)  # through Dovecot's LMTP: real trace headers
         expected[exp.message_id] = exp
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic,
-                       [mailbox("stls", "t6", services.dovecot.pop3_port, services.cafile, tls="starttls")])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("stls", "t6", services.dovecot.pop3_port, services.cafile, tls="starttls")],
+    )
     proc = cli("poll-once", "--config", str(cfg), env={"PW_STLS": "t6-pw"})
     assert proc.returncode == 0, proc.stderr
     got = consume_all(services.bootstrap, topic, expect=5)
@@ -113,14 +126,19 @@ def test_starttls_mailbox_with_lmtp_delivery(services, topic: str, tmp_path: Pat
     assert server_uidls(services, "t6") == []
 
 
-def test_broker_stopped_during_cycle_deletes_nothing_undelivered(services, own_kafka, topic: str,
-                                                                 tmp_path: Path) -> None:
+def test_broker_stopped_during_cycle_deletes_nothing_undelivered(
+    services, own_kafka, topic: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put_mails(services, "t2", 30, seed=2)
     before = set(server_uidls(services, "t2"))
-    cfg_path = write_config(tmp_path / "c.yaml", own_kafka.bootstrap, topic,
-                            [mailbox("stop", "t2", services.dovecot.pop3s_port, services.cafile)],
-                            kafka={"delivery_timeout_seconds": 5})
-    os.environ["PW_STOP"] = "t2-pw"
+    cfg_path = write_config(
+        tmp_path / "c.yaml",
+        own_kafka.bootstrap,
+        topic,
+        [mailbox("stop", "t2", services.dovecot.pop3s_port, services.cafile)],
+        kafka={"delivery_timeout_seconds": 5},
+    )
+    monkeypatch.setenv("PW_STOP", "t2-pw")
     cfg = load_config(cfg_path)
     from connector.delivery.admin import ensure_topic
 
@@ -162,10 +180,15 @@ def test_broker_stopped_during_cycle_deletes_nothing_undelivered(services, own_k
 def test_wrong_password_fails_that_mailbox_only(services, topic: str, tmp_path: Path) -> None:
     put_mails(services, "t3", 3, seed=3)
     good = put_mails(services, "t4", 4, seed=4)
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, [
-        mailbox("badpw", "t3", services.dovecot.pop3s_port, services.cafile),
-        mailbox("goodpw", "t4", services.dovecot.pop3s_port, services.cafile),
-    ])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox("badpw", "t3", services.dovecot.pop3s_port, services.cafile),
+            mailbox("goodpw", "t4", services.dovecot.pop3s_port, services.cafile),
+        ],
+    )
     proc = cli("poll-once", "--config", str(cfg), env={"PW_BADPW": "not-the-password", "PW_GOODPW": "t4-pw"})
     assert proc.returncode == 1
     assert "badpw: FAILED" in proc.stderr and "Pop3AuthError" in proc.stderr and "step login" in proc.stderr
@@ -180,13 +203,40 @@ def test_sigterm_during_run_exits_zero_and_loses_nothing(services, topic: str, t
     n = 600
     put_mails(services, "t5", n, seed=5)
     before = set(server_uidls(services, "t5"))
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic,
-                       [mailbox("sig", "t5", services.dovecot.pop3s_port, services.cafile,
-                                max_messages_per_cycle=n, poll_interval_seconds=3600)])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox(
+                "sig",
+                "t5",
+                services.dovecot.pop3s_port,
+                services.cafile,
+                max_messages_per_cycle=n,
+                poll_interval_seconds=3600,
+            )
+        ],
+    )
     env = {**os.environ, "PW_SIG": "t5-pw"}
-    proc = subprocess.Popen([sys.executable, "-m", "connector.cli.main", "--log-format", "json",
-                             "--log-level", "debug", "run", "--config", str(cfg)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connector.cli.main",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "run",
+            "--config",
+            str(cfg),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # SIGTERM once the cycle has retrieved 20 of its 600 mails: it is then mid-way.
         seen, head = 0, []
@@ -223,12 +273,17 @@ def test_sigterm_during_run_exits_zero_and_loses_nothing(services, topic: str, t
 
 def test_tail_prints_decoded_records(services, topic: str, tmp_path: Path) -> None:
     put_mails(services, "t7", 3, seed=7)
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic,
-                       [mailbox("tail", "t7", services.dovecot.pop3s_port, services.cafile)])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("tail", "t7", services.dovecot.pop3s_port, services.cafile)],
+    )
     assert cli("poll-once", "--config", str(cfg), env={"PW_TAIL": "t7-pw"}).returncode == 0
     start = time.monotonic()
-    proc = cli("tail", "--config", str(cfg), "--from-beginning", "--max", "3", "--idle-timeout", "20",
-               env={"PW_TAIL": "t7-pw"})
+    proc = cli(
+        "tail", "--config", str(cfg), "--from-beginning", "--max", "3", "--idle-timeout", "20", env={"PW_TAIL": "t7-pw"}
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 
@@ -239,8 +294,19 @@ def test_tail_prints_decoded_records(services, topic: str, tmp_path: Path) -> No
     assert all(x["record"]["record_id"].startswith("tail:") for x in lines)
     assert all(x["record"]["text_body"].startswith("<") for x in lines)  # bodies elided by default
 
-    summary = cli("tail", "--config", str(cfg), "--from-beginning", "--max", "3", "--idle-timeout", "20",
-                  "--format", "summary", env={"PW_TAIL": "t7-pw"})
+    summary = cli(
+        "tail",
+        "--config",
+        str(cfg),
+        "--from-beginning",
+        "--max",
+        "3",
+        "--idle-timeout",
+        "20",
+        "--format",
+        "summary",
+        env={"PW_TAIL": "t7-pw"},
+    )
     rows = summary.stdout.splitlines()
     assert summary.returncode == 0 and len(rows) == 3
     assert all(" tail:" in r and "from sender" in r for r in rows)
@@ -253,10 +319,15 @@ def test_unreachable_pop3_server_names_mailbox_and_step(services, topic: str, tm
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     good = put_mails(services, "t8", 2, seed=8)
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, [
-        mailbox("gone", "t8", port, services.cafile, timeout_seconds=2),
-        mailbox("here", "t8", services.dovecot.pop3s_port, services.cafile),
-    ])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox("gone", "t8", port, services.cafile, timeout_seconds=2),
+            mailbox("here", "t8", services.dovecot.pop3s_port, services.cafile),
+        ],
+    )
     proc = cli("poll-once", "--config", str(cfg), env={"PW_GONE": "x", "PW_HERE": "t8-pw"})
     assert proc.returncode == 1
     assert "gone: FAILED: [mailbox 'gone', step connect] Pop3ConnectError" in proc.stderr

@@ -8,17 +8,24 @@ from typing import Any
 import yaml
 
 
-def mailbox(mid: str, user: str, port: int, cafile: str, *, tls: str = "implicit", env: str | None = None,
-            **extra: Any) -> dict[str, Any]:
-    m: dict[str, Any] = {"id": mid, "host": "127.0.0.1", "port": port, "tls": tls, "tls_ca_file": cafile,
-                         "username": user, "password": {"env": env or f"PW_{mid.upper().replace('-', '_')}"},
-                         "poll_interval_seconds": 1}
+def mailbox(
+    mid: str, user: str, port: int, cafile: str, *, tls: str = "implicit", env: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "id": mid,
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": tls,
+        "tls_ca_file": cafile,
+        "username": user,
+        "password": {"env": env or f"PW_{mid.upper().replace('-', '_')}"},
+        "poll_interval_seconds": 1,
+    }
     m.update(extra)
     return m
 
 
-def write_config(path: Path, bootstrap: str, topic: str, mailboxes: list[dict[str, Any]],
-                 **sections: Any) -> Path:
+def write_config(path: Path, bootstrap: str, topic: str, mailboxes: list[dict[str, Any]], **sections: Any) -> Path:
     doc: dict[str, Any] = {
         "kafka": {"bootstrap_servers": bootstrap, "delivery_timeout_seconds": 10},
         "topics": {"mail": topic, "partitions": 1},

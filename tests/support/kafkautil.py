@@ -21,13 +21,20 @@ class Consumed:
     record: dict[str, Any]
 
 
-def consume_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 60.0,
-                settle: float = 2.0) -> list[Consumed]:
+def consume_all(
+    bootstrap: str, topic: str, *, expect: int, timeout: float = 60.0, settle: float = 2.0
+) -> list[Consumed]:
     """Every committed record of ``topic``; waits for ``expect`` records, then ``settle`` more
     seconds so that duplicates beyond the expected count are seen too."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex[:8]}",
-                  "isolation.level": "read_committed", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex[:8]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         deadline = time.monotonic() + timeout
         parts: list[int] = []
@@ -50,8 +57,9 @@ def consume_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 60.
             m = c.poll(0.2)
             if m is None or m.error():
                 continue
-            out.append(Consumed(m.key(), dict(m.headers() or []), m.partition(), m.offset(),
-                                decode_single_object(m.value())))
+            out.append(
+                Consumed(m.key(), dict(m.headers() or []), m.partition(), m.offset(), decode_single_object(m.value()))
+            )
         return out
     finally:
         c.close()

@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-SHAPES = ("plain", "alternative", "attachments", "subject_utf8", "subject_latin1", "filename_2231",
-          "qp_body", "addresses")
+SHAPES = (
+    "plain",
+    "alternative",
+    "attachments",
+    "subject_utf8",
+    "subject_latin1",
+    "filename_2231",
+    "qp_body",
+    "addresses",
+)
 
 
 @dataclass
@@ -43,7 +51,7 @@ class ExpectedMail:
 
 def _b64_lines(data: bytes) -> str:
     enc = base64.b64encode(data).decode()
-    return "\r\n".join(enc[i:i + 76] for i in range(0, len(enc), 76))
+    return "\r\n".join(enc[i : i + 76] for i in range(0, len(enc), 76))
 
 
 def _ew_b(text: str, charset: str = "utf-8") -> str:
@@ -81,8 +89,11 @@ def make_mail(i: int, shape: str | None = None, seed: int = 0) -> tuple[bytes, E
     body: str
 
     def text_part(t: str) -> str:
-        return ("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                + _b64_lines(t.encode("utf-8")) + "\r\n")
+        return (
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + _b64_lines(t.encode("utf-8"))
+            + "\r\n"
+        )
 
     if shape == "subject_utf8":
         subject = f"Grüße aus Köln – Bestellung #{i} ✓"
@@ -99,10 +110,12 @@ def make_mail(i: int, shape: str | None = None, seed: int = 0) -> tuple[bytes, E
     if shape == "alternative":
         html = f"<html><body><p>Hello,</p><p>mail <b>{i}</b></p></body></html>\n"
         b = f"alt-{i}-{rnd.getrandbits(32):08x}"
-        body = (f"Content-Type: multipart/alternative; boundary=\"{b}\"\r\n\r\n"
-                f"--{b}\r\n{text_part(text)}--{b}\r\n"
-                "Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
-                f"{html.replace(chr(10), chr(13) + chr(10))}--{b}--\r\n")
+        body = (
+            f'Content-Type: multipart/alternative; boundary="{b}"\r\n\r\n'
+            f"--{b}\r\n{text_part(text)}--{b}\r\n"
+            "Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+            f"{html.replace(chr(10), chr(13) + chr(10))}--{b}--\r\n"
+        )
     elif shape in ("attachments", "filename_2231"):
         b = f"mix-{i}-{rnd.getrandbits(32):08x}"
         parts = [text_part(text)]
@@ -110,34 +123,51 @@ def make_mail(i: int, shape: str | None = None, seed: int = 0) -> tuple[bytes, E
         if shape == "attachments":
             pdf = b"%PDF-1.4\n" + rnd.randbytes(rnd.randint(2000, 9000))
             png = b"\x89PNG\r\n\x1a\n" + rnd.randbytes(rnd.randint(500, 3000))
-            blobs.append((f"invoice-{i}.pdf", "application/pdf", pdf,
-                          f"Content-Disposition: attachment; filename=\"invoice-{i}.pdf\""))
-            blobs.append((f"logo-{i}.png", "image/png", png,
-                          f"Content-Disposition: attachment; filename=\"logo-{i}.png\""))
+            blobs.append(
+                (
+                    f"invoice-{i}.pdf",
+                    "application/pdf",
+                    pdf,
+                    f'Content-Disposition: attachment; filename="invoice-{i}.pdf"',
+                )
+            )
+            blobs.append(
+                (f"logo-{i}.png", "image/png", png, f'Content-Disposition: attachment; filename="logo-{i}.png"')
+            )
         else:
             name = f"résumé-{i}.pdf"
             data = b"%PDF-1.7\n" + rnd.randbytes(4000)
-            enc = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else
-                          "".join(f"%{x:02X}" for x in c.encode()) for c in name)
-            blobs.append((name, "application/pdf", data,
-                          f"Content-Disposition: attachment; filename*=UTF-8''{enc}"))
+            enc = "".join(
+                c if c.isascii() and (c.isalnum() or c in ".-") else "".join(f"%{x:02X}" for x in c.encode())
+                for c in name
+            )
+            blobs.append((name, "application/pdf", data, f"Content-Disposition: attachment; filename*=UTF-8''{enc}"))
         for fname, ctype, data, disp in blobs:
-            parts.append(f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n{disp}\r\n\r\n"
-                         + _b64_lines(data) + "\r\n")
+            parts.append(
+                f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n{disp}\r\n\r\n"
+                + _b64_lines(data)
+                + "\r\n"
+            )
             atts.append(ExpectedAttachment(fname, ctype, len(data), hashlib.sha256(data).hexdigest()))
-        body = f"Content-Type: multipart/mixed; boundary=\"{b}\"\r\n\r\n" + "".join(
-            f"--{b}\r\n{p}" for p in parts) + f"--{b}--\r\n"
+        body = (
+            f'Content-Type: multipart/mixed; boundary="{b}"\r\n\r\n'
+            + "".join(f"--{b}\r\n{p}" for p in parts)
+            + f"--{b}--\r\n"
+        )
     elif shape == "qp_body":
         text = f"Prix: 12,50 € — quantité {i}\nLigne très longue " + "x" * 90 + "\nfin\n"
         qp = quopri.encodestring(text.replace("\n", "\r\n").encode("utf-8")).decode()
-        body = ("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
-                + qp.replace("\r\n", "\n").replace("\n", "\r\n"))
+        body = (
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+            + qp.replace("\r\n", "\n").replace("\n", "\r\n")
+        )
     else:
-        body = "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + \
-            text.replace("\n", "\r\n")
+        body = "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + text.replace(
+            "\n", "\r\n"
+        )
 
-    from_name = _ew_b(sender[0]) if not sender[0].isascii() else f"\"{sender[0]}\""
-    to_hdr = ", ".join(f"\"{n}\" <{a}>" if n else a for n, a in rcpt)
+    from_name = _ew_b(sender[0]) if not sender[0].isascii() else f'"{sender[0]}"'
+    to_hdr = ", ".join(f'"{n}" <{a}>' if n else a for n, a in rcpt)
     head = [
         f"From: {from_name} <{sender[1]}>",
         f"To: {to_hdr}",
@@ -148,9 +178,18 @@ def make_mail(i: int, shape: str | None = None, seed: int = 0) -> tuple[bytes, E
         "MIME-Version: 1.0",
     ]
     raw = ("\r\n".join(head) + "\r\n" + body).encode("utf-8")
-    exp = ExpectedMail(shape=shape, message_id=mid, subject=subject,
-                       date_millis=int(when.timestamp() * 1000), from_=[sender], to=rcpt, cc=cc,
-                       text_body=text, html_body=html, attachments=atts)
+    exp = ExpectedMail(
+        shape=shape,
+        message_id=mid,
+        subject=subject,
+        date_millis=int(when.timestamp() * 1000),
+        from_=[sender],
+        to=rcpt,
+        cc=cc,
+        text_body=text,
+        html_body=html,
+        attachments=atts,
+    )
     return raw, exp
 
 

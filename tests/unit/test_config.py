@@ -17,8 +17,12 @@ ENV = {"PW": "s3cret-value"}
 
 
 def base(**mailbox: Any) -> dict[str, Any]:
-    m: dict[str, Any] = {"id": "orders", "host": "pop.example.com", "username": "orders@example.com",
-                         "password": {"env": "PW"}}
+    m: dict[str, Any] = {
+        "id": "orders",
+        "host": "pop.example.com",
+        "username": "orders@example.com",
+        "password": {"env": "PW"},
+    }
     m.update(mailbox)
     return {"kafka": {"bootstrap_servers": "k:9092"}, "topics": {"mail": "mail"}, "mailboxes": [m]}
 
@@ -54,18 +58,21 @@ def test_wrong_choice_lists_allowed_values() -> None:
     assert "mailboxes[0].tls: 'tsl' is not allowed; use one of: implicit, starttls, none" in msg
 
 
-@pytest.mark.parametrize(("patch", "fragment"), [
-    ({"port": 70000}, "mailboxes[0].port: 70000 is above the maximum 65535"),
-    ({"port": "995"}, "mailboxes[0].port: expected an integer, got a string '995'"),
-    ({"id": "Orders@Example"}, "mailboxes[0].id: 'Orders@Example' is not a valid mailbox id"),
-    ({"password": "inline"}, "mailboxes[0].password: expected a mapping"),
-    ({"password": {"env": "NOPE"}}, "mailboxes[0].password.env: environment variable 'NOPE' is not set"),
-    ({"password": {"env": "PW", "file": "/x"}}, "give exactly one of 'env' or 'file'"),
-    ({"tls": "none"}, "mailboxes[0].tls: 'none' would send the password unencrypted"),
-    ({"tls_verify": "yes"}, "mailboxes[0].tls_verify: expected true or false"),
-    ({"tls_ca_file": "/does/not/exist.pem"}, "mailboxes[0].tls_ca_file: '/does/not/exist.pem' does not exist"),
-    ({"poll_interval_seconds": 0}, "mailboxes[0].poll_interval_seconds: 0 is below the minimum 1"),
-])
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"port": 70000}, "mailboxes[0].port: 70000 is above the maximum 65535"),
+        ({"port": "995"}, "mailboxes[0].port: expected an integer, got a string '995'"),
+        ({"id": "Orders@Example"}, "mailboxes[0].id: 'Orders@Example' is not a valid mailbox id"),
+        ({"password": "inline"}, "mailboxes[0].password: expected a mapping"),
+        ({"password": {"env": "NOPE"}}, "mailboxes[0].password.env: environment variable 'NOPE' is not set"),
+        ({"password": {"env": "PW", "file": "/x"}}, "give exactly one of 'env' or 'file'"),
+        ({"tls": "none"}, "mailboxes[0].tls: 'none' would send the password unencrypted"),
+        ({"tls_verify": "yes"}, "mailboxes[0].tls_verify: expected true or false"),
+        ({"tls_ca_file": "/does/not/exist.pem"}, "mailboxes[0].tls_ca_file: '/does/not/exist.pem' does not exist"),
+        ({"poll_interval_seconds": 0}, "mailboxes[0].poll_interval_seconds: 0 is below the minimum 1"),
+    ],
+)
 def test_bad_values(patch: dict[str, Any], fragment: str) -> None:
     assert fragment in error_of(base(**patch))
 
@@ -109,8 +116,14 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "connector.cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, check=False, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "connector.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=60,
+    )
 
 
 def test_cli_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
@@ -147,3 +160,42 @@ def test_cli_unreachable_kafka_exits_1_with_the_fix(tmp_path: Path) -> None:
     proc = run_cli("poll-once", "--config", str(f), env=ENV)
     assert proc.returncode == 1
     assert "cannot reach Kafka at 127.0.0.1:1" in proc.stderr and "kafka.bootstrap_servers" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "hunter2-SECRET",
+        ["hunter2-SECRET"],
+        {"env": "hunter2-SECRET"},
+        {"env": "X", "file": "hunter2-SECRET"},
+        {"value": "hunter2-SECRET"},
+    ],
+)
+def test_a_misplaced_password_is_never_echoed(password: Any) -> None:
+    msg = error_of(base(password=password))
+    assert "hunter2" not in msg and msg.startswith("mailboxes[0].password")
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    data = base()
+    data["kafka"]["delivery_timeout_seconds"] = float("nan")
+    assert "kafka.delivery_timeout_seconds: nan is not a finite number" in error_of(data)
+
+
+def test_config_not_utf8(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"kafka: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(f)
+
+
+def test_cli_unknown_librdkafka_key_is_a_config_error(tmp_path: Path) -> None:
+    data = base()
+    data["kafka"]["client"] = {"no.such.setting": "1"}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data))
+    for cmd in ("poll-once", "tail"):
+        proc = run_cli(cmd, "--config", str(f), env=ENV)
+        assert proc.returncode == 2, proc.stderr
+        assert "kafka.client: librdkafka refused the settings" in proc.stderr and "no.such.setting" in proc.stderr

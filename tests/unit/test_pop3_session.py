@@ -258,9 +258,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def test_login_ok_and_transcript_masks_password(serve: list[ScriptedServer]) -> None:
-    server = start(
-        serve, [GREETING, *LOGIN, expect("STAT"), send("+OK 2 320"), expect("QUIT"), send("+OK bye")]
-    )
+    server = start(serve, [GREETING, *LOGIN, expect("STAT"), send("+OK 2 320"), expect("QUIT"), send("+OK bye")])
     log: list[tuple[str, str]] = []
     with plain(server, transcript=lambda d, line: log.append((d, line))) as s:
         assert s.greeting is not None and s.greeting.text.startswith("POP3 ready")
@@ -398,9 +396,7 @@ def test_capabilities_and_cache(serve: list[ScriptedServer]) -> None:
 
 
 def test_server_without_capa(serve: list[ScriptedServer]) -> None:
-    server = start(
-        serve, [GREETING, expect("CAPA"), send("-ERR unknown command"), expect("QUIT"), send("+OK")]
-    )
+    server = start(serve, [GREETING, expect("CAPA"), send("-ERR unknown command"), expect("QUIT"), send("+OK")])
     with plain(server) as s:
         assert s.capabilities() == {}
 
@@ -646,9 +642,7 @@ def test_wrong_state_calls(serve: list[ScriptedServer]) -> None:
 
 
 def test_sink_exception_closes_session(serve: list[ScriptedServer]) -> None:
-    server = start(
-        serve, [GREETING, *LOGIN, expect("RETR 1"), ("send", b"+OK\r\n" + dot_stuff(b"x" * 100000))]
-    )
+    server = start(serve, [GREETING, *LOGIN, expect("RETR 1"), ("send", b"+OK\r\n" + dot_stuff(b"x" * 100000))])
 
     def sink(_: bytes) -> None:
         raise OSError("disk full")

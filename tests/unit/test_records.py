@@ -40,12 +40,19 @@ def crc64_avro(data: bytes) -> int:
 
 def sample() -> tuple[DecodedMail, Provenance]:
     mail = DecodedMail(
-        message_id="<m1@x>", subject="Grüße", date_raw="Thu, 01 Jan 2026 09:00:00 +0000",
-        date_millis=1767258000000, from_=(Address("Jürgen", "j@example.de"),),
-        to=(Address("", "o@example.org"),), cc=(), headers=(Header("Subject", "=?utf-8?q?x?=", "x"),),
-        text_body="hi\r\n", html_body=None,
+        message_id="<m1@x>",
+        subject="Grüße",
+        date_raw="Thu, 01 Jan 2026 09:00:00 +0000",
+        date_millis=1767258000000,
+        from_=(Address("Jürgen", "j@example.de"),),
+        to=(Address("", "o@example.org"),),
+        cc=(),
+        headers=(Header("Subject", "=?utf-8?q?x?=", "x"),),
+        text_body="hi\r\n",
+        html_body=None,
         attachments=(Attachment("a.pdf", "application/pdf", "attachment", None, 3, "ab" * 32, b"abc"),),
-        warnings=("bad charset",))
+        warnings=("bad charset",),
+    )
     prov = Provenance("orders", "00000001abc", "pop:995", 1767258000123, 1234, "cd" * 32)
     return mail, prov
 
