@@ -707,7 +707,7 @@ def test_make_tls_context(pki: Pki, tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="tls_ca_file"):
         make_tls_context(str(tmp_path / "bad.pem"))
-    with pytest.raises(ConfigError, match="tls_min_version"):
+    with pytest.raises(ConfigError, match="TLS minimum version"):
         make_tls_context(None, min_version="SSLv3")
 
 
