@@ -134,3 +134,9 @@ class RecordTooLargeError(DeliveryError):
 
 class Pop3ArgumentError(Pop3ProtocolError, ValueError):
     """A command argument cannot be sent (CR/LF/NUL, whitespace): a caller or config bug, not the server's."""
+
+
+class UidlResetError(Pop3Error):
+    """Most known UIDLs vanished and new ones appeared at once, or a known UIDL now names other
+    mail: the server reset its UIDLs. Stop and report instead of republishing everything
+    (mailbox option on_uidl_reset decides: stop, republish, rebaseline)."""

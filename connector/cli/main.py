@@ -164,7 +164,7 @@ def _run(cfg: Config) -> int:
         runner.run()
     finally:
         runner.close()
-    stragglers = [t for t in threading.enumerate() if t.name.startswith("cycle") and t.is_alive()]
+    stragglers = [t for t in threading.enumerate() if t.name.startswith(("cycle", "round", "unit")) and t.is_alive()]
     if stragglers:
         log.error(
             "%d cycle(s) still running after the grace period; exiting without their QUIT "

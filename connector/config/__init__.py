@@ -2,7 +2,9 @@
 
 from connector.config.model import (
     Config,
+    DeliveryConfig,
     KafkaConfig,
+    LedgerConfig,
     MailboxConfig,
     RecordConfig,
     RuntimeConfig,
@@ -14,7 +16,9 @@ from connector.config.model import (
 
 __all__ = [
     "Config",
+    "DeliveryConfig",
     "KafkaConfig",
+    "LedgerConfig",
     "MailboxConfig",
     "RecordConfig",
     "RuntimeConfig",

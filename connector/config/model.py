@@ -20,6 +20,8 @@ from connector.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
 KeyMode = Literal["mailbox", "record_id"]
+DeliveryMode = Literal["exactly_once", "at_least_once"]
+StartFrom = Literal["all", "now"]
 
 # A mailbox id is a short label used in record ids, Kafka keys, metrics and logs:
 # never an address. ':' is excluded so "<mailbox>:<uidl>" splits unambiguously.
@@ -73,6 +75,18 @@ class MailboxConfig:
     max_messages_per_cycle: int = 500
     max_bytes_per_cycle: int = 256 * 1024 * 1024
     max_message_bytes: int = 32 * 1024 * 1024
+    max_seconds_per_cycle: float = 60.0
+    #: false = keep mode: mail stays on the server, the ledger prevents re-publishing.
+    delete: bool = True
+    #: keep mode only: delete mail this many days after we first saw it (None = never).
+    delete_after_days: float | None = None
+    #: "now": on the first cycle, record the mail already there in the ledger without publishing.
+    start_from: StartFrom = "all"
+    #: what to do when the server's UIDLs look reset: stop (report), republish, rebaseline.
+    on_uidl_reset: Literal["stop", "republish", "rebaseline"] = "stop"
+    #: tombstone a ledger entry whose mail has been absent this long (providers that show only
+    #: part of the mailbox per session, like Gmail, need this to be long).
+    absent_grace_days: float = 7.0
 
     @property
     def server(self) -> str:
@@ -103,6 +117,21 @@ class RecordConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    mode: DeliveryMode = "exactly_once"
+    transactional_id_prefix: str = "pop3-kafka"
+    transaction_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    topic: str = "pop3-kafka.ledger"
+    #: None = whatever the ledger topic has (8 when the connector creates it).
+    shards: int | None = None
+    create: bool = True
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     max_concurrent_sessions: int = 8
     shutdown_grace_seconds: float = 30.0
@@ -115,6 +144,8 @@ class Config:
     record: RecordConfig
     runtime: RuntimeConfig
     mailboxes: tuple[MailboxConfig, ...]
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     source: str = "<memory>"
 
     def mailbox(self, mailbox_id: str) -> MailboxConfig:
@@ -193,6 +224,12 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "max_messages_per_cycle": Field("int", default=500, minimum=1, maximum=100_000),
     "max_bytes_per_cycle": Field("int", default=256 * 1024 * 1024, minimum=1024),
     "max_message_bytes": Field("int", default=32 * 1024 * 1024, minimum=1024),
+    "max_seconds_per_cycle": Field("float", default=60.0, minimum=1, maximum=3600),
+    "delete": Field("bool", default=True, help="false = keep mode"),
+    "delete_after_days": Field("float", minimum=0, maximum=36500),
+    "start_from": Field("str", default="all", choices=("all", "now")),
+    "on_uidl_reset": Field("str", default="stop", choices=("stop", "republish", "rebaseline")),
+    "absent_grace_days": Field("float", default=7.0, minimum=0, maximum=36500),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -220,6 +257,24 @@ ROOT_SCHEMA: dict[str, Field] = {
         default=dict,
         schema={
             "key": Field("str", default="mailbox", choices=("mailbox", "record_id")),
+        },
+    ),
+    "delivery": Field(
+        "map",
+        default=dict,
+        schema={
+            "mode": Field("str", default="exactly_once", choices=("exactly_once", "at_least_once")),
+            "transactional_id_prefix": Field("str", default="pop3-kafka", check=_check_topic),
+            "transaction_timeout_seconds": Field("float", default=120.0, minimum=10, maximum=900),
+        },
+    ),
+    "ledger": Field(
+        "map",
+        default=dict,
+        schema={
+            "topic": Field("str", default="pop3-kafka.ledger", check=_check_topic),
+            "shards": Field("int", minimum=1, maximum=10_000),
+            "create": Field("bool", default=True),
         },
     ),
     "runtime": Field(
@@ -259,6 +314,27 @@ def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path, environ: Map
     return Secret(value.rstrip("\r\n"), f"file:{p}")
 
 
+def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConfig) -> None:
+    """Cross-key rules: what needs the ledger, and cycles that fit inside a transaction."""
+    if delivery.mode == "at_least_once":
+        if not m["delete"]:
+            raise ConfigError(
+                f"{path}.delete: keep mode needs the UIDL ledger, which needs delivery.mode: exactly_once"
+            )
+        if m["start_from"] != "all":
+            raise ConfigError(f"{path}.start_from: 'now' needs the UIDL ledger (delivery.mode: exactly_once)")
+    if m["delete_after_days"] is not None and m["delete"]:
+        raise ConfigError(f"{path}.delete_after_days: only meaningful in keep mode (delete: false)")
+    # A cycle must end well inside transaction.timeout.ms, or the broker aborts it under us.
+    limit = delivery.transaction_timeout_seconds / 2
+    if m["max_seconds_per_cycle"] > limit:
+        raise ConfigError(
+            f"{path}.max_seconds_per_cycle: {m['max_seconds_per_cycle']:g} is more than half of "
+            f"delivery.transaction_timeout_seconds ({delivery.transaction_timeout_seconds:g}); lower it or raise the "
+            "transaction timeout"
+        )
+
+
 def parse_config(
     data: Any, *, source: str = "<memory>", base: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -270,6 +346,7 @@ def parse_config(
         raise ConfigError("mailboxes: the list is empty; configure at least one mailbox")
     mailboxes: list[MailboxConfig] = []
     seen: set[str] = set()
+    delivery = DeliveryConfig(**v["delivery"])
     for i, m in enumerate(v["mailboxes"]):
         path = f"mailboxes[{i}]"
         if m["id"] in seen:
@@ -286,6 +363,7 @@ def parse_config(
             if not ca.is_file():
                 raise ConfigError(f"{path}.tls_ca_file: {str(ca)!r} does not exist or is not a file")
             m["tls_ca_file"] = str(ca)
+        _check_delivery_options(m, path, delivery)
         mailboxes.append(
             MailboxConfig(
                 id=m["id"],
@@ -302,6 +380,12 @@ def parse_config(
                 max_messages_per_cycle=m["max_messages_per_cycle"],
                 max_bytes_per_cycle=m["max_bytes_per_cycle"],
                 max_message_bytes=m["max_message_bytes"],
+                max_seconds_per_cycle=m["max_seconds_per_cycle"],
+                delete=m["delete"],
+                delete_after_days=m["delete_after_days"],
+                start_from=m["start_from"],
+                on_uidl_reset=m["on_uidl_reset"],
+                absent_grace_days=m["absent_grace_days"],
             )
         )
     k = v["kafka"]
@@ -315,6 +399,8 @@ def parse_config(
         record=RecordConfig(key=v["record"]["key"]),
         runtime=RuntimeConfig(**v["runtime"]),
         mailboxes=tuple(mailboxes),
+        delivery=delivery,
+        ledger=LedgerConfig(**v["ledger"]),
         source=source,
     )
 

@@ -8,10 +8,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from connector.delivery.kafka import client_config_error
-from connector.errors import DeliveryError
+from connector.errors import ConfigError, DeliveryError
 
 
 def admin_client(bootstrap: str, client: Mapping[str, Any]) -> AdminClient:
@@ -69,3 +74,70 @@ def ensure_topic(
             return False
         raise DeliveryError(f"cannot create topic {topic!r}: {err.str()}") from exc
     return True
+
+
+DEFAULT_SHARDS = 8
+
+
+def ensure_ledger_topic(
+    bootstrap: str,
+    client: Mapping[str, Any],
+    topic: str,
+    *,
+    shards: int | None,
+    create: bool,
+    replication_factor: int,
+    timeout: float = 15.0,
+) -> int:
+    """Check (or create) the compacted ledger topic; return its partition count = shard count.
+
+    The shard count comes from the topic. A configured count that disagrees is refused: a
+    rolling change of it would map a mailbox to two shards, i.e. two owners.
+    """
+    admin = admin_client(bootstrap, client)
+    try:
+        md = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise DeliveryError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}") from exc
+    tmd = md.topics.get(topic)
+    if tmd is None or tmd.error is not None:
+        if not create:
+            raise DeliveryError(
+                f"ledger topic {topic!r} does not exist; create it compacted (cleanup.policy=compact) with one "
+                "partition per shard, or set ledger.create: true"
+            )
+        n = shards or DEFAULT_SHARDS
+        new = NewTopic(
+            topic, num_partitions=n, replication_factor=replication_factor, config={"cleanup.policy": "compact"}
+        )
+        try:
+            admin.create_topics([new])[topic].result(timeout=timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise DeliveryError(f"creating ledger topic {topic!r} did not finish within {timeout:.0f}s") from exc
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise DeliveryError(f"cannot create ledger topic {topic!r}: {exc.args[0].str()}") from exc
+            return ensure_ledger_topic(
+                bootstrap, client, topic, shards=shards, create=False, replication_factor=replication_factor
+            )
+        return n
+    partitions = len(tmd.partitions)
+    if shards is not None and shards != partitions:
+        raise ConfigError(
+            f"ledger.shards: configured {shards}, but ledger topic {topic!r} has {partitions} partitions. The shard "
+            "count is fixed by the topic; changing it would give a mailbox two owners. Remove ledger.shards or "
+            f"set it to {partitions}"
+        )
+    try:
+        res = ConfigResource(ResourceType.TOPIC, topic)
+        entries = admin.describe_configs([res])[res].result(timeout=timeout)
+    except (KafkaException, concurrent.futures.TimeoutError) as exc:
+        raise DeliveryError(f"cannot read the configuration of ledger topic {topic!r}: {exc}") from exc
+    policy = entries["cleanup.policy"].value if "cleanup.policy" in entries else "delete"
+    if "compact" not in (policy or ""):
+        raise DeliveryError(
+            f"ledger topic {topic!r} has cleanup.policy={policy}; it must be compacted (cleanup.policy=compact), or "
+            "old entries are deleted by retention and mail is published again. Fix: kafka-configs --alter "
+            f"--entity-type topics --entity-name {topic} --add-config cleanup.policy=compact"
+        )
+    return partitions

@@ -113,8 +113,18 @@ class Publisher:
         else:
             self._log.debug("kafka client error: %s", err.str())
 
-    def send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
-        """Queue one record; never blocks longer than a full local queue takes to drain a little."""
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        partition: int | None = None,
+    ) -> Delivery:
+        """Queue one record (``value`` None = a tombstone; ``partition`` None = by key hash).
+
+        Never blocks longer than a full local queue takes to drain a little.
+        """
         if self._fatal is not None:
             raise DeliveryFatalError(f"producer is in a fatal state: {self._fatal.str()}")
         producer = self._get()
@@ -130,7 +140,12 @@ class Publisher:
         deadline = time.monotonic() + self._timeout
         while True:
             try:
-                producer.produce(topic, value=value, key=key, headers=list(headers), on_delivery=on_delivery)
+                if partition is None:
+                    producer.produce(topic, value=value, key=key, headers=list(headers), on_delivery=on_delivery)
+                else:
+                    producer.produce(
+                        topic, value=value, key=key, headers=list(headers), partition=partition, on_delivery=on_delivery
+                    )
                 break
             except BufferError:
                 # Local queue full: serve delivery reports to make room, bounded by the timeout.
@@ -143,7 +158,8 @@ class Publisher:
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise RecordTooLargeError(f"record of {len(value)} bytes exceeds message.max.bytes") from exc
+                    size = len(value) if value is not None else 0
+                    raise RecordTooLargeError(f"record of {size} bytes exceeds message.max.bytes") from exc
                 raise DeliveryError(f"produce to {topic!r} failed: {err.str()}") from exc
         producer.poll(0)
         return d

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
+from connector import faults
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -183,7 +184,7 @@ class Pop3Session:
         """
         self._require("QUIT", SessionState.AUTHORIZATION, SessionState.TRANSACTION)
         try:
-            status = self._command("QUIT")
+            status = self._command("QUIT", _before_reply=lambda: faults.point("during_quit"))
         finally:
             self.close()
         if not status.ok:
@@ -346,6 +347,14 @@ class Pop3Session:
             raise self._error(f"RETR {msg_num}", status)
         return self._read_body_into(sink)
 
+    def top(self, msg_num: int, lines: int = 0) -> bytes:
+        """TOP (RFC 1939 §7, optional): the header section, the blank line, ``lines`` body lines."""
+        self._require("TOP", SessionState.TRANSACTION)
+        status = self._command("TOP", self._msg_arg(msg_num), str(lines))
+        if not status.ok:
+            raise self._error(f"TOP {msg_num}", status)
+        return self._read_body()
+
     def dele(self, msg_num: int) -> None:
         """DELE (RFC 1939 §6): mark for deletion; only a successful QUIT removes it."""
         self._simple("DELE", self._msg_arg(msg_num))
@@ -394,7 +403,7 @@ class Pop3Session:
             return Pop3AuthError(where)
         return Pop3CommandError(command, status.describe())
 
-    def _command(self, name: str, *args: str) -> StatusLine:
+    def _command(self, name: str, *args: str, _before_reply: Callable[[], None] | None = None) -> StatusLine:
         """Send one command and read its status line (the body, if any, is the caller's)."""
         if self.state is SessionState.CLOSED:
             raise Pop3ProtocolError(f"{name}: the session is closed")
@@ -407,6 +416,8 @@ class Pop3Session:
         except ConnectorError:
             self.close()
             raise
+        if _before_reply is not None:
+            _before_reply()  # crash-injection point: the command is on the wire, the reply unread
         return self._read_status()
 
     def _read_status(self) -> StatusLine:

@@ -42,6 +42,7 @@ from connector.records import (
     HEADER_MAILBOX,
     HEADER_RECORD_ID,
     Provenance,
+    Schema,
     build_mail_record,
     encode_single_object,
     mail_schema,
@@ -93,9 +94,11 @@ class MailboxSession(Protocol):
     def uidl(self) -> list[tuple[int, str]]: ...
     def list(self) -> list[tuple[int, int]]: ...
     def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int: ...
+    def top(self, msg_num: int, lines: int = 0) -> bytes: ...
     def dele(self, msg_num: int) -> None: ...
     def quit(self) -> None: ...
     def abort(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def open_session(mailbox: MailboxConfig) -> MailboxSession:
@@ -136,7 +139,20 @@ def _record_key(ctx: CycleContext, mailbox: MailboxConfig, rid: str) -> bytes:
     return (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
 
 
-def _retr_bounded(session: MailboxSession, msg_num: int, limit: int) -> bytes | None:
+def encode_mail(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema) -> bytes:
+    """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be."""
+    prov = Provenance(
+        mailbox_id=mailbox.id,
+        uidl=uidl,
+        server=mailbox.server,
+        fetched_at_millis=fetched_at,
+        raw_size=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    return encode_single_object(schema, build_mail_record(decode_mail(raw), prov))
+
+
+def retr_bounded(session: MailboxSession, msg_num: int, limit: int) -> bytes | None:
     """RETR into memory, but never hold more than ``limit`` bytes.
 
     Past the limit the rest of the body is still read (and dropped) so the session stays in
@@ -229,7 +245,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 res.more_pending = True
                 break
             step = "retr"
-            raw = _retr_bounded(session, msg_num, mailbox.max_message_bytes)
+            raw = retr_bounded(session, msg_num, mailbox.max_message_bytes)
             res.fetched += 1
             if raw is None:
                 res.oversized += 1
@@ -248,16 +264,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             step = "decode"
             rid = record_id(mailbox.id, uidl)
             try:
-                decoded = decode_mail(raw)
-                prov = Provenance(
-                    mailbox_id=mailbox.id,
-                    uidl=uidl,
-                    server=mailbox.server,
-                    fetched_at_millis=fetched_at,
-                    raw_size=len(raw),
-                    raw_sha256=hashlib.sha256(raw).hexdigest(),
-                )
-                value = encode_single_object(schema, build_mail_record(decoded, prov))
+                value = encode_mail(mailbox, uidl, raw, fetched_at, schema)
             except DecodeError as exc:
                 # Dead-letter topic comes with the decoding issue; until then the mail stays on
                 # the server (nothing lost) and the cycle goes on with the next one.

@@ -1,14 +1,19 @@
-"""The runner: poll-once and the scheduling loop of ``pop3-kafka run``.
+"""The runner: poll-once and the scheduling loop of ``pop3-kafka run``, in both delivery modes.
 
-Concurrency (docs/decisions/0001): blocking sockets, one worker thread per mailbox cycle,
-at most ``runtime.max_concurrent_sessions`` at once; one shared idempotent producer. A slow
-or hanging server only holds its own worker, bounded by the mailbox's timeout.
+Concurrency (docs/decisions/0001 and 0002): blocking sockets, one thread per POP3 session,
+at most ``runtime.max_concurrent_sessions`` sessions at once. A slow or hanging server only
+holds its own thread, bounded by the mailbox's timeout.
 
-Shutdown: ``stop`` is an Event set by SIGTERM/SIGINT. A cycle in flight stops fetching new
-mail after the current one, waits for the delivery reports of what it produced, deletes what
-Kafka confirmed, and QUITs; no new cycle starts. The process exits after the cycles end or
-the grace period passes (then the POP3 connections are dropped without QUIT, which by
-RFC 1939 applies no deletes).
+* exactly_once (default): mailboxes map to shards (ledger partitions); each shard has one
+  transactional producer and runs one *round* at a time, a round being one transaction for
+  all of that shard's due mailboxes (group commit). Shards run their rounds in parallel.
+  Start order per shard: init_transactions() -> ledger rebuild -> poll (:meth:`prepare`).
+* at_least_once: one shared idempotent producer, one independent cycle per mailbox.
+
+Shutdown: ``stop`` is an Event set by SIGTERM/SIGINT. Work in flight stops fetching new mail,
+settles what it produced (commit, or wait for delivery reports) and QUITs; nothing new
+starts. If work outlives the grace period the process exits and the POP3 connections drop
+without QUIT, which by RFC 1939 applies no deletes.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from connector.config.model import Config, MailboxConfig
+from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
+from connector.delivery.transactional import ShardProducer, load_shard_ledger
+from connector.records.ledger import shard_of
 from connector.runtime.cycle import (
     CycleContext,
     CycleHooks,
@@ -29,12 +38,13 @@ from connector.runtime.cycle import (
     open_session,
     run_cycle,
 )
+from connector.runtime.exactly_once import ShardWorker
 
 log = logging.getLogger("pop3kafka.runner")
 
 
 class Runner:
-    """Owns the producer and the worker pool for one configuration."""
+    """Owns the producers, the shard workers and the thread pools for one configuration."""
 
     def __init__(
         self,
@@ -46,6 +56,9 @@ class Runner:
     ) -> None:
         self.config = config
         self.stop = threading.Event()
+        self.hooks = hooks or CycleHooks()
+        self.session_factory = session_factory or open_session
+        self.exactly_once = config.delivery.mode == "exactly_once"
         self.publisher = Publisher(
             config.kafka.bootstrap_servers, config.kafka.client, config.kafka.delivery_timeout_seconds
         )
@@ -53,68 +66,160 @@ class Runner:
             config=config,
             publisher=self.publisher,
             stop=self.stop,
-            hooks=hooks or CycleHooks(),
-            session_factory=session_factory or open_session,
+            hooks=self.hooks,
+            session_factory=self.session_factory,
         )
         self._clock = clock
-        #: set when run() stopped because the producer hit a fatal error.
+        #: exactly-once: shard -> worker (filled by prepare()).
+        self.workers: dict[int, ShardWorker] = {}
+        self.shards = 0
+        #: set when run() stopped because no producer can go on (fatal or fenced).
         self.fatal = False
 
+    # ------------------------------------------------------------------ start
+
+    def prepare(self, mailboxes: Sequence[MailboxConfig] | None = None) -> None:
+        """exactly_once: check the ledger topic, then for each shard with mailboxes:
+        init_transactions() (fences a zombie) and rebuild its ledger. No-op otherwise."""
+        if not self.exactly_once:
+            return
+        c = self.config
+        self.shards = ensure_ledger_topic(
+            c.kafka.bootstrap_servers,
+            c.kafka.client,
+            c.ledger.topic,
+            shards=c.ledger.shards,
+            create=c.ledger.create,
+            replication_factor=c.topics.replication_factor,
+        )
+        targets = mailboxes if mailboxes is not None else c.mailboxes
+        for shard in sorted({shard_of(m.id, self.shards) for m in targets}):
+            if shard in self.workers:
+                continue
+            producer = ShardProducer(
+                c.kafka.bootstrap_servers,
+                c.kafka.client,
+                c.kafka.delivery_timeout_seconds,
+                prefix=c.delivery.transactional_id_prefix,
+                shard=shard,
+                transaction_timeout_s=c.delivery.transaction_timeout_seconds,
+            )
+            producer.init()
+            ledger = load_shard_ledger(c.kafka.bootstrap_servers, c.kafka.client, c.ledger.topic, shard)
+            self.workers[shard] = ShardWorker(
+                c,
+                shard,
+                producer,
+                ledger,
+                stop=self.stop,
+                session_factory=self.session_factory,
+                hooks=self.hooks,
+            )
+
+    def _by_shard(self, mailboxes: Sequence[MailboxConfig]) -> dict[int, list[MailboxConfig]]:
+        groups: dict[int, list[MailboxConfig]] = defaultdict(list)
+        for m in mailboxes:
+            groups[shard_of(m.id, self.shards)].append(m)
+        return groups
+
+    # ------------------------------------------------------------------ poll-once
+
     def poll_once(self, mailboxes: Sequence[MailboxConfig] | None = None) -> list[CycleResult]:
-        """One cycle per mailbox (concurrently, bounded); results in configuration order."""
+        """One cycle per mailbox (concurrently, bounded); results in the order given."""
         targets = list(mailboxes if mailboxes is not None else self.config.mailboxes)
-        workers = max(1, min(len(targets), self.config.runtime.max_concurrent_sessions))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cycle") as pool:
-            futures = [pool.submit(run_cycle, self.ctx, m) for m in targets]
-            return [f.result() for f in futures]
+        sessions_n = max(1, min(len(targets), self.config.runtime.max_concurrent_sessions))
+        if not self.exactly_once:
+            with ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle") as pool:
+                futures = [pool.submit(run_cycle, self.ctx, m) for m in targets]
+                return [f.result() for f in futures]
+        self.prepare(targets)
+        groups = self._by_shard(targets)
+        by_id: dict[str, CycleResult] = {}
+        with (
+            ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle") as sessions,
+            ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="round") as rounds,
+        ):
+            round_futures = [rounds.submit(self.workers[s].round, ms, sessions) for s, ms in groups.items()]
+            for rf in round_futures:
+                for r in rf.result():
+                    by_id[r.mailbox] = r
+        return [by_id[m.id] for m in targets]
+
+    # ------------------------------------------------------------------ run
 
     def run(self) -> None:
         """Poll every mailbox on its interval until :attr:`stop` is set."""
+        if self.exactly_once:
+            self.prepare()
         mailboxes = self.config.mailboxes
         next_due = {m.id: self._clock() for m in mailboxes}
-        running: dict[Future[CycleResult], MailboxConfig] = {}
-        workers = max(1, min(len(mailboxes), self.config.runtime.max_concurrent_sessions))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cycle")
+        sessions_n = max(1, min(len(mailboxes), self.config.runtime.max_concurrent_sessions))
+        sessions = ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle")
+        # exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle.
+        units: dict[object, list[MailboxConfig]] = (
+            {s: list(ms) for s, ms in self._by_shard(mailboxes).items()}
+            if self.exactly_once
+            else {m.id: [m] for m in mailboxes}
+        )
+        pool = ThreadPoolExecutor(max_workers=max(1, len(units)), thread_name_prefix="unit")
+        running: dict[Future[list[CycleResult]], object] = {}
         try:
             while not self.stop.is_set():
-                if self.publisher.fatal is not None:
-                    # A fatal producer never recovers; exit so the orchestrator restarts us.
-                    log.error("Kafka producer is in a fatal state (%s); stopping", self.publisher.fatal)
+                if self._no_way_forward():
                     self.fatal = True
                     self.stop.set()
                     break
                 now = self._clock()
-                busy = {m.id for m in running.values()}
-                for m in mailboxes:
-                    if m.id not in busy and next_due[m.id] <= now and len(running) < workers:
-                        running[pool.submit(run_cycle, self.ctx, m)] = m
-                        busy.add(m.id)
-                idle = [next_due[m.id] for m in mailboxes if m.id not in busy]
+                busy = set(running.values())
+                for unit, ms in units.items():
+                    if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
+                        continue
+                    due = [m for m in ms if next_due[m.id] <= now]
+                    if due:
+                        running[pool.submit(self._work, unit, due, sessions)] = unit
+                idle = [next_due[m.id] for m in mailboxes]
                 sleep = max(0.05, min(idle) - now) if idle else 1.0
                 if running:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
                     for f in done:
-                        m = running.pop(f)
-                        result = f.result()
-                        # A cycle that stopped at its bound with mail waiting goes again at once,
-                        # but only if it made progress: mail it had to leave (undecodable,
-                        # oversized) must not turn into a hot loop.
-                        again = result.ok and result.more_pending and result.deleted > 0
-                        delay = 0.0 if again else m.poll_interval_seconds
-                        next_due[m.id] = self._clock() + delay
+                        running.pop(f)
+                        for r in f.result():
+                            m = self.config.mailbox(r.mailbox)
+                            # A cycle that stopped at a bound goes again at once, but only if it
+                            # made progress: mail it had to leave must not become a hot loop.
+                            again = r.ok and r.more_pending and (r.deleted > 0 or r.published > 0)
+                            next_due[m.id] = self._clock() + (0.0 if again else m.poll_interval_seconds)
                 else:
                     self.stop.wait(min(sleep, 1.0))
         finally:
             self._drain(pool, list(running))
+            sessions.shutdown(wait=False, cancel_futures=True)
 
-    def _drain(self, pool: ThreadPoolExecutor, futures: list[Future[CycleResult]]) -> None:
+    def _work(self, unit: object, due: list[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
+        if self.exactly_once:
+            return self.workers[unit].round(due, sessions)  # type: ignore[index]
+        return [run_cycle(self.ctx, due[0])]
+
+    def _no_way_forward(self) -> bool:
+        if self.exactly_once:
+            if self.workers and all(w.dead is not None for w in self.workers.values()):
+                log.error("every shard of this process is fenced or failed fatally; stopping")
+                return True
+            return False
+        if self.publisher.fatal is not None:
+            # A fatal producer never recovers; exit so the orchestrator restarts us.
+            log.error("Kafka producer is in a fatal state (%s); stopping", self.publisher.fatal)
+            return True
+        return False
+
+    def _drain(self, pool: ThreadPoolExecutor, futures: list[Future[list[CycleResult]]]) -> None:
         grace = self.config.runtime.shutdown_grace_seconds
         if futures:
-            log.info("shutting down: waiting up to %.0fs for %d cycle(s) in flight", grace, len(futures))
+            log.info("shutting down: waiting up to %.0fs for %d unit(s) of work in flight", grace, len(futures))
             _, not_done = wait(futures, timeout=grace)
             if not_done:
                 log.warning(
-                    "%d cycle(s) did not finish within the grace period; their POP3 connections "
+                    "%d unit(s) of work did not finish within the grace period; their POP3 connections "
                     "are dropped without QUIT, so nothing of theirs is deleted",
                     len(not_done),
                 )
@@ -122,5 +227,8 @@ class Runner:
 
     def close(self) -> None:
         left = self.publisher.close(timeout=10.0)
+        for w in self.workers.values():
+            w.producer.abort()
+            left += w.producer.close(timeout=10.0)
         if left:
             log.warning("%d record(s) still unconfirmed at exit; their mail stays on the server", left)

@@ -86,6 +86,15 @@ class FakeSession:
     def abort(self) -> None:
         self.log.append("ABORT")
 
+    def close(self) -> None:
+        self.log.append("CLOSE")
+
+    def top(self, msg_num: int, lines: int = 0) -> bytes:
+        self.log.append(f"TOP {msg_num}")
+        raw = self.mails[self.order[msg_num - 1]]
+        end = raw.find(b"\r\n\r\n")
+        return raw if end < 0 else raw[: end + 4]
+
 
 def config(topic: str = "mail", **mailbox: Any) -> tuple[Any, MailboxConfig]:
     m: dict[str, Any] = {"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}
@@ -317,6 +326,7 @@ def test_runner_repolls_at_once_only_when_a_bounded_cycle_made_progress() -> Non
 
     def run_for(mail_maker: Any, seconds: float, **session: Any) -> int:
         cfg, _ = config(max_messages_per_cycle=1, poll_interval_seconds=3600, max_message_bytes=8192)
+        cfg = dataclasses.replace(cfg, delivery=dataclasses.replace(cfg.delivery, mode="at_least_once"))
         calls: list[int] = []
 
         def factory(_m: MailboxConfig) -> FakeSession:

@@ -1,0 +1,182 @@
+"""Kafka transactions for one shard, and the rebuild of that shard's ledger.
+
+One shard = one ledger partition = one transactional producer with
+``transactional.id = <prefix>-shard-<n>`` (design.md section 3). The order on start is
+fixed: :meth:`ShardProducer.init` (``init_transactions()`` fences any older producer with
+the same id and aborts its open transaction) -> :func:`load_shard_ledger` (read_committed up
+to the end of the partition) -> poll.
+
+Errors are handled as librdkafka classifies them (confluent-kafka's eos example):
+retriable -> retry the same call; ``txn_requires_abort`` -> abort the transaction and report
+:class:`TransactionAbortedError` (nothing committed, nothing may be deleted, retry the cycle
+later); fatal, fenced included -> :class:`ShardFencedError` / ``DeliveryFatalError`` (drop
+the producer, stop polling the shard's mailboxes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from connector.delivery.kafka import Publisher, client_config_error
+from connector.errors import DeliveryError, DeliveryFatalError
+from connector.records.ledger import ShardLedger
+
+log = logging.getLogger("pop3kafka.txn")
+T = TypeVar("T")
+
+_FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+class TransactionAbortedError(DeliveryError):
+    """The shard's transaction was aborted: nothing of it is visible, nothing is deleted (retry)."""
+
+
+class ShardFencedError(DeliveryFatalError):
+    """A newer producer with this shard's transactional.id exists: another process owns the shard."""
+
+
+def transactional_id(prefix: str, shard: int) -> str:
+    return f"{prefix}-shard-{shard}"
+
+
+class ShardProducer(Publisher):
+    """The transactional producer of one shard."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        client: Mapping[str, Any],
+        delivery_timeout_s: float,
+        *,
+        prefix: str,
+        shard: int,
+        transaction_timeout_s: float,
+    ) -> None:
+        super().__init__(bootstrap, client, delivery_timeout_s)
+        self.shard = shard
+        self.transactional_id = transactional_id(prefix, shard)
+        self._conf["transactional.id"] = self.transactional_id
+        # The broker aborts a transaction left open longer than this (a hung or dead owner).
+        self._conf["transaction.timeout.ms"] = int(transaction_timeout_s * 1000)
+        self._call_timeout = max(30.0, delivery_timeout_s)
+        self.in_transaction = False
+
+    def _call(self, what: str, fn: Callable[[], T], *, abortable: bool) -> T:
+        """Run one transactional API call with librdkafka's error classification."""
+        deadline = time.monotonic() + self._call_timeout
+        while True:
+            try:
+                return fn()
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.code() in _FENCED_CODES or (err.fatal() and "fenced" in err.str().lower()):
+                    self._fatal = err
+                    raise ShardFencedError(
+                        f"shard {self.shard}: {what} failed, fenced by a newer owner of transactional.id "
+                        f"{self.transactional_id!r}: {err.str()}; this process stops polling the shard"
+                    ) from exc
+                if err.fatal():
+                    self._fatal = err
+                    raise DeliveryFatalError(f"shard {self.shard}: {what} failed fatally: {err.str()}") from exc
+                if abortable and err.txn_requires_abort():
+                    self.abort()
+                    raise TransactionAbortedError(
+                        f"shard {self.shard}: {what} failed and the transaction was aborted: {err.str()}"
+                    ) from exc
+                if err.retriable() and time.monotonic() < deadline:
+                    log.warning("shard %d: %s: retriable error, retrying: %s", self.shard, what, err.str())
+                    time.sleep(0.2)
+                    continue
+                raise DeliveryError(f"shard {self.shard}: {what} failed: {err.str()}") from exc
+
+    def init(self) -> None:
+        """init_transactions(): fence older producers of this id, abort their open transaction."""
+        producer = self._get()
+        self._call("init_transactions", lambda: producer.init_transactions(self._call_timeout), abortable=False)
+
+    def begin(self) -> None:
+        producer = self._get()
+        self._call("begin_transaction", producer.begin_transaction, abortable=False)
+        self.in_transaction = True
+
+    def commit(self) -> None:
+        """Commit; flushes first. Raises TransactionAbortedError after aborting when it must."""
+        producer = self._get()
+        self._call("commit_transaction", lambda: producer.commit_transaction(self._call_timeout), abortable=True)
+        self.in_transaction = False
+
+    def abort(self) -> None:
+        """Abort the open transaction; a failure here is logged (the broker times it out anyway)."""
+        if not self.in_transaction or self._producer is None:
+            return
+        self.in_transaction = False
+        try:
+            self._producer.abort_transaction(self._call_timeout)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                self._fatal = err
+            log.error("shard %d: abort_transaction failed: %s", self.shard, err.str())
+
+
+def load_shard_ledger(
+    bootstrap: str, client: Mapping[str, Any], topic: str, shard: int, *, timeout: float = 60.0
+) -> ShardLedger:
+    """Read the shard's ledger partition from the start to its end, read_committed.
+
+    Call after :meth:`ShardProducer.init`: the zombie's open transaction is then aborted, so
+    the last stable offset is the end of the partition and nothing committed is missed.
+    """
+    conf = dict(client)
+    conf.update(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"pop3-kafka-ledger-loader-{shard}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            # An EOF event tells us we reached the end (past control records, which have
+            # offsets but are never delivered).
+            "enable.partition.eof": True,
+            "logger": logging.getLogger("pop3kafka.rdkafka.ledger"),
+        }
+    )
+    try:
+        consumer = Consumer(conf)
+    except KafkaException as exc:
+        raise client_config_error(exc) from exc
+    ledger = ShardLedger(shard)
+    try:
+        consumer.assign([TopicPartition(topic, shard, -2)])  # OFFSET_BEGINNING
+        deadline = time.monotonic() + timeout
+        n = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise DeliveryError(
+                    f"ledger {topic}[{shard}]: not read to the end within {timeout:.0f}s ({n} entries so far)"
+                )
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    ledger.end_offset = msg.offset() or 0
+                    break
+                if err.retriable() or not err.fatal():
+                    log.warning("ledger %s[%d]: %s", topic, shard, err.str())
+                    continue
+                raise DeliveryError(f"ledger {topic}[{shard}]: {err.str()}")
+            key = msg.key()
+            if key is None:
+                continue
+            ledger.apply(key, msg.value())
+            n += 1
+        log.info("ledger %s[%d] loaded: %d messages, %d mailboxes", topic, shard, n, len(ledger.mailboxes))
+        return ledger
+    finally:
+        consumer.close()

@@ -1,0 +1,143 @@
+"""The UIDL ledger: what we know about each mail of each mailbox, and the shard map.
+
+The ledger lives in a compacted Kafka topic (schemas/ledger_entry.avsc). Its key is the
+record id ``<mailbox_id>:<uidl>``; its partition is the mailbox's *shard*, chosen by
+:func:`shard_of` and never by Kafka's key hash, so one partition holds every entry of a
+mailbox and one transactional producer (the shard owner) writes it. Entries are written in
+the same transaction as the records they describe (design.md section 2, KIP-618's model).
+
+This module is plain data: no Kafka, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+from connector import __version__
+from connector.records.avro import Schema, decode_single_object, encode_single_object, load_schema, record_id
+
+LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
+LedgerState = Literal["delivered", "dead_lettered", "baseline"]
+
+
+@cache
+def ledger_schema() -> Schema:
+    return load_schema(LEDGER_SCHEMA_FILE)
+
+
+def shard_of(mailbox_id: str, shards: int) -> int:
+    """Stable shard of a mailbox: the same on every replica, every version, every run.
+
+    SHA-256 rather than Python's hash() (salted per process) or Kafka's murmur2 (ours to
+    choose, and the mapping must not depend on a client library's partitioner).
+    """
+    digest = hashlib.sha256(mailbox_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+def split_key(key: bytes) -> tuple[str, str]:
+    """``<mailbox_id>:<uidl>`` -> (mailbox_id, uidl); mailbox ids never contain ':'."""
+    mailbox_id, _, uidl = key.decode().partition(":")
+    return mailbox_id, uidl
+
+
+def header_sha256(raw: bytes) -> str:
+    """SHA-256 of the header section as TOP n 0 returns it (RFC 1939 §7): up to and
+    including the empty line that ends the headers (or the whole mail if there is none)."""
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[: end + 4]
+    return hashlib.sha256(head).hexdigest()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    mailbox_id: str
+    uidl: str
+    state: LedgerState
+    recorded_at: int
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    raw_sha256: str | None = None
+    list_size: int | None = None
+    header_sha256: str | None = None
+    first_seen_at: int | None = None
+
+    @property
+    def key(self) -> bytes:
+        return record_id(self.mailbox_id, self.uidl).encode()
+
+    def encode(self) -> bytes:
+        rec: dict[str, Any] = {
+            "mailbox_id": self.mailbox_id,
+            "uidl": self.uidl,
+            "state": self.state,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "raw_sha256": self.raw_sha256,
+            "list_size": self.list_size,
+            "header_sha256": self.header_sha256,
+            "recorded_at": self.recorded_at,
+            "first_seen_at": self.first_seen_at,
+            "connector_version": __version__,
+        }
+        return encode_single_object(ledger_schema(), rec)
+
+    @classmethod
+    def decode(cls, value: bytes) -> LedgerEntry:
+        s = ledger_schema()
+        rec = decode_single_object(value, {s.fingerprint: s})
+
+        def millis(v: Any) -> int | None:
+            # fastavro reads timestamp-millis back as an aware datetime
+            return None if v is None else int(v.timestamp() * 1000)
+
+        recorded = millis(rec["recorded_at"])
+        assert recorded is not None
+        return cls(
+            mailbox_id=rec["mailbox_id"],
+            uidl=rec["uidl"],
+            state=rec["state"],
+            recorded_at=recorded,
+            topic=rec["topic"],
+            partition=rec["partition"],
+            offset=rec["offset"],
+            raw_sha256=rec["raw_sha256"],
+            list_size=rec["list_size"],
+            header_sha256=rec["header_sha256"],
+            first_seen_at=millis(rec["first_seen_at"]),
+        )
+
+
+@dataclass
+class ShardLedger:
+    """The in-memory view of one shard's ledger partition: mailbox -> uidl -> entry."""
+
+    shard: int
+    mailboxes: dict[str, dict[str, LedgerEntry]] = field(default_factory=dict)
+    #: position after the last applied ledger message (the rebuild read up to here).
+    end_offset: int = 0
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        """Apply one compacted-topic message: an entry, or a tombstone (value None)."""
+        mailbox_id, uidl = split_key(key)
+        if value is None:
+            known = self.mailboxes.get(mailbox_id)
+            if known is not None:
+                known.pop(uidl, None)
+            return
+        entry = LedgerEntry.decode(value)
+        self.mailboxes.setdefault(mailbox_id, {})[uidl] = entry
+
+    def known(self, mailbox_id: str) -> dict[str, LedgerEntry]:
+        return self.mailboxes.setdefault(mailbox_id, {})
+
+    def record(self, entry: LedgerEntry) -> None:
+        self.known(entry.mailbox_id)[entry.uidl] = entry
+
+    def forget(self, mailbox_id: str, uidl: str) -> None:
+        self.known(mailbox_id).pop(uidl, None)

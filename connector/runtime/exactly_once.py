@@ -1,0 +1,488 @@
+"""Exactly-once delivery: one Kafka transaction per shard round, the UIDL ledger, DELE after commit.
+
+A *shard round* serves several mailboxes of one shard at once (group commit,
+docs/decisions/0002):
+
+    begin_transaction
+      + tombstones for the mail the previous round deleted
+      + for each due mailbox, concurrently (one POP3 session each):
+            UIDL/LIST -> UIDLs in the ledger: nothing to fetch (delete them, in delete mode)
+                      -> new UIDLs: RETR -> record -> produce; after the delivery reports,
+                         one ledger entry per record (topic, partition, offset, sha256...)
+    commit_transaction                  <- the only point where mail becomes visible
+    then, per session: DELE (the ledger says it is in Kafka) -> QUIT
+
+A crash before the commit: the broker aborts the transaction (or init_transactions() of the
+next owner does); nothing was deleted; the mail is fetched again. A crash after the commit:
+the ledger has the UIDLs, so the next round only deletes them. Consumers reading
+read_committed see every mail once.
+
+A POP3 failure in one session does not spoil the round: whatever that session produced
+goes in with its ledger entries, and its mail is deleted by a later round. A Kafka failure
+(a failed delivery, a commit that needs an abort) aborts the whole round and every session
+ends without applying deletes. A fenced or fatal producer stops the shard for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from connector import faults
+from connector.config.model import Config, MailboxConfig
+from connector.delivery.kafka import Delivery
+from connector.delivery.transactional import ShardFencedError, ShardProducer
+from connector.errors import (
+    ConnectorError,
+    DecodeError,
+    DeliveryError,
+    DeliveryFatalError,
+    Pop3Error,
+    Pop3ProtocolError,
+    Pop3UnsupportedError,
+    RecordTooLargeError,
+    UidlResetError,
+)
+from connector.records import HEADER_MAILBOX, HEADER_RECORD_ID, mail_schema, record_id
+from connector.records.ledger import LedgerEntry, ShardLedger, header_sha256
+from connector.runtime.cycle import (
+    CycleHooks,
+    CycleResult,
+    MailboxSession,
+    encode_mail,
+    open_session,
+    retr_bounded,
+)
+
+log = logging.getLogger("pop3kafka.eos")
+
+#: RFC 1939 sizes are the server's estimate; RETR of a mail without a final CRLF is 2 bytes
+#: longer. A known UIDL whose LIST size moved more than this is checked with TOP.
+SIZE_SLACK = 2
+#: UIDL reset heuristic: at least this many known UIDLs, and at least this share vanished.
+RESET_MIN_KNOWN = 10
+RESET_SHARE = 0.5
+DAY_MS = 86_400_000
+BASELINE_MARKER = ""  # ledger uidl "" = "start_from: now was applied to this mailbox"
+
+
+@dataclass
+class _Produced:
+    msg_num: int
+    uidl: str
+    delivery: Delivery
+    raw_sha256: str
+    list_size: int
+    header_sha256: str
+    fetched_at: int
+
+
+@dataclass
+class Prepared:
+    """A mailbox session after its fetch phase, waiting for the shard's commit."""
+
+    mailbox: MailboxConfig
+    result: CycleResult
+    session: MailboxSession | None = None
+    #: (msg_num, uidl) to DELE once the transaction has committed.
+    to_delete: list[tuple[int, str]] = field(default_factory=list)
+    #: ledger entries written into the open transaction.
+    entries: list[LedgerEntry] = field(default_factory=list)
+    #: entries removed from the ledger in this transaction (tombstones written).
+    forgotten: list[str] = field(default_factory=list)
+    kafka_error: DeliveryError | None = None
+    t0: float = 0.0
+
+
+class ShardWorker:
+    """Owns one shard: its transactional producer and its ledger view. One round at a time."""
+
+    def __init__(
+        self,
+        config: Config,
+        shard: int,
+        producer: ShardProducer,
+        ledger: ShardLedger,
+        *,
+        stop: threading.Event,
+        session_factory: Callable[[MailboxConfig], MailboxSession] = open_session,
+        hooks: CycleHooks | None = None,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.config = config
+        self.shard = shard
+        self.producer = producer
+        self.ledger = ledger
+        self.stop = stop
+        self.session_factory = session_factory
+        self.hooks = hooks or CycleHooks()
+        self.clock_ms = clock_ms
+        #: set when the producer was fenced or failed fatally: the shard is no longer ours.
+        self.dead: ConnectorError | None = None
+        self._tombstones: list[tuple[str, str]] = []
+        self._absent_since: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the round
+
+    def round(self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
+        """One transaction for ``mailboxes`` (all of this shard); results in the same order."""
+        with self._lock:
+            return self._round(mailboxes, sessions)
+
+    def _fail_all(self, preps: Sequence[Prepared], err: ConnectorError, step: str) -> list[CycleResult]:
+        for p in preps:
+            if p.session is not None:
+                p.session.abort()  # RFC 1939 §6: no QUIT after DELE, so nothing is deleted
+                p.session = None
+            if p.result.error is None:
+                p.result.error = err.with_context(mailbox=p.mailbox.id, step=step)
+            p.result.deleted = 0
+            p.result.published = 0
+            p.result.duration_s = time.monotonic() - p.t0
+        return [p.result for p in preps]
+
+    def _round(self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
+        round_id = uuid.uuid4().hex[:12]
+        preps = [Prepared(m, CycleResult(mailbox=m.id, cycle_id=round_id), t0=time.monotonic()) for m in mailboxes]
+        if self.dead is not None:
+            return self._fail_all(preps, self.dead, "produce")
+        try:
+            self.producer.begin()
+        except (ShardFencedError, DeliveryFatalError) as exc:
+            self.dead = exc
+            log.critical("shard %d stopped: %s", self.shard, exc)
+            return self._fail_all(preps, exc, "produce")
+        except DeliveryError as exc:
+            return self._fail_all(preps, exc, "produce")
+        tombstones = list(self._tombstones)
+        for mailbox_id, uidl in tombstones:
+            key = record_id(mailbox_id, uidl).encode()
+            self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+
+        list(sessions.map(self._fetch, preps))
+
+        kafka_errors = [p.kafka_error for p in preps if p.kafka_error is not None]
+        if kafka_errors:
+            self.producer.abort()
+            if self.producer.fatal is not None:
+                self.dead = DeliveryFatalError(f"shard {self.shard}: producer failed fatally: {self.producer.fatal}")
+            return self._fail_all(preps, kafka_errors[0], "produce")
+
+        faults.point("before_commit")
+        try:
+            with faults.during("during_commit"):
+                self.producer.commit()
+        except (ShardFencedError, DeliveryFatalError) as exc:
+            self.dead = exc
+            log.critical("shard %d stopped: %s", self.shard, exc)
+            return self._fail_all(preps, exc, "commit")
+        except DeliveryError as exc:
+            return self._fail_all(preps, exc, "commit")
+        faults.point("after_commit")
+
+        # Committed: the ledger view follows what is now in Kafka.
+        self._tombstones = self._tombstones[len(tombstones) :]
+        for p in preps:
+            for e in p.entries:
+                self.ledger.record(e)
+            for u in p.forgotten:
+                self.ledger.forget(p.mailbox.id, u)
+            p.result.published = sum(1 for e in p.entries if e.state == "delivered")
+            if self.hooks.on_published:
+                for e in p.entries:
+                    self.hooks.on_published(e.uidl)
+        for p in preps:
+            self._settle(p)
+        return [p.result for p in preps]
+
+    def _settle(self, p: Prepared) -> None:
+        """After the commit: DELE what the ledger holds, then QUIT (RFC 1939 §6 UPDATE)."""
+        res = p.result
+        if p.session is None:
+            res.duration_s = time.monotonic() - p.t0
+            return
+        step = "dele"
+        try:
+            for msg_num, _ in p.to_delete:
+                p.session.dele(msg_num)
+            faults.point("after_dele")
+            step = "quit"
+            p.session.quit()
+            p.session = None
+            res.deleted = len(p.to_delete)
+            for _, uidl in p.to_delete:
+                self._tombstones.append((p.mailbox.id, uidl))
+                self.ledger.forget(p.mailbox.id, uidl)
+                if self.hooks.on_deleted:
+                    self.hooks.on_deleted(uidl)
+        except ConnectorError as exc:
+            # The mail is in Kafka and in the ledger: a later round deletes it. Nothing lost.
+            res.error = exc.with_context(mailbox=p.mailbox.id, step=step)
+            log.warning("%s (the mail is committed; it is deleted next cycle)", res.error.describe())
+            if p.session is not None:
+                p.session.close()  # never QUIT here: a half-done DELE list must not be applied
+                p.session = None
+        res.duration_s = time.monotonic() - p.t0
+        if res.ok:
+            log.info(
+                "cycle done: listed=%d fetched=%d published=%d deleted=%d in %.2fs",
+                res.listed,
+                res.fetched,
+                res.published,
+                res.deleted,
+                res.duration_s,
+                extra={"mailbox": p.mailbox.id, "cycle": res.cycle_id},
+            )
+
+    # ------------------------------------------------------------------ one mailbox
+
+    def _fetch(self, p: Prepared) -> None:
+        """Fetch phase of one mailbox inside the open transaction; never raises."""
+        m, res = p.mailbox, p.result
+        extra = {"mailbox": m.id, "cycle": res.cycle_id}
+        produced: list[_Produced] = []
+        step = "connect"
+        try:
+            session = self.session_factory(m)
+            p.session = session
+            step = "login"
+            session.login_user_pass(m.username, m.password.reveal())
+            step = "uidl"
+            uidls = session.uidl()
+            sizes = dict(session.list())
+            res.listed = len(uidls)
+            self._check_listing(uidls, sizes)
+            known = self.ledger.known(m.id)
+            now = self.clock_ms()
+            if m.start_from == "now" and BASELINE_MARKER not in known:
+                self._baseline(p, uidls, sizes, now)
+                return
+            present = {u for _, u in uidls}
+            skip = self._check_reset(p, known, uidls, sizes, session)
+            self._age_absent(p, known, present, now)
+            schema = mail_schema()
+            budget = m.max_bytes_per_cycle
+            deadline = time.monotonic() + m.max_seconds_per_cycle
+            for msg_num, uidl in uidls:
+                if uidl in skip:
+                    continue
+                entry = known.get(uidl)
+                if entry is not None:
+                    if m.delete or (
+                        m.delete_after_days is not None
+                        and entry.first_seen_at is not None
+                        and now - entry.first_seen_at >= m.delete_after_days * DAY_MS
+                    ):
+                        p.to_delete.append((msg_num, uidl))
+                    continue
+                if self.stop.is_set() or res.fetched >= m.max_messages_per_cycle or time.monotonic() > deadline:
+                    res.more_pending = True
+                    break
+                size = sizes[msg_num]
+                if size > m.max_message_bytes or (res.fetched and size > budget):
+                    if size > m.max_message_bytes:
+                        res.oversized += 1
+                        log.error("mail of %d bytes exceeds max_message_bytes; left on the server", size, extra=extra)
+                        continue
+                    res.more_pending = True
+                    break
+                step = "retr"
+                raw = retr_bounded(session, msg_num, m.max_message_bytes)
+                res.fetched += 1
+                if raw is None:
+                    res.oversized += 1
+                    continue
+                budget -= len(raw)
+                fetched_at = self.clock_ms()
+                faults.point("after_retr")
+                if self.hooks.on_retrieved:
+                    self.hooks.on_retrieved(uidl, len(raw))
+                step = "decode"
+                try:
+                    value = encode_mail(m, uidl, raw, fetched_at, schema)
+                except DecodeError as exc:
+                    res.undecodable += 1
+                    log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
+                    continue
+                step = "produce"
+                rid = record_id(m.id, uidl)
+                key = (m.id if self.config.record.key == "mailbox" else rid).encode()
+                headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, m.id.encode())]
+                try:
+                    d = self.producer.send(self.config.topics.mail, key, value, headers)
+                except RecordTooLargeError as exc:
+                    res.too_large += 1
+                    log.error("record too large for Kafka, left on the server: %s", exc, extra={**extra, "uidl": uidl})
+                    continue
+                produced.append(
+                    _Produced(
+                        msg_num,
+                        uidl,
+                        d,
+                        hashlib.sha256(raw).hexdigest(),
+                        size,
+                        header_sha256(raw),
+                        fetched_at,
+                    )
+                )
+        except DeliveryError as exc:
+            p.kafka_error = exc
+        except ConnectorError as exc:
+            res.error = exc.with_context(mailbox=m.id, step=step)
+            log.error("%s", res.error.describe(), extra=extra)
+            if p.session is not None and isinstance(exc, Pop3Error):
+                p.session.abort()
+                p.session = None
+            p.to_delete.clear()
+        except Exception as exc:  # a bug: this mailbox fails, the others go on
+            res.error = exc
+            log.exception("internal error in step %s", step, extra=extra)
+            if p.session is not None:
+                p.session.abort()
+                p.session = None
+            p.to_delete.clear()
+        # Whatever was produced gets its ledger entry in the same transaction, even when the
+        # POP3 side failed: the records commit with their entries, and a later round deletes.
+        self._write_entries(p, produced)
+
+    def _write_entries(self, p: Prepared, produced: list[_Produced]) -> None:
+        if not produced or p.kafka_error is not None:
+            return
+        self.producer.wait([x.delivery for x in produced], stop=self.stop, stop_grace=10.0)
+        failure = self.producer.check([x.delivery for x in produced])
+        if failure is not None:
+            p.kafka_error = failure  # the whole transaction must abort
+            return
+        m = p.mailbox
+        for x in produced:
+            entry = LedgerEntry(
+                mailbox_id=m.id,
+                uidl=x.uidl,
+                state="delivered",
+                recorded_at=self.clock_ms(),
+                topic=x.delivery.topic,
+                partition=x.delivery.partition,
+                offset=x.delivery.offset,
+                raw_sha256=x.raw_sha256,
+                list_size=x.list_size,
+                header_sha256=x.header_sha256,
+                first_seen_at=x.fetched_at,
+            )
+            self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+            p.entries.append(entry)
+            if m.delete and p.session is not None:
+                p.to_delete.append((x.msg_num, x.uidl))
+
+    # ------------------------------------------------------------------ ledger rules
+
+    @staticmethod
+    def _check_listing(uidls: list[tuple[int, str]], sizes: dict[int, int]) -> None:
+        seen: set[str] = set()
+        for msg_num, uidl in uidls:
+            if uidl in seen:
+                raise Pop3UnsupportedError(
+                    f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) for "
+                    "exactly-once delivery. Ask the server's operator to fix it"
+                )
+            if msg_num not in sizes:
+                raise Pop3ProtocolError(f"UIDL lists message {msg_num} but LIST does not")
+            seen.add(uidl)
+
+    def _baseline(self, p: Prepared, uidls: list[tuple[int, str]], sizes: dict[int, int], now: int) -> None:
+        """start_from: now -> what is there now is recorded as seen, not published."""
+        m = p.mailbox
+        for msg_num, uidl in [*uidls, (0, BASELINE_MARKER)]:
+            entry = LedgerEntry(
+                mailbox_id=m.id,
+                uidl=uidl,
+                state="baseline",
+                recorded_at=now,
+                list_size=sizes.get(msg_num),
+                first_seen_at=now,
+            )
+            self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+            p.entries.append(entry)
+        log.info(
+            "start_from now: %d mail(s) already on the server recorded as seen, not published",
+            len(uidls),
+            extra={"mailbox": m.id},
+        )
+
+    def _check_reset(
+        self,
+        p: Prepared,
+        known: dict[str, LedgerEntry],
+        uidls: list[tuple[int, str]],
+        sizes: dict[int, int],
+        session: MailboxSession,
+    ) -> set[str]:
+        """Recognise a UIDL reset or a reused UIDL before anything is republished.
+
+        Returns UIDLs this round must not fetch (rebaselined ones).
+        """
+        m = p.mailbox
+        real = {u: e for u, e in known.items() if u != BASELINE_MARKER}
+        present = {u for _, u in uidls}
+        vanished = [u for u in real if u not in present]
+        new = [u for u in present if u not in real]
+        if len(real) >= RESET_MIN_KNOWN and len(vanished) >= RESET_SHARE * len(real) and len(new) >= len(vanished) / 2:
+            what = (
+                f"{len(vanished)} of {len(real)} known UIDLs vanished and {len(new)} new ones appeared at once: "
+                "the server probably reset its UIDLs (e.g. a lost Dovecot uidlist)"
+            )
+            if m.on_uidl_reset == "stop":
+                raise UidlResetError(
+                    f"{what}. Nothing was published. Decide with on_uidl_reset: republish (publish them all "
+                    "again), or rebaseline (record them as seen without publishing)"
+                )
+            log.warning("%s; on_uidl_reset=%s", what, m.on_uidl_reset, extra={"mailbox": m.id})
+            skip: set[str] = set()
+            if m.on_uidl_reset == "rebaseline":
+                now = self.clock_ms()
+                for msg_num, uidl in uidls:
+                    if uidl in real:
+                        continue
+                    entry = LedgerEntry(m.id, uidl, "baseline", now, list_size=sizes[msg_num], first_seen_at=now)
+                    self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+                    p.entries.append(entry)
+                    skip.add(uidl)
+            return skip
+        # A known UIDL whose size changed: TOP n 0 tells whether it is still the same mail.
+        for msg_num, uidl in uidls:
+            e = real.get(uidl)
+            if e is None or e.list_size is None or e.header_sha256 is None:
+                continue
+            if abs(sizes[msg_num] - e.list_size) > SIZE_SLACK:
+                head = session.top(msg_num, 0)
+                if hashlib.sha256(head).hexdigest() != e.header_sha256:
+                    raise UidlResetError(
+                        f"UIDL {uidl!r} now names different mail (size {e.list_size} -> {sizes[msg_num]}, headers "
+                        "differ): the server reused a UIDL. Nothing was published; see on_uidl_reset"
+                    )
+        return set()
+
+    def _age_absent(self, p: Prepared, known: dict[str, LedgerEntry], present: set[str], now: int) -> None:
+        """Tombstone entries absent longer than the grace period, never merely absent once:
+        providers like Gmail show only part of the mailbox per session."""
+        m = p.mailbox
+        grace = m.absent_grace_days * DAY_MS
+        for uidl in list(known):
+            if uidl == BASELINE_MARKER:
+                continue
+            k = (m.id, uidl)
+            if uidl in present:
+                self._absent_since.pop(k, None)
+                continue
+            since = self._absent_since.setdefault(k, now)
+            if now - since >= grace:
+                key = record_id(m.id, uidl).encode()
+                self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+                p.forgotten.append(uidl)
+                self._absent_since.pop(k, None)
