@@ -65,9 +65,8 @@ log = logging.getLogger("pop3kafka.eos")
 #: RFC 1939 sizes are the server's estimate; RETR of a mail without a final CRLF is 2 bytes
 #: longer. A known UIDL whose LIST size moved more than this is checked with TOP.
 SIZE_SLACK = 2
-#: UIDL reset heuristic: at least this many known UIDLs, and at least this share vanished.
-RESET_MIN_KNOWN = 10
-RESET_SHARE = 0.5
+#: UIDL reset check: at most this many TOP commands per cycle to compare headers.
+RESET_SAMPLE = 5
 DAY_MS = 86_400_000
 BASELINE_MARKER = ""  # ledger uidl "" = "start_from: now was applied to this mailbox"
 
@@ -241,6 +240,26 @@ class ShardWorker:
                 extra={"mailbox": p.mailbox.id, "cycle": res.cycle_id},
             )
 
+    def flush_tombstones(self) -> None:
+        """At shutdown: commit the tombstones of mail deleted in the last round, so the next
+        owner's ledger does not list mail that is gone. A crash skips this; absence aging
+        and the reset check's header comparison cover that case."""
+        with self._lock:
+            if not self._tombstones or self.dead is not None:
+                return
+            try:
+                self.producer.begin()
+                for mailbox_id, uidl in self._tombstones:
+                    key = record_id(mailbox_id, uidl).encode()
+                    self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+                self.producer.commit()
+                self._tombstones.clear()
+            except ConnectorError as exc:
+                self.producer.abort()
+                log.warning(
+                    "shard %d: tombstones not written at shutdown (%s); they are aged out later", self.shard, exc
+                )
+
     # ------------------------------------------------------------------ one mailbox
 
     def _fetch(self, p: Prepared) -> None:
@@ -302,6 +321,7 @@ class ShardWorker:
                 budget -= len(raw)
                 fetched_at = self.clock_ms()
                 faults.point("after_retr")
+                log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
                 if self.hooks.on_retrieved:
                     self.hooks.on_retrieved(uidl, len(raw))
                 step = "decode"
@@ -431,11 +451,12 @@ class ShardWorker:
         real = {u: e for u, e in known.items() if u != BASELINE_MARKER}
         present = {u for _, u in uidls}
         vanished = [u for u in real if u not in present]
-        new = [u for u in present if u not in real]
-        if len(real) >= RESET_MIN_KNOWN and len(vanished) >= RESET_SHARE * len(real) and len(new) >= len(vanished) / 2:
+        new = [(n, u) for n, u in uidls if u not in real]
+        if vanished and new and self._same_mail_under_new_uidls(real, vanished, new, sizes, session):
             what = (
-                f"{len(vanished)} of {len(real)} known UIDLs vanished and {len(new)} new ones appeared at once: "
-                "the server probably reset its UIDLs (e.g. a lost Dovecot uidlist)"
+                f"{len(vanished)} of {len(real)} known UIDLs vanished and {len(new)} new ones appeared, and new UIDLs "
+                "name mail the ledger already holds (same headers): the server reset its UIDLs (e.g. a lost "
+                "Dovecot uidlist)"
             )
             if m.on_uidl_reset == "stop":
                 raise UidlResetError(
@@ -446,9 +467,7 @@ class ShardWorker:
             skip: set[str] = set()
             if m.on_uidl_reset == "rebaseline":
                 now = self.clock_ms()
-                for msg_num, uidl in uidls:
-                    if uidl in real:
-                        continue
+                for msg_num, uidl in new:
                     entry = LedgerEntry(m.id, uidl, "baseline", now, list_size=sizes[msg_num], first_seen_at=now)
                     self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
                     p.entries.append(entry)
@@ -467,6 +486,41 @@ class ShardWorker:
                         "differ): the server reused a UIDL. Nothing was published; see on_uidl_reset"
                     )
         return set()
+
+    @staticmethod
+    def _same_mail_under_new_uidls(
+        real: dict[str, LedgerEntry],
+        vanished: list[str],
+        new: list[tuple[int, str]],
+        sizes: dict[int, int],
+        session: MailboxSession,
+    ) -> bool:
+        """Do some new UIDLs carry mail we already published under a vanished UIDL?
+
+        Vanished UIDLs alone prove nothing (we or another client deleted the mail, or a crash
+        came before our tombstones). The evidence of a reset is old mail under new UIDLs: a
+        new UIDL whose LIST size matches a vanished entry's, and whose headers (TOP n 0)
+        hash the same. At most RESET_SAMPLE TOP commands per cycle.
+        """
+        by_size: dict[int, set[str]] = {}
+        for u in vanished:
+            e = real[u]
+            if e.list_size is not None and e.header_sha256 is not None:
+                by_size.setdefault(e.list_size, set()).add(e.header_sha256)
+        if not by_size:
+            return False
+        checked = 0
+        for msg_num, _ in new:
+            size = sizes[msg_num]
+            hashes = set().union(*(by_size.get(s, set()) for s in range(size - SIZE_SLACK, size + SIZE_SLACK + 1)))
+            if not hashes:
+                continue
+            if hashlib.sha256(session.top(msg_num, 0)).hexdigest() in hashes:
+                return True
+            checked += 1
+            if checked >= RESET_SAMPLE:
+                return False
+        return False
 
     def _age_absent(self, p: Prepared, known: dict[str, LedgerEntry], present: set[str], now: int) -> None:
         """Tombstone entries absent longer than the grace period, never merely absent once:

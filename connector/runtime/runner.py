@@ -228,6 +228,7 @@ class Runner:
     def close(self) -> None:
         left = self.publisher.close(timeout=10.0)
         for w in self.workers.values():
+            w.flush_tombstones()
             w.producer.abort()
             left += w.producer.close(timeout=10.0)
         if left:
