@@ -101,7 +101,7 @@ def _ensure_topics(cfg: Config) -> None:
     t = cfg.topics
     if ensure_topic(
         cfg.kafka.bootstrap_servers,
-        cfg.kafka.client,
+        cfg.kafka.client_conf(),
         t.mail,
         create=t.create,
         partitions=t.partitions,
@@ -210,7 +210,7 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
     from connector.records import decode_single_object
 
     topic = cfg.topics.mail
-    conf = dict(cfg.kafka.client)
+    conf = cfg.kafka.client_conf()
     conf.update(
         {
             "bootstrap.servers": cfg.kafka.bootstrap_servers,

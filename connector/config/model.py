@@ -99,6 +99,15 @@ class KafkaConfig:
     #: librdkafka settings passed through untouched (security.protocol, sasl.*, ssl.*...).
     client: Mapping[str, Any] = field(default_factory=dict)
     delivery_timeout_seconds: float = 30.0
+    #: librdkafka settings whose values are secrets (sasl.password, ssl.key.password...),
+    #: read from env or files; merged in by client_conf() only, so they never print.
+    client_secrets: Mapping[str, Secret] = field(default_factory=dict)
+
+    def client_conf(self) -> dict[str, Any]:
+        """The librdkafka settings to hand to a client: pass-through keys plus revealed secrets."""
+        conf = dict(self.client)
+        conf.update({k: s.reveal() for k, s in self.client_secrets.items()})
+        return conf
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,7 @@ ROOT_SCHEMA: dict[str, Field] = {
         schema={
             "bootstrap_servers": Field("str", required=True),
             "client": Field("map", free_form=True, default=dict, check=_check_client),
+            "client_secrets": Field("map", free_form=True, default=dict, secret=True),
             "delivery_timeout_seconds": Field("float", default=30.0, minimum=1, maximum=3600),
         },
     ),
@@ -312,6 +322,21 @@ def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path, environ: Map
         raise ConfigError(f"{path}.file: {str(p)!r} is not UTF-8 text") from None
     # A secret file written by an editor or `echo` ends in a newline that is not part of it.
     return Secret(value.rstrip("\r\n"), f"file:{p}")
+
+
+def _client_secrets(raw: Mapping[str, Any], base: Path, environ: Mapping[str, str]) -> dict[str, Secret]:
+    out: dict[str, Secret] = {}
+    for key, spec in raw.items():
+        path = f"kafka.client_secrets.{key}"
+        if not isinstance(spec, dict):
+            raise ConfigError(
+                f"{path}: expected {{env: NAME}} or {{file: PATH}}, got {type(spec).__name__} (value hidden)"
+            )
+        checked = validate(spec, SECRET_SCHEMA, path)
+        if key in _MANAGED_CLIENT_KEYS:
+            raise ConfigError(f"{path}: set by the connector; remove it")
+        out[key] = _resolve_secret(checked, path, base, environ)
+    return out
 
 
 def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConfig) -> None:
@@ -394,6 +419,7 @@ def parse_config(
             bootstrap_servers=k["bootstrap_servers"],
             client=k["client"],
             delivery_timeout_seconds=k["delivery_timeout_seconds"],
+            client_secrets=_client_secrets(k["client_secrets"], base, env),
         ),
         topics=TopicsConfig(**v["topics"]),
         record=RecordConfig(key=v["record"]["key"]),

@@ -60,7 +60,7 @@ class Runner:
         self.session_factory = session_factory or open_session
         self.exactly_once = config.delivery.mode == "exactly_once"
         self.publisher = Publisher(
-            config.kafka.bootstrap_servers, config.kafka.client, config.kafka.delivery_timeout_seconds
+            config.kafka.bootstrap_servers, config.kafka.client_conf(), config.kafka.delivery_timeout_seconds
         )
         self.ctx = CycleContext(
             config=config,
@@ -86,7 +86,7 @@ class Runner:
         c = self.config
         self.shards = ensure_ledger_topic(
             c.kafka.bootstrap_servers,
-            c.kafka.client,
+            c.kafka.client_conf(),
             c.ledger.topic,
             shards=c.ledger.shards,
             create=c.ledger.create,
@@ -98,14 +98,14 @@ class Runner:
                 continue
             producer = ShardProducer(
                 c.kafka.bootstrap_servers,
-                c.kafka.client,
+                c.kafka.client_conf(),
                 c.kafka.delivery_timeout_seconds,
                 prefix=c.delivery.transactional_id_prefix,
                 shard=shard,
                 transaction_timeout_s=c.delivery.transaction_timeout_seconds,
             )
             producer.init()
-            ledger = load_shard_ledger(c.kafka.bootstrap_servers, c.kafka.client, c.ledger.topic, shard)
+            ledger = load_shard_ledger(c.kafka.bootstrap_servers, c.kafka.client_conf(), c.ledger.topic, shard)
             self.workers[shard] = ShardWorker(
                 c,
                 shard,

@@ -199,3 +199,16 @@ def test_cli_unknown_librdkafka_key_is_a_config_error(tmp_path: Path) -> None:
         proc = run_cli(cmd, "--config", str(f), env=ENV)
         assert proc.returncode == 2, proc.stderr
         assert "kafka.client: librdkafka refused the settings" in proc.stderr and "no.such.setting" in proc.stderr
+
+
+def test_kafka_client_secrets_from_files_never_print(tmp_path: Path) -> None:
+    (tmp_path / "sasl.pw").write_text("kafka-s3cret\n")
+    data = base()
+    data["kafka"]["client"] = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    data["kafka"]["client_secrets"] = {"sasl.password": {"file": str(tmp_path / "sasl.pw")}}
+    cfg = parse_config(data, environ=ENV)
+    assert cfg.kafka.client_conf()["sasl.password"] == "kafka-s3cret"
+    assert "kafka-s3cret" not in repr(cfg)
+    data["kafka"]["client_secrets"] = {"sasl.password": "kafka-s3cret"}
+    msg = error_of(data)
+    assert "kafka.client_secrets.sasl.password" in msg and "kafka-s3cret" not in msg
