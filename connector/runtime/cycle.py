@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from connector import faults
 from connector.config.model import Config, MailboxConfig
 from connector.decoding import decode_mail
 from connector.delivery.kafka import Delivery, Publisher
@@ -257,6 +258,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 )
                 continue
             budget -= len(raw)
+            faults.point("after_retr")
             fetched_at = time.time_ns() // 1_000_000
             log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
             if ctx.hooks.on_retrieved:
@@ -297,8 +299,10 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                     ctx.hooks.on_published(p.uidl)
         step = "dele"
         confirmed = [p for p in pending if p.delivery.ok]
+        faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
         for p in confirmed:
             session.dele(p.msg_num)
+        faults.point("after_dele")
         step = "quit"
         session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state
         session = None

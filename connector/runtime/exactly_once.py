@@ -196,7 +196,8 @@ class ShardWorker:
             p.result.published = sum(1 for e in p.entries if e.state == "delivered")
             if self.hooks.on_published:
                 for e in p.entries:
-                    self.hooks.on_published(e.uidl)
+                    if e.state == "delivered":
+                        self.hooks.on_published(e.uidl)
         for p in preps:
             self._settle(p)
         return [p.result for p in preps]

@@ -167,6 +167,13 @@ logger.state.level = WARN
 """
 
 
+# Secured mode (KafkaNode(secure=True)): the identities made for the connector's tests.
+# "pop3kafka" gets the connector's ACLs; "pop3kafka-noacl" must be refused everything.
+SECURE_SCRAM_USERS: tuple[str, ...] = ("pop3kafka", "pop3kafka-noacl")
+SECURE_TLS_CLIENTS: tuple[str, ...] = ("pop3kafka-tls", "pop3kafka-tls-noacl")
+_SECURE_FIELDS = ("secure", "sasl_port", "ssl_port", "scram_users", "tls_clients")
+
+
 @dataclass
 class KafkaNode:
     """One combined broker+controller in KRaft mode, with transactions at RF=1."""
@@ -177,10 +184,72 @@ class KafkaNode:
     cluster_id: str = ""
     pid: int = 0
     heap: str = "512m"
+    #: Opt-in production-like security (see docs/kafka-security.md): adds a SASL_SSL listener
+    #: (SCRAM-SHA-512) and an SSL listener with required client certificates, and enables the
+    #: StandardAuthorizer. The PLAINTEXT listener stays for the broker itself and test set-up; its
+    #: principal, User:ANONYMOUS, is the only super user. Off: exactly the plain broker above.
+    secure: bool = False
+    sasl_port: int = 0
+    ssl_port: int = 0
+    #: SCRAM-SHA-512 users created when the storage is formatted (passwords: scram_password_file).
+    scram_users: tuple[str, ...] = SECURE_SCRAM_USERS
+    #: client certificates issued at configure time; the principal is User:<CN>.
+    tls_clients: tuple[str, ...] = SECURE_TLS_CLIENTS
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    # ---- secured mode: endpoints and client files
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """SASL_SSL listener (SCRAM-SHA-512, server certificate signed by :attr:`ca_file`)."""
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """SSL listener that requires a client certificate signed by :attr:`ca_file` (mTLS)."""
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The throw-away CA (PEM) that signed the broker's and the clients' certificates."""
+        return self.tls_dir / "ca.pem"
+
+    def client_cert_file(self, cn: str) -> Path:
+        return self.tls_dir / "clients" / f"{cn}.pem"
+
+    def client_key_file(self, cn: str) -> Path:
+        """Unencrypted PEM private key of a client certificate (mode 0600)."""
+        return self.tls_dir / "clients" / f"{cn}.key"
+
+    def scram_password_file(self, user: str) -> Path:
+        """File (mode 0600, no trailing newline) holding a SCRAM user's password."""
+        return self.dir / "secrets" / f"{user}.scram-password"
+
+    def sasl_client(self, user: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """(kafka.client, kafka.client_secrets) of a connector config for a SCRAM user."""
+        client = {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": user,
+            "ssl.ca.location": str(self.ca_file),
+        }
+        return client, {"sasl.password": {"file": str(self.scram_password_file(user))}}
+
+    def mtls_client(self, cn: str) -> dict[str, str]:
+        """kafka.client of a connector config for a client certificate (principal User:<cn>)."""
+        return {
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(self.ca_file),
+            "ssl.certificate.location": str(self.client_cert_file(cn)),
+            "ssl.key.location": str(self.client_key_file(cn)),
+        }
 
     def configure(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +257,9 @@ class KafkaNode:
             self.port = free_port()
         if not self.controller_port:
             self.controller_port = free_port()
+        if self.secure:
+            self.sasl_port = self.sasl_port or free_port()
+            self.ssl_port = self.ssl_port or free_port()
         data = self.dir / "data"
         props = {
             "process.roles": "broker,controller",
@@ -218,7 +290,11 @@ class KafkaNode:
             "message.max.bytes": str(16 * 1024 * 1024),
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
+        if self.secure:
+            props.update(self._secure_props())
         (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        if self.secure:
+            os.chmod(self.dir / "server.properties", 0o600)  # holds the keystore password
         (self.dir / "log4j2.properties").write_text(LOG4J2.format(log=self.dir / "kafka.log"))
         if not (data / "meta.properties").exists():
             lib = kafka_lib()
@@ -233,8 +309,105 @@ class KafkaNode:
                     self.cluster_id,
                     "-c",
                     str(self.dir / "server.properties"),
+                    *(self._scram_format_args() if self.secure else []),
                 ],
             )
+
+    # ---- secured mode: configuration
+
+    def _secure_props(self) -> dict[str, str]:
+        """Listeners, TLS stores, SCRAM and the authorizer on top of the plain properties."""
+        self._gen_tls()
+        t = self.tls_dir
+        plain = f"PLAINTEXT://127.0.0.1:{self.port}"
+        sasl = f"SASL_SSL://127.0.0.1:{self.sasl_port}"
+        mtls = f"SSL://127.0.0.1:{self.ssl_port}"
+        return {
+            "listeners": f"{plain},{sasl},{mtls},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"{plain},{sasl},{mtls}",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL",
+            # SASL_SSL: SCRAM-SHA-512 only; credentials live in the cluster metadata (StorageTool --add-scram).
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            # TLS for both secured listeners; the PEM truststore is just the CA certificate.
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(t / "broker.p12"),
+            "ssl.keystore.password": (t / "broker.p12.password").read_text(),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_file),
+            "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
+            # mTLS: the SSL listener refuses clients without a certificate signed by our CA, and
+            # a certificate with subject "CN=name,..." is the principal User:name.
+            "listener.name.ssl.ssl.client.auth": "required",
+            "ssl.principal.mapping.rules": "RULE:^CN=([^,]+).*$/$1/,DEFAULT",
+            # Only the broker itself (PLAINTEXT and CONTROLLER listeners: User:ANONYMOUS) is a
+            # super user; everything else needs ACLs, and no ACL means denied.
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def _scram_format_args(self) -> list[str]:
+        args: list[str] = []
+        for user in self.scram_users:
+            pw_file = self.scram_password_file(user)
+            if not pw_file.exists():
+                import secrets
+
+                _write_secret(pw_file, secrets.token_hex(24))
+            args += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={pw_file.read_text()}]"]
+        return args
+
+    def _gen_tls(self) -> None:
+        """Throw-away CA, broker keystore (PKCS12) and one client certificate per tls_clients."""
+        t = self.tls_dir
+        (t / "clients").mkdir(parents=True, exist_ok=True)
+        if not self.ca_file.exists():
+            _make_ca(t / "ca.key", self.ca_file, "pop3-kafka test Kafka CA")
+        if not (t / "broker.p12").exists():
+            import secrets
+
+            _issue_cert(
+                self.ca_file,
+                t / "ca.key",
+                "localhost",
+                cert=t / "broker.pem",
+                key=t / "broker.key",
+                ext="extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            )
+            password = secrets.token_hex(16)
+            _write_secret(t / "broker.p12.password", password)
+            _openssl(
+                "pkcs12",
+                "-export",
+                "-in",
+                str(t / "broker.pem"),
+                "-inkey",
+                str(t / "broker.key"),
+                "-certfile",
+                str(self.ca_file),
+                "-name",
+                "broker",
+                "-out",
+                str(t / "broker.p12"),
+                "-passout",
+                "env:POP3K_P12_PASSWORD",
+                env={"POP3K_P12_PASSWORD": password},
+            )
+            os.chmod(t / "broker.p12", 0o600)
+        for cn in self.tls_clients:
+            self.issue_client_cert(cn)
+
+    def issue_client_cert(self, cn: str) -> tuple[Path, Path]:
+        """A client certificate (subject CN=cn, principal User:cn) signed by the CA; also after start."""
+        cert, key = self.client_cert_file(cn), self.client_key_file(cn)
+        if not cert.exists():
+            _issue_cert(
+                self.ca_file, self.tls_dir / "ca.key", cn, cert=cert, key=key, ext="extendedKeyUsage=clientAuth\n"
+            )
+        return cert, key
 
     def _java(self, lib: Path, args: list[str]) -> str:
         cmd = ["java", "-Dlog4j2.configurationFile=" + str(self.dir / "log4j2.properties"), "-cp", f"{lib}/*", *args]
@@ -300,6 +473,51 @@ class KafkaNode:
         if self.running():
             stop_pid(self.pid)
         self.pid = 0
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Write a secret file readable by its owner only (created 0600, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.chmod(path, 0o600)
+
+
+def _openssl(*args: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(
+        ["openssl", *args], capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
+    if proc.returncode != 0:
+        raise StackError(f"openssl {args[0]} failed: {proc.stderr[-2000:]}")
+
+
+def _make_ca(key: Path, cert: Path, cn: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+        "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={cn}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    os.chmod(key, 0o600)
+
+
+def _issue_cert(ca: Path, ca_key: Path, cn: str, *, cert: Path, key: Path, ext: str) -> None:
+    """An RSA key (PKCS#8 PEM, unencrypted, 0600) and a certificate for it signed by the CA."""
+    csr, extfile = cert.with_suffix(".csr"), cert.with_suffix(".ext")
+    extfile.write_text(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" + ext
+    )
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}"
+    )  # fmt: skip
+    os.chmod(key, 0o600)
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "3650", "-sha256", "-extfile", str(extfile), "-out", str(cert),
+    )  # fmt: skip
+    csr.unlink()
+    extfile.unlink()
 
 
 def _null_logger() -> object:
@@ -640,7 +858,11 @@ class Stack:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {
-            "kafka": {k: v for k, v in asdict(self.kafka).items() if k != "dir"},
+            "kafka": {
+                k: v
+                for k, v in asdict(self.kafka).items()
+                if k != "dir" and (self.kafka.secure or k not in _SECURE_FIELDS)
+            },
             "dovecot": {k: v for k, v in asdict(self.dovecot).items() if k not in ("dir", "users")},
         }
         (self.dir / "stack.json").write_text(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,84 @@
+"""A scripted POP3 maildrop for fast tests of the delivery rules (no sockets).
+
+Sessions follow RFC 1939's rules that matter here: message numbers per session, DELE only
+marks, QUIT applies the marks, abort()/close() apply nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from connector.errors import Pop3ConnectError
+
+
+@dataclass
+class Maildrop:
+    """uidl -> raw mail, in server order."""
+
+    mails: dict[str, bytes] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    #: called with (command, msg_num) before it runs; may raise to inject failures
+    fail: Callable[[str, int], None] | None = None
+
+    def add(self, uidl: str, raw: bytes) -> None:
+        self.mails[uidl] = raw
+
+    def session(self, _mailbox: Any = None) -> MaildropSession:
+        return MaildropSession(self)
+
+
+class MaildropSession:
+    def __init__(self, drop: Maildrop) -> None:
+        self.drop = drop
+        self.order = list(drop.mails)  # message numbers are fixed for the session
+        self.marked: set[int] = set()
+        self.open = True
+
+    def _check(self, cmd: str, n: int = 0) -> None:
+        self.drop.log.append(f"{cmd} {n}" if n else cmd)
+        if not self.open:
+            raise Pop3ConnectError("session closed")
+        if self.drop.fail is not None:
+            self.drop.fail(cmd, n)
+
+    def login_user_pass(self, username: str, password: str) -> None:
+        self._check("LOGIN")
+
+    def uidl(self) -> list[tuple[int, str]]:
+        self._check("UIDL")
+        return [(i + 1, u) for i, u in enumerate(self.order)]
+
+    def list(self) -> list[tuple[int, int]]:
+        return [(i + 1, len(self.drop.mails[u])) for i, u in enumerate(self.order)]
+
+    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int:
+        self._check("RETR", msg_num)
+        data = self.drop.mails[self.order[msg_num - 1]]
+        sink(data)
+        return len(data)
+
+    def top(self, msg_num: int, lines: int = 0) -> bytes:
+        self._check("TOP", msg_num)
+        raw = self.drop.mails[self.order[msg_num - 1]]
+        end = raw.find(b"\r\n\r\n")
+        return raw if end < 0 else raw[: end + 4]
+
+    def dele(self, msg_num: int) -> None:
+        self._check("DELE", msg_num)
+        self.marked.add(msg_num)
+
+    def quit(self) -> None:
+        self._check("QUIT")
+        for n in self.marked:  # RFC 1939 §6: the UPDATE state applies the marks
+            self.drop.mails.pop(self.order[n - 1], None)
+        self.open = False
+
+    def abort(self) -> None:
+        self.drop.log.append("ABORT")
+        self.open = False
+
+    def close(self) -> None:
+        self.drop.log.append("CLOSE")
+        self.open = False

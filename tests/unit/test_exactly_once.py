@@ -1,0 +1,235 @@
+"""Shard rounds: the exactly-once rules, with scripted maildrops and librdkafka's mock cluster.
+
+Transactions run for real on the mock cluster; the ledger view is checked in memory. The
+same rules are proven against the real broker and Dovecot in tests/integration (crash matrix,
+fencing, UIDL reset, keep mode).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from support.fakepop import Maildrop
+from support.mailgen import make_mail
+
+from connector.config import parse_config
+from connector.config.model import Config
+from connector.delivery.transactional import ShardProducer
+from connector.errors import DeliveryError, Pop3ConnectError, UidlResetError
+from connector.records.ledger import LedgerEntry, ShardLedger, shard_of
+from connector.runtime.cycle import CycleHooks
+from connector.runtime.exactly_once import ShardWorker
+
+MOCK = {"test.mock.num.brokers": 1}
+DAY = 86_400_000
+
+
+def cfg(mailboxes: list[dict[str, Any]]) -> Config:
+    ms = [{"host": "pop.test", "username": "u", "password": {"env": "PW"}, **m} for m in mailboxes]
+    return parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 5},
+            "topics": {"mail": "mail"},
+            "ledger": {"topic": "ledger", "shards": 1},
+            "mailboxes": ms,
+        },
+        environ={"PW": "pw"},
+    )
+
+
+class Harness:
+    def __init__(self, config: Config, drops: dict[str, Maildrop], producer_cls: type[ShardProducer] = ShardProducer):
+        self.config = config
+        self.drops = drops
+        self.now = [1_767_258_000_000]
+        self.published: list[str] = []
+        self.producer = producer_cls("mock:9092", MOCK, 5, prefix="t", shard=0, transaction_timeout_s=60)
+        self.producer.init()
+        self.ledger = ShardLedger(0)
+        self.worker = ShardWorker(
+            config,
+            0,
+            self.producer,
+            self.ledger,
+            stop=threading.Event(),
+            session_factory=lambda m: drops[m.id].session(),
+            hooks=CycleHooks(on_published=self.published.append),
+            clock_ms=lambda: self.now[0],
+        )
+        self.pool = ThreadPoolExecutor(4)
+
+    def round(self, *ids: str) -> list[Any]:
+        ms = [self.config.mailbox(i) for i in (ids or [m.id for m in self.config.mailboxes])]
+        return self.worker.round(ms, self.pool)
+
+
+@pytest.fixture
+def drop() -> Iterator[Maildrop]:
+    yield Maildrop({f"U{i}": make_mail(i)[0] for i in range(4)})
+
+
+def test_commit_then_dele_then_tombstones(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a"}]), {"a": drop})
+    (r,) = h.round()
+    assert r.ok and (r.published, r.deleted) == (4, 4)
+    assert drop.mails == {} and h.published == ["U0", "U1", "U2", "U3"]
+    assert drop.log.index("DELE 1") > drop.log.index("RETR 4") and drop.log[-1] == "QUIT"
+    assert h.ledger.known("a") == {}  # deleted by us -> forgotten; tombstones go out next round
+    assert len(h.worker._tombstones) == 4
+    (r,) = h.round()
+    assert r.ok and r.published == 0 and h.worker._tombstones == []
+
+
+def test_known_uidls_are_deleted_not_republished(drop: Maildrop) -> None:
+    """A crash after the commit and before DELE leaves mail that the ledger knows."""
+    h = Harness(cfg([{"id": "a"}]), {"a": drop})
+    for i, u in enumerate(["U0", "U1"]):
+        h.ledger.record(LedgerEntry("a", u, "delivered", 0, topic="mail", partition=0, offset=i))
+    (r,) = h.round()
+    assert r.ok and r.published == 2 and r.deleted == 4 and drop.mails == {}
+    assert h.published == ["U2", "U3"]
+
+
+def test_kafka_failure_aborts_the_round_and_deletes_nothing(drop: Maildrop) -> None:
+    class FailingProducer(ShardProducer):
+        def check(self, deliveries: Any) -> DeliveryError | None:
+            return DeliveryError("injected: broker refused the records")
+
+    h = Harness(cfg([{"id": "a"}]), {"a": drop}, FailingProducer)
+    (r,) = h.round()
+    assert isinstance(r.error, DeliveryError) and r.deleted == 0
+    assert len(drop.mails) == 4 and "QUIT" not in drop.log and drop.log[-1] == "ABORT"
+    assert h.ledger.known("a") == {}
+
+
+def test_pop3_failure_in_one_mailbox_keeps_what_it_produced(drop: Maildrop) -> None:
+    other = Maildrop({"X0": make_mail(10)[0]})
+
+    def fail(cmd: str, n: int) -> None:
+        if cmd == "RETR" and n == 3:
+            raise Pop3ConnectError("connection reset by peer")
+
+    drop.fail = fail
+    h = Harness(cfg([{"id": "a"}, {"id": "b"}]), {"a": drop, "b": other})
+    ra, rb = h.round()
+    assert isinstance(ra.error, Pop3ConnectError) and ra.error.step == "retr"
+    assert rb.ok and rb.deleted == 1 and other.mails == {}
+    # U0, U1 were produced before the failure: committed with their ledger entries ...
+    assert set(h.ledger.known("a")) == {"U0", "U1"} and len(drop.mails) == 4
+    # ... so the next round only deletes them, and fetches the rest once.
+    drop.fail = None
+    (ra,) = h.round("a")
+    assert ra.ok and ra.published == 2 and drop.mails == {}
+    assert sorted(h.published) == ["U0", "U1", "U2", "U3", "X0"]
+
+
+def test_keep_mode_three_cycles_each_mail_once(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False}]), {"a": drop})
+    h.round()
+    drop.add("U10", make_mail(10)[0])
+    h.round()
+    drop.add("U11", make_mail(11)[0])
+    (r,) = h.round()
+    assert r.ok and r.deleted == 0 and len(drop.mails) == 6
+    assert sorted(h.published) == ["U0", "U1", "U10", "U11", "U2", "U3"]
+    assert "DELE" not in " ".join(drop.log)
+
+
+def test_keep_mode_delete_after_days_with_an_injected_clock(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False, "delete_after_days": 2}]), {"a": drop})
+    h.round()
+    h.now[0] += DAY
+    drop.add("U10", make_mail(10)[0])
+    (r,) = h.round()
+    assert r.deleted == 0 and len(drop.mails) == 5
+    h.now[0] += DAY + 1  # the first four are now 2 days old, U10 one day
+    (r,) = h.round()
+    assert r.deleted == 4 and list(drop.mails) == ["U10"]
+    assert sorted(h.published) == ["U0", "U1", "U10", "U2", "U3"]
+
+
+def test_start_from_now_records_existing_mail_without_publishing(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "start_from": "now"}]), {"a": drop})
+    (r,) = h.round()
+    assert r.ok and h.published == [] and len(drop.mails) == 4
+    assert {e.state for e in h.ledger.known("a").values()} == {"baseline"}
+    drop.add("U10", make_mail(10)[0])
+    (r,) = h.round()
+    # the new mail is published; the old ones (baseline, delete mode) are deleted unpublished
+    assert h.published == ["U10"] and drop.mails == {}
+
+
+def rekey(drop: Maildrop, prefix: str) -> None:
+    drop.mails = {f"{prefix}{i}": raw for i, raw in enumerate(drop.mails.values())}
+
+
+def test_uidl_reset_stops_without_republishing(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False}]), {"a": drop})
+    h.round()
+    rekey(drop, "NEW")  # the server lost its uidlist: same mail, new UIDLs
+    (r,) = h.round()
+    assert isinstance(r.error, UidlResetError) and "reset its UIDLs" in str(r.error)
+    assert h.published == ["U0", "U1", "U2", "U3"]
+
+
+def test_uidl_reset_rebaseline_then_new_mail_once(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False, "on_uidl_reset": "rebaseline"}]), {"a": drop})
+    h.round()
+    rekey(drop, "NEW")
+    (r,) = h.round()
+    assert r.ok and h.published == ["U0", "U1", "U2", "U3"]
+    drop.add("LATER", make_mail(20)[0])
+    h.round()
+    assert h.published[-1] == "LATER" and len(h.published) == 5
+
+
+def test_vanished_uidls_with_new_mail_are_not_a_reset(drop: Maildrop) -> None:
+    """Another client deleted our mail and new mail came: no header matches, no alarm."""
+    h = Harness(cfg([{"id": "a", "delete": False}]), {"a": drop})
+    h.round()
+    drop.mails = {f"N{i}": make_mail(100 + i)[0] for i in range(4)}
+    (r,) = h.round()
+    assert r.ok and len(h.published) == 8
+
+
+def test_reused_uidl_with_other_mail_is_refused(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False}]), {"a": drop})
+    h.round()
+    drop.mails["U1"] = b"Subject: something else entirely\r\n\r\n" + b"x" * 4000 + b"\r\n"
+    (r,) = h.round()
+    assert isinstance(r.error, UidlResetError) and "reused a UIDL" in str(r.error)
+    assert "TOP 2" in drop.log
+
+
+def test_absent_entries_are_tombstoned_only_after_the_grace_period(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a", "delete": False, "absent_grace_days": 7}]), {"a": drop})
+    h.round()
+    del drop.mails["U0"]  # e.g. Gmail's per-session window, or a user deleted it
+    h.now[0] += DAY
+    h.round()
+    assert "U0" in h.ledger.known("a")
+    h.now[0] += 7 * DAY
+    h.round()
+    assert "U0" not in h.ledger.known("a") and set(h.ledger.known("a")) == {"U1", "U2", "U3"}
+
+
+def test_shard_map_is_stable_and_spread() -> None:
+    assert shard_of("orders", 8) == shard_of("orders", 8)
+    counts = [0] * 8
+    for i in range(800):
+        counts[shard_of(f"mb{i}", 8)] += 1
+    assert min(counts) > 60
+
+
+def test_ledger_entry_round_trip() -> None:
+    e = LedgerEntry("a", "U1", "delivered", 1767258000123, "mail", 2, 41, "ab" * 32, 1234, "cd" * 32, 1767258000000)
+    assert LedgerEntry.decode(e.encode()) == e
+    led = ShardLedger(0)
+    led.apply(e.key, e.encode())
+    assert led.known("a")["U1"] == e
+    led.apply(e.key, None)
+    assert led.known("a") == {}
