@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean crash-matrix
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -61,6 +61,11 @@ stack-up: deps venv
 
 stack-down:
 	$(BIN)/python deploy/local/localstack.py down
+
+# The full crash matrix (10 kills per named point + 200 random kill -9, ~20 min); writes
+# bench/results/crash-matrix.md. CI runs a reduced one (tests/integration/test_crash_matrix.py).
+crash-matrix: deps venv
+	$(BIN)/python tests/crash_matrix.py --runs-per-point 10 --random-kills 200
 
 bench: venv
 	$(BIN)/python bench/parsers.py

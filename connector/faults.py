@@ -7,7 +7,8 @@ cut or an OOM kill would: no finally blocks, no QUIT, no abort):
     POP3K_FAULT=after_retr@3        kill at the third pass
     POP3K_FAULT=during_commit       kill while commit_transaction() runs, after a random delay
     POP3K_FAULT_SEED=1234           seeds that delay (the crash matrix prints the seed)
-    POP3K_FAULT_WINDOW_MS=40        the delay is uniform in [0, window) (default 40 ms)
+    POP3K_FAULT_WINDOW_MS=8         the delay is uniform in [0, window) (default 8 ms; a local commit
+                                    takes 1-12 ms, median 2.4, so both outcomes occur)
 
 Named points, in cycle order: after_retr, before_commit (records produced, not committed),
 during_commit, after_commit (before any DELE), after_dele (before QUIT), during_quit
@@ -56,7 +57,7 @@ def during(name: str) -> Iterator[None]:
         yield
         return
     rnd = random.Random(int(os.environ.get("POP3K_FAULT_SEED", "0")))  # noqa: S311 - test timing, not crypto
-    delay = rnd.uniform(0, float(os.environ.get("POP3K_FAULT_WINDOW_MS", "40"))) / 1000
+    delay = rnd.uniform(0, float(os.environ.get("POP3K_FAULT_WINDOW_MS", "8"))) / 1000
     timer = threading.Timer(delay, _kill)
     timer.daemon = True
     timer.start()

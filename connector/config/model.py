@@ -87,6 +87,8 @@ class MailboxConfig:
     #: tombstone a ledger entry whose mail has been absent this long (providers that show only
     #: part of the mailbox per session, like Gmail, need this to be long).
     absent_grace_days: float = 7.0
+    #: how a session ends without applying deletes: RSET+QUIT, or disconnect (Gmail).
+    abort_with: Literal["rset_quit", "disconnect"] = "rset_quit"
 
     @property
     def server(self) -> str:
@@ -239,6 +241,7 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "start_from": Field("str", default="all", choices=("all", "now")),
     "on_uidl_reset": Field("str", default="stop", choices=("stop", "republish", "rebaseline")),
     "absent_grace_days": Field("float", default=7.0, minimum=0, maximum=36500),
+    "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -411,6 +414,7 @@ def parse_config(
                 start_from=m["start_from"],
                 on_uidl_reset=m["on_uidl_reset"],
                 absent_grace_days=m["absent_grace_days"],
+                abort_with=m["abort_with"],
             )
         )
     k = v["kafka"]

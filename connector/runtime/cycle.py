@@ -115,6 +115,20 @@ def open_session(mailbox: MailboxConfig) -> MailboxSession:
     )
 
 
+def end_without_deletes(session: MailboxSession, mailbox: MailboxConfig) -> None:
+    """End a session so that nothing is deleted, the way this provider needs (never raises).
+
+    RFC 1939 §6: RSET unmarks, and QUIT then applies nothing (``rset_quit``, the default,
+    which also frees the maildrop lock at once). Some providers treat a clean QUIT itself as
+    "downloaded" (Gmail marks RETRieved mail as popped), so ``disconnect`` just closes the
+    connection: a session that ends without QUIT never enters the UPDATE state.
+    """
+    if mailbox.abort_with == "disconnect":
+        session.close()
+    else:
+        session.abort()
+
+
 @dataclass
 class _Pending:
     msg_num: int
@@ -322,7 +336,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     finally:
         if session is not None:
             # Failure before QUIT: drop pending deletes (RSET + QUIT); never raises.
-            session.abort()
+            end_without_deletes(session, mailbox)
             if pending:
                 # Records already queued still reach Kafka; their mails stay on the server and
                 # will be published again next cycle with the same record id (at-least-once).

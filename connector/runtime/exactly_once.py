@@ -56,6 +56,7 @@ from connector.runtime.cycle import (
     CycleResult,
     MailboxSession,
     encode_mail,
+    end_without_deletes,
     open_session,
     retr_bounded,
 )
@@ -138,7 +139,7 @@ class ShardWorker:
     def _fail_all(self, preps: Sequence[Prepared], err: ConnectorError, step: str) -> list[CycleResult]:
         for p in preps:
             if p.session is not None:
-                p.session.abort()  # RFC 1939 §6: no QUIT after DELE, so nothing is deleted
+                end_without_deletes(p.session, p.mailbox)  # RFC 1939 §6: nothing is deleted
                 p.session = None
             if p.result.error is None:
                 p.result.error = err.with_context(mailbox=p.mailbox.id, step=step)
@@ -359,14 +360,14 @@ class ShardWorker:
             res.error = exc.with_context(mailbox=m.id, step=step)
             log.error("%s", res.error.describe(), extra=extra)
             if p.session is not None and isinstance(exc, Pop3Error):
-                p.session.abort()
+                end_without_deletes(p.session, m)
                 p.session = None
             p.to_delete.clear()
         except Exception as exc:  # a bug: this mailbox fails, the others go on
             res.error = exc
             log.exception("internal error in step %s", step, extra=extra)
             if p.session is not None:
-                p.session.abort()
+                end_without_deletes(p.session, m)
                 p.session = None
             p.to_delete.clear()
         # Whatever was produced gets its ledger entry in the same transaction, even when the

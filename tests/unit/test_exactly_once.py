@@ -233,3 +233,16 @@ def test_ledger_entry_round_trip() -> None:
     assert led.known("a")["U1"] == e
     led.apply(e.key, None)
     assert led.known("a") == {}
+
+
+def test_gmail_style_abort_disconnects_without_quit(drop: Maildrop) -> None:
+    """abort_with: disconnect -> a failed round ends sessions with no RSET and no QUIT."""
+
+    class FailingProducer(ShardProducer):
+        def check(self, deliveries: Any) -> DeliveryError | None:
+            return DeliveryError("injected")
+
+    h = Harness(cfg([{"id": "a", "abort_with": "disconnect"}]), {"a": drop}, FailingProducer)
+    (r,) = h.round()
+    assert isinstance(r.error, DeliveryError)
+    assert drop.log[-1] == "CLOSE" and "QUIT" not in drop.log and "ABORT" not in drop.log
