@@ -351,8 +351,6 @@ def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConf
             )
         if m["start_from"] != "all":
             raise ConfigError(f"{path}.start_from: 'now' needs the UIDL ledger (delivery.mode: exactly_once)")
-    if m["delete_after_days"] is not None and m["delete"]:
-        raise ConfigError(f"{path}.delete_after_days: only meaningful in keep mode (delete: false)")
     # A cycle must end well inside transaction.timeout.ms, or the broker aborts it under us.
     limit = delivery.transaction_timeout_seconds / 2
     if m["max_seconds_per_cycle"] > limit:

@@ -228,5 +228,11 @@ class Publisher:
             producer, self._producer = self._producer, None
         if producer is None:
             return 0
-        remaining: int = producer.flush(timeout)
+        if self._fatal is not None:
+            return 0  # a fatal producer cannot flush; its transaction is aborted by the broker
+        try:
+            remaining: int = producer.flush(timeout)
+        except KafkaException as exc:  # e.g. fenced while flushing
+            self._log.warning("flush at close failed: %s", exc.args[0])
+            return 0
         return remaining

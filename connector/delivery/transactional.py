@@ -94,6 +94,17 @@ class ShardProducer(Publisher):
                     continue
                 raise DeliveryError(f"shard {self.shard}: {what} failed: {err.str()}") from exc
 
+    def fatal_error(self) -> DeliveryFatalError:
+        """The error to report once librdkafka marked this producer fatal (fenced or other)."""
+        err = self._fatal
+        text = err.str() if err is not None else "unknown"
+        if err is not None and (err.code() in _FENCED_CODES or "fenced" in text.lower()):
+            return ShardFencedError(
+                f"shard {self.shard}: fenced by a newer owner of transactional.id {self.transactional_id!r} "
+                f"({text}); this process stops polling the shard"
+            )
+        return DeliveryFatalError(f"shard {self.shard}: the producer failed fatally ({text})")
+
     def init(self) -> None:
         """init_transactions(): fence older producers of this id, abort their open transaction."""
         producer = self._get()

@@ -172,7 +172,9 @@ class ShardWorker:
         if kafka_errors:
             self.producer.abort()
             if self.producer.fatal is not None:
-                self.dead = DeliveryFatalError(f"shard {self.shard}: producer failed fatally: {self.producer.fatal}")
+                self.dead = self.producer.fatal_error()
+                log.critical("shard %d stopped: %s", self.shard, self.dead)
+                return self._fail_all(preps, self.dead, "produce")
             return self._fail_all(preps, kafka_errors[0], "produce")
 
         faults.point("before_commit")
@@ -296,11 +298,14 @@ class ShardWorker:
                     continue
                 entry = known.get(uidl)
                 if entry is not None:
-                    if m.delete or (
+                    aged = (
                         m.delete_after_days is not None
                         and entry.first_seen_at is not None
                         and now - entry.first_seen_at >= m.delete_after_days * DAY_MS
-                    ):
+                    )
+                    # Baseline entries (start_from: now, imports) name mail we never published:
+                    # delete mode leaves it alone; only delete_after_days removes it.
+                    if aged or (m.delete and entry.state != "baseline"):
                         p.to_delete.append((msg_num, uidl))
                     continue
                 if self.stop.is_set() or res.fetched >= m.max_messages_per_cycle or time.monotonic() > deadline:

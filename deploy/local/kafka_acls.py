@@ -53,13 +53,20 @@ def connector_acls(
     group_prefix: str = DEFAULT_GROUP_PREFIX,
     create_topics: bool = True,
     tail: bool = False,
+    exactly_once: bool = True,
 ) -> list[Acl]:
-    """The minimal ACLs for ``poll-once``/``run`` in exactly_once mode (see docs/kafka-security.md).
+    """The minimal ACLs for ``poll-once``/``run`` (see docs/kafka-security.md).
 
     ``create_topics=False``: the topics are created by an administrator beforehand (then set
     ``topics.create: false`` and ``ledger.create: false``). ``tail=True`` adds what
-    ``pop3-kafka tail`` needs on top.
+    ``pop3-kafka tail`` needs on top. ``exactly_once=False`` (delivery.mode: at_least_once):
+    no ledger, no transactions, so only the mail topic.
     """
+    if not exactly_once:
+        acls = [Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (idempotent); implies DESCRIBE")]
+        if create_topics:
+            acls.append(Acl("TOPIC", mail_topic, "LITERAL", "CREATE", "topics.create: true (default)"))
+        return acls + _tail_acls(mail_topic) if tail else acls
     acls = [
         Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (transactional); implies DESCRIBE"),
         Acl("TOPIC", ledger_topic, "LITERAL", "WRITE", "produce ledger entries in the same transaction"),
@@ -76,8 +83,8 @@ def connector_acls(
             "GROUP",
             group_prefix,
             "PREFIXED",
-            "READ",
-            "the ledger loader's group.id (FindCoordinator; no offsets are committed)",
+            "DESCRIBE",
+            "the ledger loader's group.id: FindCoordinator (it assigns partitions, commits nothing)",
         ),
     ]
     if create_topics:
@@ -85,12 +92,14 @@ def connector_acls(
             Acl("TOPIC", mail_topic, "LITERAL", "CREATE", "topics.create: true (default)"),
             Acl("TOPIC", ledger_topic, "LITERAL", "CREATE", "ledger.create: true (default), compacted"),
         ]
-    if tail:
-        acls += [
-            Acl("TOPIC", mail_topic, "LITERAL", "READ", "pop3-kafka tail only"),
-            Acl("GROUP", TAIL_GROUP, "LITERAL", "READ", "pop3-kafka tail only (group.id; nothing is committed)"),
-        ]
-    return acls
+    return acls + _tail_acls(mail_topic) if tail else acls
+
+
+def _tail_acls(mail_topic: str) -> list[Acl]:
+    return [
+        Acl("TOPIC", mail_topic, "LITERAL", "READ", "pop3-kafka tail only"),
+        Acl("GROUP", TAIL_GROUP, "LITERAL", "DESCRIBE", "pop3-kafka tail only: FindCoordinator (commits nothing)"),
+    ]
 
 
 def acl_bindings(principal: str, acls: Iterable[Acl]) -> list[Any]:
@@ -145,6 +154,7 @@ def grant_connector_acls(
     group_prefix: str = DEFAULT_GROUP_PREFIX,
     create_topics: bool = True,
     tail: bool = False,
+    exactly_once: bool = True,
     admin_conf: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Grant ``principal`` exactly :func:`connector_acls`; returns the created AclBindings."""
@@ -155,6 +165,7 @@ def grant_connector_acls(
         group_prefix=group_prefix,
         create_topics=create_topics,
         tail=tail,
+        exactly_once=exactly_once,
     )
     return grant_acls(bootstrap, principal, acls, admin_conf=admin_conf)
 
@@ -202,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--group-prefix", default=DEFAULT_GROUP_PREFIX)
     ap.add_argument("--no-create", action="store_true", help="topics are pre-created by an administrator")
     ap.add_argument("--tail", action="store_true", help="also allow `pop3-kafka tail`")
+    ap.add_argument("--at-least-once", action="store_true", help="delivery.mode: at_least_once (no ledger)")
     ap.add_argument("--bootstrap", default="BROKER:9093")
     ap.add_argument("--admin-config", help="grant: librdkafka properties file (key=value) for the admin connection")
     args = ap.parse_args(argv)
@@ -212,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         group_prefix=args.group_prefix,
         create_topics=not args.no_create,
         tail=args.tail,
+        exactly_once=not args.at_least_once,
     )
     if args.action == "print":
         for line in kafka_acls_commands(
