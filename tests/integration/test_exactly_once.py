@@ -202,9 +202,10 @@ def test_tcp_connection_cut_during_retr(services, topic: str, tmp_path: Path) ->
             services.bootstrap,
             topic,
             [mailbox("cut", "t6", proxy.port, services.cafile, timeout_seconds=10)],
+            kafka={"client": {"message.max.bytes": 16_000_000}},
         )
         proc = cli("poll-once", "--config", str(cfg), env={"PW_CUT": "t6-pw"})
-        assert proc.returncode == 1 and "step retr" in proc.stderr and "Pop3ConnectError" in proc.stderr
+        assert proc.returncode == 1 and "step retr" in proc.stderr and "Pop3ConnectError" in proc.stderr, proc.stderr
         assert len(server_uidls(services, "t6")) == 4
         proc = cli("poll-once", "--config", str(cfg), env={"PW_CUT": "t6-pw"})
         assert proc.returncode == 0, proc.stderr
@@ -215,11 +216,23 @@ def test_tcp_connection_cut_during_retr(services, topic: str, tmp_path: Path) ->
     assert server_uidls(services, "t6") == []
 
 
+def server_uidls_when_up(services, user: str) -> list[str]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return server_uidls(services, user)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_dovecot_restarted_during_retr(services, topic: str, tmp_path: Path) -> None:
     services.dovecot.clear("t7")
-    services.dovecot.put("t7", big_mail(2, 6))
+    services.dovecot.put("t7", big_mail(2, 12))
     services.dovecot.put("t7", make_mail(1, seed=77)[0])
     proxy = TcpProxy(services.dovecot.pop3s_port)
+    proxy.delay = 0.02  # a slow link: the 12 MB RETR takes seconds, so the restart lands inside it
     restarted = threading.Event()
 
     def restart_mid_retr(n: int) -> None:
@@ -234,13 +247,12 @@ def test_dovecot_restarted_during_retr(services, topic: str, tmp_path: Path) -> 
             services.bootstrap,
             topic,
             [mailbox("restart", "t7", proxy.port, services.cafile, timeout_seconds=10)],
+            kafka={"client": {"message.max.bytes": 16_000_000}},
         )
         proc = cli("poll-once", "--config", str(cfg), env={"PW_RESTART": "t7-pw"})
-        assert proc.returncode == 1 and "step retr" in proc.stderr
-        deadline = time.monotonic() + 30
-        while not services.dovecot.master_pid() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(0.5)
+        assert proc.returncode == 1 and "step retr" in proc.stderr, proc.stderr
+        assert len(server_uidls_when_up(services, "t7")) == 2
+        proxy.delay = 0
         proc = cli("poll-once", "--config", str(cfg), env={"PW_RESTART": "t7-pw"})
         assert proc.returncode == 0, proc.stderr
     finally:

@@ -5,8 +5,11 @@ TLS passes through untouched (the client still verifies the server's certificate
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -20,6 +23,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         #: called with the downstream byte count after each chunk; may call cut()
         self.on_bytes: Callable[[int], None] | None = None
+        #: seconds to sleep per downstream chunk (a slow link), 0 = full speed
+        self.delay = 0.0
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -29,9 +34,16 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # A small window, so a slowed proxy really holds the server back mid-response
+            # (instead of megabytes sitting in loopback buffers).
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
             try:
-                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(10)
+                upstream.connect(self.target)
+                upstream.settimeout(None)
             except OSError:
+                upstream.close()
                 client.close()
                 continue
             with self._lock:
@@ -46,6 +58,8 @@ class TcpProxy:
                 if not data:
                     break
                 dst.sendall(data)
+                if downstream and self.delay:
+                    time.sleep(self.delay)
                 if downstream:
                     with self._lock:
                         self.downstream_bytes += len(data)
@@ -56,21 +70,20 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         """Reset every open connection (RST, as a failing middlebox would)."""
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            with contextlib.suppress(OSError):
+                # linger 0 -> RST; shutdown() also wakes the pump thread blocked in recv()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop = True
