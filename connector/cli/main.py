@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -49,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll every mailbox on its interval until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", required=True)
 
+    ledger = sub.add_parser("ledger", help="UIDL ledger commands")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    imp = ledger_sub.add_parser(
+        "import",
+        help="record the mail another tool already fetched as seen (baseline), so it is never published",
+    )
+    imp.add_argument("--config", "-c", required=True)
+    imp.add_argument("--mailbox", "-m", required=True)
+    src = imp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fetchids", type=Path, help="fetchmail's .fetchids file")
+    src.add_argument("--getmail-oldmail", type=Path, help="getmail's oldmail-<server>-<port>-<user> file")
+    imp.add_argument("--account", help="fetchmail account user@server, when the file holds several")
+
     tail = sub.add_parser("tail", help="print decoded records from the mail topic as JSON lines")
     tail.add_argument("--config", "-c", required=True)
     tail.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
@@ -81,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _poll_once(cfg, args.mailbox)
         if args.command == "run":
             return _run(cfg)
+        if args.command == "ledger":
+            return _ledger_import(cfg, args)
         if args.command == "tail":
             try:
                 return _tail(cfg, args)
@@ -179,6 +195,26 @@ def _run(cfg: Config) -> int:
     if runner.fatal:
         return EXIT_FAILED
     log.info("stopped cleanly")
+    return EXIT_OK
+
+
+def _ledger_import(cfg: Config, args: argparse.Namespace) -> int:
+    from connector.cutover import importers
+    from connector.runtime.ledger_import import import_baseline
+
+    mb = cfg.mailbox(args.mailbox)
+    if args.fetchids is not None:
+        user, _, server = (args.account or "").rpartition("@")
+        seen = importers.read_fetchids(args.fetchids, server=server or None, user=user or None)
+        form = None
+    else:
+        seen = importers.read_getmail_oldmail(args.getmail_oldmail)
+        form = importers.getmail_uidl_form  # getmail stores '/' in UIDLs as '-'
+    report = import_baseline(cfg, mb, seen, uidl_form=form)
+    print(
+        f"{mb.id}: {report.recorded} recorded as seen (not published), {report.already_known} already in the "
+        f"ledger, {report.not_on_server} from the file no longer on the server"
+    )
     return EXIT_OK
 
 

@@ -304,3 +304,30 @@ def test_broker_down_for_30_seconds_mid_cycle(services, own_kafka, topic: str, t
     got = consume_all(own_kafka.bootstrap, topic, expect=12)
     assert len(got) == 12 and len({c.record["message_id"] for c in got}) == 12
     assert server_uidls(services, "t5") == []
+
+
+def test_ledger_import_from_fetchmail_and_getmail(services, topic: str, tmp_path: Path) -> None:
+    mails = put_mails(services, "t8", 6, seed=88)
+    uidls = server_uidls(services, "t8")
+    (tmp_path / ".fetchids").write_text(f"t8@127.0.0.1 {uidls[0]}\nt8@127.0.0.1 {uidls[1]}\nt8@127.0.0.1 GONE1\n")
+    (tmp_path / "oldmail").write_text(f"{uidls[2]}\x001767258000\n{uidls[3]}\x001767258001\n")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("cutover", "t8", services.dovecot.pop3s_port, services.cafile)],
+    )
+    env = {"PW_CUTOVER": "t8-pw"}
+    a = cli("ledger", "import", "-c", str(cfg), "-m", "cutover", "--fetchids", str(tmp_path / ".fetchids"), env=env)
+    assert a.returncode == 0, a.stderr
+    assert "cutover: 2 recorded as seen (not published), 0 already in the ledger, 1 from the file" in a.stdout
+    g = cli(
+        "ledger", "import", "-c", str(cfg), "-m", "cutover", "--getmail-oldmail", str(tmp_path / "oldmail"), env=env
+    )
+    assert g.returncode == 0 and "2 recorded as seen" in g.stdout, g.stderr
+    assert cli("poll-once", "--config", str(cfg), env=env).returncode == 0
+    got = consume_all(services.bootstrap, topic, expect=2)
+    published = {c.record["provenance"]["uidl"] for c in got}
+    assert published == set(uidls[4:]) and len(got) == 2
+    assert len(mails) == 6
+    assert sorted(server_uidls(services, "t8")) == sorted(uidls[:4])  # imported mail is left alone
