@@ -89,6 +89,9 @@ class MailboxConfig:
     absent_grace_days: float = 7.0
     #: how a session ends without applying deletes: RSET+QUIT, or disconnect (Gmail).
     abort_with: Literal["rset_quit", "disconnect"] = "rset_quit"
+    #: "uidl" (RFC 1939 unique-id) or the opt-in fallback "headers" for servers without UIDL
+    #: or with duplicate UIDLs: identity = hash of TOP n 0 + LIST size (docs/delivery.md, limits).
+    identity: Literal["uidl", "headers"] = "uidl"
 
     @property
     def server(self) -> str:
@@ -242,6 +245,7 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "on_uidl_reset": Field("str", default="stop", choices=("stop", "republish", "rebaseline")),
     "absent_grace_days": Field("float", default=7.0, minimum=0, maximum=36500),
     "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
+    "identity": Field("str", default="uidl", choices=("uidl", "headers")),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -413,6 +417,7 @@ def parse_config(
                 on_uidl_reset=m["on_uidl_reset"],
                 absent_grace_days=m["absent_grace_days"],
                 abort_with=m["abort_with"],
+                identity=m["identity"],
             )
         )
     k = v["kafka"]

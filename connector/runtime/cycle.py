@@ -115,6 +115,27 @@ def open_session(mailbox: MailboxConfig) -> MailboxSession:
     )
 
 
+def list_identities(session: MailboxSession, mailbox: MailboxConfig, sizes: dict[int, int]) -> list[tuple[int, str]]:
+    """(msg_num, identity) for every message: the UIDL, or the opt-in header fallback.
+
+    Fallback (``identity: headers``) for servers without UIDL (RFC 1939 §7 makes it optional)
+    or with duplicate UIDLs: ``h<sha256 of TOP n 0, 24 hex>-<LIST size>``, and ``.<k>`` for the
+    k-th repeat of the same value in one listing. Limits (docs/delivery.md): a TOP per message
+    and cycle; mail whose headers and size are identical is told apart only by its position;
+    a server that rewrites headers between sessions makes old mail look new.
+    """
+    if mailbox.identity == "uidl":
+        return session.uidl()
+    seen: dict[str, int] = {}
+    out: list[tuple[int, str]] = []
+    for msg_num in sorted(sizes):
+        base = f"h{hashlib.sha256(session.top(msg_num, 0)).hexdigest()[:24]}-{sizes[msg_num]}"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out.append((msg_num, base if k == 0 else f"{base}.{k}"))
+    return out
+
+
 def end_without_deletes(session: MailboxSession, mailbox: MailboxConfig) -> None:
     """End a session so that nothing is deleted, the way this provider needs (never raises).
 
@@ -224,8 +245,8 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "login"
         session.login_user_pass(mailbox.username, mailbox.password.reveal())
         step = "uidl"
-        uidls = session.uidl()
         sizes = dict(session.list())
+        uidls = list_identities(session, mailbox, sizes)
         res.listed = len(uidls)
         seen: set[str] = set()
         for msg_num, uidl in uidls:

@@ -57,6 +57,7 @@ from connector.runtime.cycle import (
     MailboxSession,
     encode_mail,
     end_without_deletes,
+    list_identities,
     open_session,
     retr_bounded,
 )
@@ -278,8 +279,8 @@ class ShardWorker:
             step = "login"
             session.login_user_pass(m.username, m.password.reveal())
             step = "uidl"
-            uidls = session.uidl()
             sizes = dict(session.list())
+            uidls = list_identities(session, m, sizes)
             res.listed = len(uidls)
             self._check_listing(uidls, sizes)
             known = self.ledger.known(m.id)

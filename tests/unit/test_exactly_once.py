@@ -247,3 +247,25 @@ def test_gmail_style_abort_disconnects_without_quit(drop: Maildrop) -> None:
     (r,) = h.round()
     assert isinstance(r.error, DeliveryError)
     assert drop.log[-1] == "CLOSE" and "QUIT" not in drop.log and "ABORT" not in drop.log
+
+
+def test_header_identity_fallback_for_servers_without_uidl() -> None:
+    from connector.errors import Pop3UnsupportedError
+
+    same = make_mail(1)[0]
+    drop = Maildrop({"x1": make_mail(0)[0], "x2": same, "x3": same})  # two identical mails
+
+    def no_uidl(cmd: str, n: int) -> None:
+        if cmd == "UIDL":
+            raise Pop3UnsupportedError("the server does not support UIDL")
+
+    drop.fail = no_uidl
+    h = Harness(cfg([{"id": "a", "delete": False}]), {"a": drop})
+    (r,) = h.round()
+    assert isinstance(r.error, Pop3UnsupportedError)
+    h2 = Harness(cfg([{"id": "a", "delete": False, "identity": "headers"}]), {"a": drop})
+    (r,) = h2.round()
+    assert r.ok and len(h2.published) == 3 and len(set(h2.published)) == 3
+    assert h2.published[2] == h2.published[1] + ".1"  # the repeat is told apart by position
+    (r,) = h2.round()
+    assert r.ok and len(h2.published) == 3, "nothing new on the second cycle"
