@@ -241,7 +241,7 @@ def _summary(partition: int | None, offset: int | None, rec: dict[str, Any]) -> 
 
 
 def _tail(cfg: Config, args: argparse.Namespace) -> int:
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
     from connector.records import decode_single_object
 
@@ -287,6 +287,8 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
             err = msg.error()
             if err is not None:
                 print(f"pop3-kafka: consume error: {err.str()}", file=sys.stderr)
+                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+                    return EXIT_FAILED  # not transient: the principal lacks Read (docs/kafka-security.md)
                 continue
             last = time.monotonic()
             count += 1

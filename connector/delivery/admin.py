@@ -19,9 +19,20 @@ from connector.delivery.kafka import client_config_error
 from connector.errors import ConfigError, DeliveryError
 
 
+#: the last client-level error librdkafka reported per bootstrap (authentication failures
+#: reach only error_cb; the AdminClient call itself just times out).
+_last_error: dict[str, str] = {}
+
+
+def _hint(bootstrap: str) -> str:
+    last = _last_error.get(bootstrap)
+    return f" (last client error: {last})" if last else ""
+
+
 def admin_client(bootstrap: str, client: Mapping[str, Any]) -> AdminClient:
     conf = dict(client)
     conf["bootstrap.servers"] = bootstrap
+    conf["error_cb"] = lambda err: _last_error.__setitem__(bootstrap, err.str())
     # librdkafka logs through Python logging (structured, filtered) instead of raw stderr.
     conf["logger"] = logging.getLogger("pop3kafka.rdkafka.admin")
     try:
@@ -50,14 +61,14 @@ def ensure_topic(
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise DeliveryError(
-            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}; "
+            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}{_hint(bootstrap)}; "
             "check kafka.bootstrap_servers and the client security settings"
         ) from exc
     if topic in md.topics and md.topics[topic].error is None:
         return False
     if not create:
         raise DeliveryError(
-            f"topic {topic!r} does not exist on {bootstrap}; create it, or set "
+            f"topic {topic!r} does not exist on {bootstrap} (or this principal lacks Describe on it); create it, or set "
             "topics.create: true to let the connector create it"
         )
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)])
@@ -98,7 +109,9 @@ def ensure_ledger_topic(
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise DeliveryError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}") from exc
+        raise DeliveryError(
+            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}{_hint(bootstrap)}"
+        ) from exc
     tmd = md.topics.get(topic)
     if tmd is None or tmd.error is not None:
         if not create:

@@ -180,6 +180,12 @@ def load_shard_ledger(
                 if err.code() == KafkaError._PARTITION_EOF:
                     ledger.end_offset = msg.offset() or 0
                     break
+                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+                    # Not transient: say which ACL is missing instead of waiting out the deadline.
+                    raise DeliveryError(
+                        f"ledger {topic}[{shard}]: {err.str()}; the connector's principal needs Read on topic "
+                        f"{topic!r} (docs/kafka-security.md)"
+                    )
                 if err.retriable() or not err.fatal():
                     log.warning("ledger %s[%d]: %s", topic, shard, err.str())
                     continue
