@@ -18,7 +18,6 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from connector.delivery.kafka import client_config_error
 from connector.errors import ConfigError, DeliveryError
 
-
 #: the last client-level error librdkafka reported per bootstrap (authentication failures
 #: reach only error_cb; the AdminClient call itself just times out).
 _last_error: dict[str, str] = {}
@@ -68,8 +67,8 @@ def ensure_topic(
         return False
     if not create:
         raise DeliveryError(
-            f"topic {topic!r} does not exist on {bootstrap} (or this principal lacks Describe on it); create it, or set "
-            "topics.create: true to let the connector create it"
+            f"topic {topic!r} does not exist on {bootstrap} (or this principal lacks Describe on it); "
+            "create it, or set topics.create: true to let the connector create it"
         )
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)])
     try:
