@@ -66,6 +66,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mails", type=int, default=40)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--label", default="", help="suffix for the results file name")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="delay per server->client chunk (a slow link)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eos.md")
     args = ap.parse_args()
     os.environ.update({f"PW_{u.upper()}": f"{u}-pw" for u in USERS})
@@ -73,6 +75,15 @@ def main() -> int:
     d.chmod(0o755)
     stack = Stack.at(d)
     stack.up()
+    port = stack.dovecot.pop3s_port
+    proxy = None
+    if args.latency_ms:
+        sys.path.insert(0, str(REPO / "tests"))
+        from support.tcpproxy import TcpProxy
+
+        proxy = TcpProxy(port)
+        proxy.delay = args.latency_ms / 1000
+        port = proxy.port
     rng = random.Random(5)
     mails = [build_mail(rng, i) for i in range(args.mails)]
     times: dict[str, list[float]] = {"alo": [], "eos-group": [], "eos-serial": []}
@@ -85,7 +96,7 @@ def main() -> int:
                         stack.dovecot.put(u, raw)
                 tag = uuid.uuid4().hex[:8]
                 mode = "at_least_once" if name == "alo" else "exactly_once"
-                cfg = config(stack.kafka.bootstrap, stack.dovecot.pop3s_port, str(stack.dovecot.cafile), mode, tag)
+                cfg = config(stack.kafka.bootstrap, port, str(stack.dovecot.cafile), mode, tag)
                 ensure_topic(
                     stack.kafka.bootstrap, {}, cfg.topics.mail, create=True, partitions=4, replication_factor=1
                 )
@@ -105,6 +116,8 @@ def main() -> int:
                 assert all(r.ok for r in results), [r.error for r in results if not r.ok]
                 assert sum(r.deleted for r in results) == len(USERS) * args.mails
     finally:
+        if proxy is not None:
+            proxy.close()
         for u in USERS:
             stack.dovecot.clear(u)
         stack.down()
@@ -115,7 +128,8 @@ def main() -> int:
         f"one shard, median of {args.runs}",
         "",
         f"`python bench/eos.py --mails {args.mails} --runs {args.runs}`, {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores, real Kafka 4.4 + Dovecot over POP3S.",
+        f"{os.cpu_count()} cores, real Kafka 4.4 + Dovecot over POP3S"
+        + (f", through a proxy adding {args.latency_ms:g} ms per server->client chunk." if args.latency_ms else "."),
         "",
         "| mode | wall s (median) | min | max | mails/s | vs at-least-once |",
         "|---|---:|---:|---:|---:|---:|",
@@ -125,7 +139,8 @@ def main() -> int:
             f"| {k} | {med[k]:.2f} | {min(v):.2f} | {max(v):.2f} | {n / med[k]:.0f} | {med['alo'] / med[k]:.2f}x |"
         )
     text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
+    out = args.out.with_name(args.out.stem + (f"-{args.label}" if args.label else "") + args.out.suffix)
+    out.write_text(text)
     print(text)
     return 0
 

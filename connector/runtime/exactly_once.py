@@ -128,7 +128,8 @@ class ShardWorker:
         self.dead: ConnectorError | None = None
         self._tombstones: list[tuple[str, str]] = []
         self._absent_since: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one round at a time
+        self._state_lock = threading.Lock()  # tombstones and ledger view, touched by settle threads
 
     # ------------------------------------------------------------------ the round
 
@@ -191,7 +192,8 @@ class ShardWorker:
         faults.point("after_commit")
 
         # Committed: the ledger view follows what is now in Kafka.
-        self._tombstones = self._tombstones[len(tombstones) :]
+        with self._state_lock:
+            self._tombstones = self._tombstones[len(tombstones) :]
         for p in preps:
             for e in p.entries:
                 self.ledger.record(e)
@@ -202,8 +204,9 @@ class ShardWorker:
                 for e in p.entries:
                     if e.state == "delivered":
                         self.hooks.on_published(e.uidl)
-        for p in preps:
-            self._settle(p)
+        # DELE + QUIT per session in parallel: each DELE is a round trip, and a slow server
+        # must not delay the others' QUIT (their locks, their deletes).
+        list(sessions.map(self._settle, preps))
         return [p.result for p in preps]
 
     def _settle(self, p: Prepared) -> None:
@@ -221,10 +224,12 @@ class ShardWorker:
             p.session.quit()
             p.session = None
             res.deleted = len(p.to_delete)
-            for _, uidl in p.to_delete:
-                self._tombstones.append((p.mailbox.id, uidl))
-                self.ledger.forget(p.mailbox.id, uidl)
-                if self.hooks.on_deleted:
+            with self._state_lock:  # settles run in parallel threads
+                for _, uidl in p.to_delete:
+                    self._tombstones.append((p.mailbox.id, uidl))
+                    self.ledger.forget(p.mailbox.id, uidl)
+            if self.hooks.on_deleted:
+                for _, uidl in p.to_delete:
                     self.hooks.on_deleted(uidl)
         except ConnectorError as exc:
             # The mail is in Kafka and in the ledger: a later round deletes it. Nothing lost.
