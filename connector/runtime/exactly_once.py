@@ -49,6 +49,7 @@ from connector.errors import (
     RecordTooLargeError,
     UidlResetError,
 )
+from connector.observability import metrics
 from connector.records import HEADER_MAILBOX, HEADER_RECORD_ID, mail_schema, record_id
 from connector.records.ledger import LedgerEntry, ShardLedger, header_sha256
 from connector.runtime.cycle import (
@@ -128,10 +129,22 @@ class ShardWorker:
         self.dead: ConnectorError | None = None
         self._tombstones: list[tuple[str, str]] = []
         self._absent_since: dict[tuple[str, str], int] = {}
+        metrics.SHARD_OWNED.labels(str(shard)).set(1)
         self._lock = threading.Lock()  # one round at a time
         self._state_lock = threading.Lock()  # tombstones and ledger view, touched by settle threads
 
     # ------------------------------------------------------------------ the round
+
+    def _die(self, exc: DeliveryFatalError) -> None:
+        """The shard is no longer ours (fenced) or its producer is broken: stop it, loudly."""
+        self.dead = exc
+        shard = str(self.shard)
+        if isinstance(exc, ShardFencedError):
+            metrics.FENCING_EVENTS.labels(shard).inc()
+        else:
+            metrics.PRODUCER_FATAL.labels(shard).inc()
+        metrics.SHARD_OWNED.labels(shard).set(0)
+        log.critical("shard %d stopped: %s", self.shard, exc)
 
     def round(self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
         """One transaction for ``mailboxes`` (all of this shard); results in the same order."""
@@ -158,8 +171,7 @@ class ShardWorker:
         try:
             self.producer.begin()
         except (ShardFencedError, DeliveryFatalError) as exc:
-            self.dead = exc
-            log.critical("shard %d stopped: %s", self.shard, exc)
+            self._die(exc)
             return self._fail_all(preps, exc, "produce")
         except DeliveryError as exc:
             return self._fail_all(preps, exc, "produce")
@@ -173,10 +185,11 @@ class ShardWorker:
         kafka_errors = [p.kafka_error for p in preps if p.kafka_error is not None]
         if kafka_errors:
             self.producer.abort()
+            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
             if self.producer.fatal is not None:
-                self.dead = self.producer.fatal_error()
-                log.critical("shard %d stopped: %s", self.shard, self.dead)
-                return self._fail_all(preps, self.dead, "produce")
+                dead = self.producer.fatal_error()
+                self._die(dead)
+                return self._fail_all(preps, dead, "produce")
             return self._fail_all(preps, kafka_errors[0], "produce")
 
         faults.point("before_commit")
@@ -184,11 +197,13 @@ class ShardWorker:
             with faults.during("during_commit"):
                 self.producer.commit()
         except (ShardFencedError, DeliveryFatalError) as exc:
-            self.dead = exc
-            log.critical("shard %d stopped: %s", self.shard, exc)
+            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
+            self._die(exc)
             return self._fail_all(preps, exc, "commit")
         except DeliveryError as exc:
+            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
             return self._fail_all(preps, exc, "commit")
+        metrics.TRANSACTIONS.labels(str(self.shard), "committed").inc()
         faults.point("after_commit")
 
         # Committed: the ledger view follows what is now in Kafka.

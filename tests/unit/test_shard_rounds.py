@@ -269,3 +269,38 @@ def test_header_identity_fallback_for_servers_without_uidl() -> None:
     assert h2.published[2] == h2.published[1] + ".1"  # the repeat is told apart by position
     (r,) = h2.round()
     assert r.ok and len(h2.published) == 3, "nothing new on the second cycle"
+
+
+def test_fencing_stops_the_shard_loudly_in_logs_and_metrics(drop: Maildrop, caplog: pytest.LogCaptureFixture) -> None:
+    from confluent_kafka import KafkaError
+
+    from connector.delivery.transactional import ShardFencedError
+    from connector.observability import metrics
+
+    class FencedProducer(ShardProducer):
+        def begin(self) -> None:
+            self._fatal = KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True)
+            raise self.fatal_error()
+
+    h = Harness(cfg([{"id": "a"}]), {"a": drop}, FencedProducer)
+    shard = {"shard": "0"}
+    before = metrics.value("pop3kafka_fencing_events_total", shard)
+    assert metrics.value("pop3kafka_shard_owned", shard) == 1
+    (r,) = h.round()
+    assert isinstance(r.error, ShardFencedError) and "stops polling the shard" in str(r.error)
+    assert h.worker.dead is not None and len(drop.mails) == 4 and "RETR 1" not in drop.log
+    assert metrics.value("pop3kafka_fencing_events_total", shard) == before + 1
+    assert metrics.value("pop3kafka_shard_owned", shard) == 0
+    assert any(rec.levelname == "CRITICAL" and "fenced" in rec.getMessage() for rec in caplog.records)
+    (r,) = h.round()  # a dead shard polls nothing
+    assert isinstance(r.error, ShardFencedError) and drop.log.count("LOGIN") == 0
+
+
+def test_transactions_are_counted_by_outcome(drop: Maildrop) -> None:
+    from connector.observability import metrics
+
+    labels = {"shard": "0", "outcome": "committed"}
+    before = metrics.value("pop3kafka_transactions_total", labels)
+    h = Harness(cfg([{"id": "a"}]), {"a": drop})
+    h.round()
+    assert metrics.value("pop3kafka_transactions_total", labels) == before + 1
