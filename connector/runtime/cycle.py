@@ -169,12 +169,6 @@ class CycleContext:
     session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
 
 
-def _record_key(ctx: CycleContext, mailbox: MailboxConfig, rid: str) -> bytes:
-    # Default "mailbox": every mail of a mailbox lands in one partition, in server order,
-    # and later attachment chunks with the same key follow their mail (docs/record.md).
-    return (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
-
-
 def encode_mail(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema) -> bytes:
     """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be."""
     prov = Provenance(
@@ -214,6 +208,73 @@ def retr_bounded(session: MailboxSession, msg_num: int, limit: int) -> bytes | N
     return None if over else b"".join(pieces)
 
 
+def fetch_and_encode(
+    session: MailboxSession,
+    mailbox: MailboxConfig,
+    msg_num: int,
+    uidl: str,
+    *,
+    res: CycleResult,
+    hooks: CycleHooks,
+    extra: dict[str, str],
+    clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+) -> tuple[bytes, bytes, int] | None:
+    """The per-mail step both delivery modes share: bounded RETR -> decode -> framed Avro.
+
+    Returns (raw, value, fetched_at), or None when the mail has to stay on the server (over
+    max_message_bytes, undecodable), counted in ``res`` and logged with its UIDL only. POP3
+    errors propagate: the session is then unusable.
+    """
+    raw = retr_bounded(session, msg_num, mailbox.max_message_bytes)
+    res.fetched += 1
+    if raw is None:
+        res.oversized += 1
+        log.error(
+            "mail grew past max_message_bytes (%d) during RETR; left on the server",
+            mailbox.max_message_bytes,
+            extra={**extra, "uidl": uidl},
+        )
+        return None
+    fetched_at = clock_ms()
+    faults.point("after_retr")
+    log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
+    if hooks.on_retrieved:
+        hooks.on_retrieved(uidl, len(raw))
+    try:
+        value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema())
+    except DecodeError as exc:
+        # Dead-letter topic comes with the decoding issue; until then the mail stays on the
+        # server (nothing lost) and the cycle goes on with the next one.
+        res.undecodable += 1
+        log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
+        return None
+    return raw, value, fetched_at
+
+
+def send_record(
+    sender: Publisher,
+    config: Config,
+    mailbox: MailboxConfig,
+    uidl: str,
+    value: bytes,
+    *,
+    res: CycleResult,
+    extra: dict[str, str],
+) -> Delivery | None:
+    """Produce one mail record with its key and headers; None (counted) when Kafka refuses its size."""
+    rid = record_id(mailbox.id, uidl)
+    # Default key "mailbox": every mail of a mailbox lands in one partition, in server order,
+    # and later attachment chunks with the same key follow their mail (docs/record.md).
+    key = (mailbox.id if config.record.key == "mailbox" else rid).encode()
+    headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
+    try:
+        return sender.send(config.topics.mail, key, value, headers)
+    except RecordTooLargeError as exc:
+        res.too_large += 1
+        log.error("record too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl})
+        return None
+
+
 def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     """Run one cycle; never raises for expected failures (they are in ``result.error``).
 
@@ -230,7 +291,6 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     step = "connect"
     session: MailboxSession | None = None
     pending: list[_Pending] = []
-    schema = mail_schema()
     #: a Kafka-side failure after which the session is still healthy enough to settle.
     failure: ConnectorError | None = None
     grace = ctx.config.runtime.shutdown_grace_seconds
@@ -281,45 +341,20 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 res.more_pending = True
                 break
             step = "retr"
-            raw = retr_bounded(session, msg_num, mailbox.max_message_bytes)
-            res.fetched += 1
-            if raw is None:
-                res.oversized += 1
-                log.error(
-                    "mail grew past max_message_bytes (%d) during RETR (LIST said %d); left on the server",
-                    mailbox.max_message_bytes,
-                    size,
-                    extra={**extra, "uidl": uidl},
-                )
+            got = fetch_and_encode(session, mailbox, msg_num, uidl, res=res, hooks=ctx.hooks, extra=extra)
+            if got is None:
                 continue
+            raw, value, _ = got
             budget -= len(raw)
-            faults.point("after_retr")
-            fetched_at = time.time_ns() // 1_000_000
-            log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
-            if ctx.hooks.on_retrieved:
-                ctx.hooks.on_retrieved(uidl, len(raw))
-            step = "decode"
-            rid = record_id(mailbox.id, uidl)
-            try:
-                value = encode_mail(mailbox, uidl, raw, fetched_at, schema)
-            except DecodeError as exc:
-                # Dead-letter topic comes with the decoding issue; until then the mail stays on
-                # the server (nothing lost) and the cycle goes on with the next one.
-                res.undecodable += 1
-                log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
-                continue
             step = "produce"
-            headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
             try:
-                d = ctx.publisher.send(ctx.config.topics.mail, _record_key(ctx, mailbox, rid), value, headers)
-            except RecordTooLargeError as exc:
-                res.too_large += 1
-                log.error("record too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl})
-                continue
+                d = send_record(ctx.publisher, ctx.config, mailbox, uidl, value, res=res, extra=extra)
             except DeliveryError as exc:
                 failure = exc  # stop fetching, but settle what is already queued
                 res.more_pending = True
                 break
+            if d is None:
+                continue
             pending.append(_Pending(msg_num, uidl, d))
 
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.

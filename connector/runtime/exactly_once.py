@@ -40,27 +40,25 @@ from connector.delivery.kafka import Delivery
 from connector.delivery.transactional import ShardFencedError, ShardProducer
 from connector.errors import (
     ConnectorError,
-    DecodeError,
     DeliveryError,
     DeliveryFatalError,
     Pop3Error,
     Pop3ProtocolError,
     Pop3UnsupportedError,
-    RecordTooLargeError,
     UidlResetError,
 )
 from connector.observability import metrics
-from connector.records import HEADER_MAILBOX, HEADER_RECORD_ID, mail_schema, record_id
+from connector.records import record_id
 from connector.records.ledger import LedgerEntry, ShardLedger, header_sha256
 from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
-    encode_mail,
     end_without_deletes,
+    fetch_and_encode,
     list_identities,
     open_session,
-    retr_bounded,
+    send_record,
 )
 
 log = logging.getLogger("pop3kafka.eos")
@@ -311,7 +309,6 @@ class ShardWorker:
             present = {u for _, u in uidls}
             skip = self._check_reset(p, known, uidls, sizes, session)
             self._age_absent(p, known, present, now)
-            schema = mail_schema()
             budget = m.max_bytes_per_cycle
             deadline = time.monotonic() + m.max_seconds_per_cycle
             for msg_num, uidl in uidls:
@@ -341,33 +338,16 @@ class ShardWorker:
                     res.more_pending = True
                     break
                 step = "retr"
-                raw = retr_bounded(session, msg_num, m.max_message_bytes)
-                res.fetched += 1
-                if raw is None:
-                    res.oversized += 1
+                got = fetch_and_encode(
+                    session, m, msg_num, uidl, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms
+                )
+                if got is None:
                     continue
+                raw, value, fetched_at = got
                 budget -= len(raw)
-                fetched_at = self.clock_ms()
-                faults.point("after_retr")
-                log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
-                if self.hooks.on_retrieved:
-                    self.hooks.on_retrieved(uidl, len(raw))
-                step = "decode"
-                try:
-                    value = encode_mail(m, uidl, raw, fetched_at, schema)
-                except DecodeError as exc:
-                    res.undecodable += 1
-                    log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
-                    continue
                 step = "produce"
-                rid = record_id(m.id, uidl)
-                key = (m.id if self.config.record.key == "mailbox" else rid).encode()
-                headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, m.id.encode())]
-                try:
-                    d = self.producer.send(self.config.topics.mail, key, value, headers)
-                except RecordTooLargeError as exc:
-                    res.too_large += 1
-                    log.error("record too large for Kafka, left on the server: %s", exc, extra={**extra, "uidl": uidl})
+                d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
+                if d is None:
                     continue
                 produced.append(
                     _Produced(
