@@ -273,6 +273,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "crash-matrix.md")
     args = ap.parse_args()
+    # SIGTERM (a CI timeout, Ctrl-C from make) still runs the finally below: no orphaned servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"crash matrix seed {seed}", flush=True)
     d = Path(tempfile.mkdtemp(prefix="pop3k-crash-"))
