@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll every mailbox on its interval until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", required=True)
 
+    doctor = sub.add_parser("doctor", help="check Kafka (topics, ledger, ACLs) and say how to fix what fails")
+    doctor.add_argument("--config", "-c", required=True)
+    doctor.add_argument(
+        "--kafka-only", action="store_true", help="only the Kafka checks (the POP3 checks come in a later version)"
+    )
+
     ledger = sub.add_parser("ledger", help="UIDL ledger commands")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     imp = ledger_sub.add_parser(
@@ -95,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _poll_once(cfg, args.mailbox)
         if args.command == "run":
             return _run(cfg)
+        if args.command == "doctor":
+            return _doctor(cfg)
         if args.command == "ledger":
             return _ledger_import(cfg, args)
         if args.command == "tail":
@@ -196,6 +204,20 @@ def _run(cfg: Config) -> int:
         return EXIT_FAILED
     log.info("stopped cleanly")
     return EXIT_OK
+
+
+def _doctor(cfg: Config) -> int:
+    from connector.delivery.doctor import check_kafka
+
+    findings = check_kafka(cfg)
+    for f in findings:
+        line = f"{'ok  ' if f.ok else 'FAIL'} {f.check}: {f.detail}"
+        if not f.ok and f.fix:
+            line += f"\n     fix: {f.fix}"
+        print(line)
+    failed = sum(1 for f in findings if not f.ok)
+    print(f"{len(findings) - failed} ok, {failed} failed")
+    return EXIT_OK if failed == 0 else EXIT_FAILED
 
 
 def _ledger_import(cfg: Config, args: argparse.Namespace) -> int:
