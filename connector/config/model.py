@@ -377,6 +377,16 @@ def parse_config(
     mailboxes: list[MailboxConfig] = []
     seen: set[str] = set()
     delivery = DeliveryConfig(**v["delivery"])
+    if (
+        delivery.mode == "exactly_once"
+        and v["kafka"]["delivery_timeout_seconds"] > delivery.transaction_timeout_seconds
+    ):
+        # librdkafka refuses message.timeout.ms > transaction.timeout.ms for a transactional producer.
+        raise ConfigError(
+            f"kafka.delivery_timeout_seconds: {v['kafka']['delivery_timeout_seconds']:g} is longer than "
+            f"delivery.transaction_timeout_seconds ({delivery.transaction_timeout_seconds:g}); lower it or raise "
+            "the transaction timeout"
+        )
     for i, m in enumerate(v["mailboxes"]):
         path = f"mailboxes[{i}]"
         if m["id"] in seen:

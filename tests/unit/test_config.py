@@ -212,3 +212,19 @@ def test_kafka_client_secrets_from_files_never_print(tmp_path: Path) -> None:
     data["kafka"]["client_secrets"] = {"sasl.password": "kafka-s3cret"}
     msg = error_of(data)
     assert "kafka.client_secrets.sasl.password" in msg and "kafka-s3cret" not in msg
+
+
+def test_delivery_timeout_must_fit_the_transaction_timeout() -> None:
+    data = base()
+    data["kafka"]["delivery_timeout_seconds"] = 300
+    assert "kafka.delivery_timeout_seconds: 300 is longer than delivery.transaction_timeout_seconds" in error_of(data)
+    data["delivery"] = {"mode": "at_least_once"}
+    assert parse_config(data, environ=ENV).kafka.delivery_timeout_seconds == 300
+
+
+def test_keep_mode_needs_exactly_once() -> None:
+    data = base(delete=False)
+    data["delivery"] = {"mode": "at_least_once"}
+    assert "mailboxes[0].delete: keep mode needs the UIDL ledger" in error_of(data)
+    data = base(max_seconds_per_cycle=100)
+    assert "max_seconds_per_cycle: 100 is more than half of delivery.transaction_timeout_seconds" in error_of(data)
