@@ -24,6 +24,7 @@ gotchas (auth penalty, stdout inheritance, root vs. rootless mode).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -556,6 +557,11 @@ class DovecotServer:
         return "pop3-kafka-" + hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:10]
 
     @property
+    def oauth_key_file(self) -> Path:
+        """Base64 HS256 key Dovecot uses to validate bearer tokens (key id 'default')."""
+        return self.dir / "oauth" / "keys" / "default" / "HS256" / "default"
+
+    @property
     def cafile(self) -> Path:
         return self.dir / "tls" / "ca.pem"
 
@@ -592,6 +598,14 @@ class DovecotServer:
                 setattr(self, attr, free_port())
         if not (self.dir / "tls" / "server.pem").exists():
             self._gen_certs()
+        key = self.oauth_key_file
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_text(base64.b64encode(os.urandom(32)).decode())
+        (self.dir / "etc" / "dovecot-oauth2.conf.ext").write_text(
+            f"introspection_mode = local\nlocal_validation_key_dict = fs:posix:prefix={self.dir}/oauth/keys/\n"
+            "username_attribute = sub\n"
+        )
         uid, gid, internal_user, internal_group, login_user = self._ids()
         lines = []
         for name, pw in self.users.items():
@@ -648,7 +662,7 @@ ssl_cert = <{d}/tls/server.pem
 ssl_key = <{d}/tls/server.key
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = no
-auth_mechanisms = plain login cram-md5 apop
+auth_mechanisms = plain login cram-md5 apop xoauth2 oauthbearer
 # Failed logins: no 2 s delay, and (service anvil below) no per-IP penalty that
 # would slow every later login from 127.0.0.1 by 4-15 s.
 auth_failure_delay = 0
@@ -659,7 +673,15 @@ default_process_limit = 1000
 default_client_limit = 4000
 passdb {{
   driver = passwd-file
+  mechanisms = plain login cram-md5 apop
   args = scheme=PLAIN username_format=%u {d}/etc/users
+}}
+# XOAUTH2 / OAUTHBEARER: HS256 JWTs validated locally (no identity provider); the key is
+# oauth/keys/default/HS256/default, tests mint tokens with it (tests/support/jwt.py).
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d}/etc/dovecot-oauth2.conf.ext
 }}
 userdb {{
   driver = passwd-file
