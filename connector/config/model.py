@@ -89,6 +89,11 @@ class MailboxConfig:
     absent_grace_days: float = 7.0
     #: how a session ends without applying deletes: RSET+QUIT, or disconnect (Gmail).
     abort_with: Literal["rset_quit", "disconnect"] = "rset_quit"
+    #: login mechanisms allowed, strongest first when the server offers several; None = every
+    #: one we support that the credentials allow (USER/PASS, APOP, SASL; docs/pop3.md).
+    auth_mechanisms: tuple[str, ...] | None = None
+    #: OAuth2 bearer token for XOAUTH2/OAUTHBEARER; a file is re-read at every login.
+    oauth2_token: Secret | None = None
     #: "uidl" (RFC 1939 unique-id) or the opt-in fallback "headers" for servers without UIDL
     #: or with duplicate UIDLs: identity = hash of TOP n 0 + LIST size (docs/delivery.md, limits).
     identity: Literal["uidl", "headers"] = "uidl"
@@ -181,6 +186,15 @@ def _check_mailbox_id(value: Any, path: str) -> None:
         )
 
 
+AUTH_MECHANISMS = ("USER", "APOP", "PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER")
+
+
+def _check_mechanisms(value: Any, path: str) -> None:
+    for i, mech in enumerate(value):
+        if mech.upper() not in AUTH_MECHANISMS:
+            raise ConfigError(f"{path}[{i}]: {mech!r} is not supported; use some of: {', '.join(AUTH_MECHANISMS)}")
+
+
 def _check_topic(value: Any, path: str) -> None:
     if not TOPIC_RE.match(value) or value in (".", ".."):
         raise ConfigError(
@@ -228,7 +242,6 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "username": Field("str", required=True),
     "password": Field(
         "map",
-        required=True,
         schema=SECRET_SCHEMA,
         secret=True,
         help="{env: VAR} or {file: /path}; inline passwords are refused",
@@ -246,6 +259,10 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "absent_grace_days": Field("float", default=7.0, minimum=0, maximum=36500),
     "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
     "identity": Field("str", default="uidl", choices=("uidl", "headers")),
+    "auth_mechanisms": Field("list", items="str", check=_check_mechanisms),
+    "oauth2_token": Field(
+        "map", schema=SECRET_SCHEMA, secret=True, help="{file: PATH} (re-read at each login) or {env: NAME}"
+    ),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -346,6 +363,16 @@ def _client_secrets(raw: Mapping[str, Any], base: Path, environ: Mapping[str, st
     return out
 
 
+def _mailbox_password(m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> Secret:
+    if m["password"] is not None:
+        return _resolve_secret(m["password"], f"{path}.password", base, environ)
+    if m["oauth2_token"] is None:
+        raise ConfigError(
+            f"{path}.password: required key is missing ({{env: VAR}} or {{file: /path}}; or give oauth2_token)"
+        )
+    return Secret("", "none")
+
+
 def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConfig) -> None:
     """Cross-key rules: what needs the ledger, and cycles that fit inside a transaction."""
     if delivery.mode == "at_least_once":
@@ -411,7 +438,11 @@ def parse_config(
                 port=port,
                 tls=m["tls"],
                 username=m["username"],
-                password=_resolve_secret(m["password"], f"{path}.password", base, env),
+                password=_mailbox_password(m, path, base, env),
+                auth_mechanisms=tuple(x.upper() for x in m["auth_mechanisms"]) if m["auth_mechanisms"] else None,
+                oauth2_token=(
+                    _resolve_secret(m["oauth2_token"], f"{path}.oauth2_token", base, env) if m["oauth2_token"] else None
+                ),
                 tls_ca_file=m["tls_ca_file"],
                 tls_verify=m["tls_verify"],
                 allow_plaintext_auth=m["allow_plaintext_auth"],

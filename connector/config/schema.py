@@ -112,7 +112,7 @@ def validate(data: Any, schema: Mapping[str, Field], path: str) -> dict[str, Any
             if spec.required:
                 what = f" ({spec.help})" if spec.help else ""
                 raise ConfigError(f"{p}: required key is missing{what}")
-            if spec.kind == "map" and spec.schema is not None:
+            if spec.kind == "map" and spec.schema is not None and spec.default is not None:
                 out[key] = validate({}, spec.schema, p)  # an absent section still gets its defaults
             else:
                 out[key] = spec.default() if callable(spec.default) else spec.default
