@@ -31,10 +31,13 @@ deliberately rejects today; both will be new ``login_*`` methods sharing ``_comm
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import hashlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from connector import faults
 from connector.errors import (
@@ -70,6 +73,21 @@ if TYPE_CHECKING:
 __all__ = ["Pop3Session", "SessionState", "TlsMode", "Transcript"]
 
 TlsMode = Literal["implicit", "starttls", "none"]
+#: a server asking more than this many SASL questions is looping
+MAX_SASL_ROUNDS = 10
+
+
+class SaslMechanism(Protocol):
+    """A client SASL mechanism, sans-IO (connector/protocol/sasl.py implements them)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def plaintext(self) -> bool: ...
+    def initial_response(self) -> bytes | None: ...
+    def respond(self, challenge: bytes) -> bytes: ...
+
+
 #: ``transcript(direction, line)``: direction is ``"C"`` (client) or ``"S"`` (server); the
 #: line has no CRLF, the PASS argument is ``***``, and bodies are never passed.
 Transcript = Callable[[str, str], None]
@@ -298,6 +316,79 @@ class Pop3Session:
         self.state = SessionState.TRANSACTION
         self._caps = None  # RFC 2449 §5: capabilities may change after authentication
 
+    def login_apop(self, username: str, secret: str) -> None:
+        """APOP (RFC 1939 §7): MD5 of the greeting's timestamp and the shared secret.
+
+        The secret never crosses the wire, so APOP is allowed without TLS; it needs a server
+        that stores the secret in the clear and put a ``<...>`` timestamp in its greeting.
+        """
+        self._require("APOP", SessionState.AUTHORIZATION)
+        text = self.greeting.text if self.greeting is not None else ""
+        start, end = text.find("<"), text.find(">")
+        if start < 0 or end < start or "@" not in text[start:end]:
+            raise Pop3UnsupportedError("the server's greeting has no APOP timestamp; it does not offer APOP")
+        digest = hashlib.md5((text[start : end + 1] + secret).encode(), usedforsecurity=False).hexdigest()
+        status = self._command("APOP", username, digest)
+        if not status.ok:
+            raise self._error("APOP", status, auth=True, what=f"login as {username!r} with APOP")
+        self.state = SessionState.TRANSACTION
+        self._caps = None
+
+    def login_sasl(self, mechanism: SaslMechanism, *, username: str) -> None:
+        """AUTH (RFC 5034): run ``mechanism``'s exchange; TRANSACTION state on ``+OK``.
+
+        ``+ <base64>`` lines are challenges; each response is sent base64-encoded on its own
+        line (an empty response as an empty line). A mechanism that reveals a secret or a
+        bearer token (``plaintext``) is refused on an unencrypted connection unless
+        ``allow_plaintext_auth``. An OAuth failure arrives as a challenge with a JSON error
+        (RFC 7628 §3.2.2); the mechanism answers it and its ``error_json`` is named in the
+        Pop3AuthError. The AUTH line may carry a token of several KB: no 40-octet limit.
+        """
+        self._require("AUTH", SessionState.AUTHORIZATION)
+        if mechanism.plaintext and not self.is_tls and not self.allow_plaintext_auth:
+            raise Pop3TlsError(PLAINTEXT_REFUSED)
+        initial = mechanism.initial_response()
+        args = [mechanism.name]
+        if initial is not None:
+            # RFC 5034 §4: an empty initial response is sent as "="
+            args.append(base64.b64encode(initial).decode() or "=")
+        self._send_secret_line(encode_command("AUTH", *args), f"AUTH {mechanism.name} ***")
+        for _ in range(MAX_SASL_ROUNDS):
+            line = self._read_line()
+            if line.startswith(b"+"):
+                data = line[1:].strip()
+                try:
+                    challenge = base64.b64decode(data, validate=True)
+                except (binascii.Error, ValueError):
+                    self._send_secret_line(b"*\r\n", "*")  # RFC 5034 §4: cancel the exchange
+                    self._read_line()
+                    raise Pop3ProtocolError(f"AUTH {mechanism.name}: the server's challenge is not base64") from None
+                response = mechanism.respond(challenge)
+                self._send_secret_line(base64.b64encode(response) + b"\r\n", "***")
+                continue
+            status = self._parse(line)
+            if status.ok:
+                self.state = SessionState.TRANSACTION
+                self._caps = None
+                return
+            error = self._error(f"AUTH {mechanism.name}", status, auth=True, what=f"login as {username!r}")
+            detail = getattr(mechanism, "error_json", None)
+            if detail:
+                error.args = (f"{error.args[0]} (the server said: {detail})",)
+            raise error
+        self.close()
+        raise Pop3ProtocolError(f"AUTH {mechanism.name}: more than {MAX_SASL_ROUNDS} challenges")
+
+    def _send_secret_line(self, data: bytes, shown: str) -> None:
+        """Send a line that carries credentials; the transcript shows ``shown`` instead."""
+        if self._transcript is not None:
+            self._transcript("C", shown)
+        try:
+            self._transport.send(data)
+        except ConnectorError:
+            self.close()
+            raise
+
     # ------------------------------------------------------------------ TRANSACTION state
 
     def stat(self) -> tuple[int, int]:
@@ -420,19 +511,30 @@ class Pop3Session:
             _before_reply()  # crash-injection point: the command is on the wire, the reply unread
         return self._read_status()
 
-    def _read_status(self) -> StatusLine:
+    def _read_line(self) -> bytes:
+        """One line from the server (status or SASL continuation), length-limited."""
         try:
             line = self._buffer.next_line()
             while line is None:
                 self._buffer.feed(self._transport.recv())
                 line = self._buffer.next_line()
-            status = parse_status(line)
         except ConnectorError:
             self.close()
             raise
         if self._transcript is not None:
-            self._transcript("S", line.rstrip(b"\r\n").decode("utf-8", "replace"))
-        return status
+            shown = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            self._transcript("S", "+ ***" if line.startswith(b"+ ") else shown)
+        return line
+
+    def _parse(self, line: bytes) -> StatusLine:
+        try:
+            return parse_status(line)
+        except ConnectorError:
+            self.close()
+            raise
+
+    def _read_status(self) -> StatusLine:
+        return self._parse(self._read_line())
 
     def _read_body(self) -> bytes:
         pieces: list[bytes] = []
