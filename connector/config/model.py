@@ -33,13 +33,25 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 class Secret:
     """A secret value (password, token); repr/str never show it. Call ``reveal()`` to use it."""
 
-    __slots__ = ("_source", "_value")
+    __slots__ = ("_mtime", "_path", "_source", "_value")
 
-    def __init__(self, value: str, source: str) -> None:
+    def __init__(self, value: str, source: str, path: Path | None = None) -> None:
         self._value = value
         self._source = source
+        self._path = path
+        self._mtime = path.stat().st_mtime_ns if path is not None else 0
 
     def reveal(self) -> str:
+        """The value; a secret from a file is re-read when the file changed (Kubernetes
+        rotates mounted secrets in place; a token sidecar rewrites its file)."""
+        if self._path is not None:
+            try:
+                mtime = self._path.stat().st_mtime_ns
+                if mtime != self._mtime:
+                    self._value = self._path.read_text(encoding="utf-8").rstrip("\r\n")
+                    self._mtime = mtime
+            except (OSError, UnicodeDecodeError):
+                pass  # keep the last good value; the login that uses it reports any failure
         return self._value
 
     @property
@@ -186,7 +198,19 @@ def _check_mailbox_id(value: Any, path: str) -> None:
         )
 
 
-AUTH_MECHANISMS = ("USER", "APOP", "PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER")
+AUTH_MECHANISMS = (
+    "USER",
+    "APOP",
+    "PLAIN",
+    "LOGIN",
+    "CRAM-MD5",
+    "SCRAM-SHA-1",
+    "SCRAM-SHA-256",
+    "NTLM",
+    "XOAUTH2",
+    "XOAUTH2-TWO-STEP",
+    "OAUTHBEARER",
+)
 
 
 def _check_mechanisms(value: Any, path: str) -> None:
@@ -345,7 +369,7 @@ def _resolve_secret(spec: Mapping[str, Any], path: str, base: Path, environ: Map
     except UnicodeDecodeError:
         raise ConfigError(f"{path}.file: {str(p)!r} is not UTF-8 text") from None
     # A secret file written by an editor or `echo` ends in a newline that is not part of it.
-    return Secret(value.rstrip("\r\n"), f"file:{p}")
+    return Secret(value.rstrip("\r\n"), f"file:{p}", p)
 
 
 def _client_secrets(raw: Mapping[str, Any], base: Path, environ: Mapping[str, str]) -> dict[str, Secret]:

@@ -31,13 +31,10 @@ deliberately rejects today; both will be new ``login_*`` methods sharing ``_comm
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
-import hashlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 from connector import faults
 from connector.errors import (
@@ -65,6 +62,7 @@ from connector.protocol.core import (
     parse_status,
     parse_uidl,
 )
+from connector.protocol.sasl import Mechanism, SaslExchange, apop_digest, extract_apop_timestamp, is_continuation
 from connector.protocol.transport import Transport, make_tls_context
 
 if TYPE_CHECKING:
@@ -75,17 +73,6 @@ __all__ = ["Pop3Session", "SessionState", "TlsMode", "Transcript"]
 TlsMode = Literal["implicit", "starttls", "none"]
 #: a server asking more than this many SASL questions is looping
 MAX_SASL_ROUNDS = 10
-
-
-class SaslMechanism(Protocol):
-    """A client SASL mechanism, sans-IO (connector/protocol/sasl.py implements them)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def plaintext(self) -> bool: ...
-    def initial_response(self) -> bytes | None: ...
-    def respond(self, challenge: bytes) -> bytes: ...
 
 
 #: ``transcript(direction, line)``: direction is ``"C"`` (client) or ``"S"`` (server); the
@@ -323,58 +310,47 @@ class Pop3Session:
         that stores the secret in the clear and put a ``<...>`` timestamp in its greeting.
         """
         self._require("APOP", SessionState.AUTHORIZATION)
-        text = self.greeting.text if self.greeting is not None else ""
-        start, end = text.find("<"), text.find(">")
-        if start < 0 or end < start or "@" not in text[start:end]:
+        stamp = extract_apop_timestamp(self.greeting.text if self.greeting is not None else "")
+        if stamp is None:
             raise Pop3UnsupportedError("the server's greeting has no APOP timestamp; it does not offer APOP")
-        digest = hashlib.md5((text[start : end + 1] + secret).encode(), usedforsecurity=False).hexdigest()
+        digest = apop_digest(stamp, secret)
         status = self._command("APOP", username, digest)
         if not status.ok:
             raise self._error("APOP", status, auth=True, what=f"login as {username!r} with APOP")
         self.state = SessionState.TRANSACTION
         self._caps = None
 
-    def login_sasl(self, mechanism: SaslMechanism, *, username: str) -> None:
-        """AUTH (RFC 5034): run ``mechanism``'s exchange; TRANSACTION state on ``+OK``.
+    def login_sasl(self, mechanism: Mechanism, *, username: str) -> None:
+        """AUTH (RFC 5034) driven by :class:`~connector.protocol.sasl.SaslExchange`.
 
-        ``+ <base64>`` lines are challenges; each response is sent base64-encoded on its own
-        line (an empty response as an empty line). A mechanism that reveals a secret or a
-        bearer token (``plaintext``) is refused on an unencrypted connection unless
-        ``allow_plaintext_auth``. An OAuth failure arrives as a challenge with a JSON error
-        (RFC 7628 §3.2.2); the mechanism answers it and its ``error_json`` is named in the
-        Pop3AuthError. The AUTH line may carry a token of several KB: no 40-octet limit.
+        ``+`` lines are challenges, answered base64-encoded on their own line; an initial
+        response that would make the AUTH line longer than 255 octets (most OAuth tokens) is
+        sent after the server's first empty challenge instead, which is also the two-step form
+        Exchange Online requires. A mechanism that reveals a secret or a bearer token
+        (``plaintext``) is refused on an unencrypted connection unless ``allow_plaintext_auth``.
+        An OAuth failure (RFC 7628 §3.2.2 error JSON) is named in the Pop3AuthError.
         """
         self._require("AUTH", SessionState.AUTHORIZATION)
         if mechanism.plaintext and not self.is_tls and not self.allow_plaintext_auth:
             raise Pop3TlsError(PLAINTEXT_REFUSED)
-        initial = mechanism.initial_response()
-        args = [mechanism.name]
-        if initial is not None:
-            # RFC 5034 §4: an empty initial response is sent as "="
-            args.append(base64.b64encode(initial).decode() or "=")
-        self._send_secret_line(encode_command("AUTH", *args), f"AUTH {mechanism.name} ***")
+        exchange = SaslExchange(mechanism)
+        self._send_secret_line(exchange.start(), exchange.redacted_start())
         for _ in range(MAX_SASL_ROUNDS):
             line = self._read_line()
-            if line.startswith(b"+"):
-                data = line[1:].strip()
-                try:
-                    challenge = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    self._send_secret_line(b"*\r\n", "*")  # RFC 5034 §4: cancel the exchange
-                    self._read_line()
-                    raise Pop3ProtocolError(f"AUTH {mechanism.name}: the server's challenge is not base64") from None
-                response = mechanism.respond(challenge)
-                self._send_secret_line(base64.b64encode(response) + b"\r\n", "***")
+            if is_continuation(line):
+                self._send_secret_line(exchange.reply(line), "***")
                 continue
             status = self._parse(line)
             if status.ok:
+                exchange.succeeded()
                 self.state = SessionState.TRANSACTION
                 self._caps = None
                 return
+            if exchange.failure is not None:
+                raise exchange.failure
             error = self._error(f"AUTH {mechanism.name}", status, auth=True, what=f"login as {username!r}")
-            detail = getattr(mechanism, "error_json", None)
-            if detail:
-                error.args = (f"{error.args[0]} (the server said: {detail})",)
+            if exchange.error_json:
+                error.args = (f"{error.args[0]} (the server said: {exchange.error_json})",)
             raise error
         self.close()
         raise Pop3ProtocolError(f"AUTH {mechanism.name}: more than {MAX_SASL_ROUNDS} challenges")

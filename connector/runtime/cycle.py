@@ -49,6 +49,7 @@ from connector.records import (
     mail_schema,
     record_id,
 )
+from connector.runtime.login import LoginSession, login
 
 log = logging.getLogger("pop3kafka.cycle")
 
@@ -88,7 +89,7 @@ class CycleHooks:
     on_deleted: Callable[[str], None] | None = None  # (uidl) after DELE was acknowledged
 
 
-class MailboxSession(Protocol):
+class MailboxSession(LoginSession, Protocol):
     """What a cycle needs from a POP3 session (connection already made, greeting read)."""
 
     def login_user_pass(self, username: str, password: str) -> None: ...
@@ -303,7 +304,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             )
         session = ctx.session_factory(mailbox)
         step = "login"
-        session.login_user_pass(mailbox.username, mailbox.password.reveal())
+        login(session, mailbox)
         step = "uidl"
         sizes = dict(session.list())
         uidls = list_identities(session, mailbox, sizes)

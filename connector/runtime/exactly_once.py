@@ -60,6 +60,7 @@ from connector.runtime.cycle import (
     open_session,
     send_record,
 )
+from connector.runtime.login import login
 
 log = logging.getLogger("pop3kafka.eos")
 
@@ -295,7 +296,7 @@ class ShardWorker:
             session = self.session_factory(m)
             p.session = session
             step = "login"
-            session.login_user_pass(m.username, m.password.reveal())
+            login(session, m)
             step = "uidl"
             sizes = dict(session.list())
             uidls = list_identities(session, m, sizes)

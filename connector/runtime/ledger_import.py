@@ -16,6 +16,7 @@ from connector.config.model import Config, MailboxConfig
 from connector.cutover.importers import SeenUidl
 from connector.records.ledger import LedgerEntry, shard_of
 from connector.runtime.cycle import end_without_deletes, open_session
+from connector.runtime.login import login
 from connector.runtime.runner import Runner
 
 
@@ -39,7 +40,7 @@ def import_baseline(
         worker = runner.workers[shard_of(mailbox.id, runner.shards)]
         session = open_session(mailbox)
         try:
-            session.login_user_pass(mailbox.username, mailbox.password.reveal())
+            login(session, mailbox)
             on_server = {(uidl_form(u) if uidl_form else u): (u, n) for n, u in session.uidl()}
             sizes = dict(session.list())
         finally:

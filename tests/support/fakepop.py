@@ -43,6 +43,15 @@ class MaildropSession:
         if self.drop.fail is not None:
             self.drop.fail(cmd, n)
 
+    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
+        return {}  # a server without CAPA: the connector falls back to USER/PASS
+
+    def login_apop(self, username: str, secret: str) -> None:
+        raise AssertionError("not used")
+
+    def login_sasl(self, mechanism: Any, *, username: str) -> None:
+        raise AssertionError("not used")
+
     def login_user_pass(self, username: str, password: str) -> None:
         self._check("LOGIN")
 

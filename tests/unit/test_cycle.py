@@ -49,6 +49,15 @@ class FakeSession:
     def order(self) -> list[str]:
         return list(self.mails)
 
+    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
+        return {}  # a server without CAPA: the connector falls back to USER/PASS
+
+    def login_apop(self, username: str, secret: str) -> None:
+        raise AssertionError("not used")
+
+    def login_sasl(self, mechanism: Any, *, username: str) -> None:
+        raise AssertionError("not used")
+
     def login_user_pass(self, username: str, password: str) -> None:
         self.log.append("LOGIN")
         if self.fail_login:
