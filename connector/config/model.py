@@ -6,12 +6,13 @@ in the schema below, and the typed dataclasses are built from the validated data
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import yaml
 
@@ -22,12 +23,17 @@ TlsMode = Literal["implicit", "starttls", "none"]
 KeyMode = Literal["mailbox", "record_id"]
 DeliveryMode = Literal["exactly_once", "at_least_once"]
 StartFrom = Literal["all", "now"]
+#: "TLSv1" only results from tls_legacy: true without an explicit tls_min_version.
+TlsVersion = Literal["TLSv1", "TLSv1.2", "TLSv1.3"]
 
 # A mailbox id is a short label used in record ids, Kafka keys, metrics and logs:
 # never an address. ':' is excluded so "<mailbox>:<uidl>" splits unambiguously.
 MAILBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+FINGERPRINT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
 
 
 class Secret:
@@ -81,6 +87,18 @@ class MailboxConfig:
     password: Secret
     tls_ca_file: str | None = None
     tls_verify: bool = True
+    #: lowest TLS version accepted; "TLSv1" only with tls_legacy.
+    tls_min_version: TlsVersion = "TLSv1.2"
+    #: SHA-256 pin of the server's leaf certificate, normalised to "AB:CD:..." (None = no pin).
+    tls_fingerprint_sha256: str | None = None
+    #: client certificate (PEM; may hold the key too) for servers that require one.
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    tls_client_key_password: Secret | None = None
+    #: name to verify the certificate against (and send as SNI) instead of host.
+    tls_server_name: str | None = None
+    #: opt-in for old servers: TLS 1.0/1.1 and weak ciphers (a WARNING per connection).
+    tls_legacy: bool = False
     allow_plaintext_auth: bool = False
     poll_interval_seconds: float = 60.0
     timeout_seconds: float = 30.0
@@ -219,6 +237,25 @@ def _check_mechanisms(value: Any, path: str) -> None:
             raise ConfigError(f"{path}[{i}]: {mech!r} is not supported; use some of: {', '.join(AUTH_MECHANISMS)}")
 
 
+def _check_fingerprint(value: Any, path: str) -> None:
+    if not FINGERPRINT_RE.match(value.strip().replace(":", "")):
+        raise ConfigError(
+            f"{path}: {value!r} is not a SHA-256 fingerprint; give 64 hex digits, colons allowed "
+            "(openssl x509 -noout -fingerprint -sha256 -in CERT.pem)"
+        )
+
+
+def _check_server_name(value: Any, path: str) -> None:
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if not HOSTNAME_RE.match(value):
+            raise ConfigError(
+                f"{path}: {value!r} is neither a host name nor an IP address (no port, scheme or wildcard)"
+            ) from None
+
+
 def _check_topic(value: Any, path: str) -> None:
     if not TOPIC_RE.match(value) or value in (".", ".."):
         raise ConfigError(
@@ -262,6 +299,15 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "tls": Field("str", default="implicit", choices=("implicit", "starttls", "none")),
     "tls_ca_file": Field("str"),
     "tls_verify": Field("bool", default=True),
+    "tls_min_version": Field("str", choices=("TLSv1.2", "TLSv1.3"), help="default TLSv1.2"),
+    "tls_fingerprint_sha256": Field("str", check=_check_fingerprint, help="64 hex digits, colons allowed"),
+    "tls_client_cert": Field("str", help="PEM file; relative to the config file"),
+    "tls_client_key": Field("str", help="PEM file; relative to the config file"),
+    "tls_client_key_password": Field(
+        "map", schema=SECRET_SCHEMA, secret=True, help="{env: VAR} or {file: /path}; inline passwords are refused"
+    ),
+    "tls_server_name": Field("str", check=_check_server_name, help="default: host"),
+    "tls_legacy": Field("bool", default=False),
     "allow_plaintext_auth": Field("bool", default=False),
     "username": Field("str", required=True),
     "password": Field(
@@ -397,6 +443,72 @@ def _mailbox_password(m: dict[str, Any], path: str, base: Path, environ: Mapping
     return Secret("", "none")
 
 
+def _existing_file(value: str, key: str, path: str, base: Path) -> str:
+    p = Path(value) if Path(value).is_absolute() else base / value
+    if not p.is_file():
+        raise ConfigError(f"{path}.{key}: {str(p)!r} does not exist or is not a file")
+    return str(p)
+
+
+_TLS_ONLY_KEYS = (
+    "tls_min_version",
+    "tls_fingerprint_sha256",
+    "tls_client_cert",
+    "tls_client_key",
+    "tls_client_key_password",
+    "tls_server_name",
+)
+
+
+class _TlsOptions(TypedDict):
+    tls_min_version: TlsVersion
+    tls_fingerprint_sha256: str | None
+    tls_client_cert: str | None
+    tls_client_key: str | None
+    tls_client_key_password: Secret | None
+    tls_server_name: str | None
+    tls_legacy: bool
+
+
+def _tls_options(m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> _TlsOptions:
+    """The tls_* keys beyond tls/tls_ca_file/tls_verify, checked together; MailboxConfig kwargs."""
+    if m["tls"] == "none":
+        for key in (*_TLS_ONLY_KEYS, "tls_legacy"):
+            if m[key]:
+                raise ConfigError(
+                    f"{path}.{key}: has no effect with tls: none; remove it or use tls: implicit or starttls"
+                )
+    if m["tls_legacy"] and m["tls_min_version"] == "TLSv1.3":
+        raise ConfigError(
+            f"{path}.tls_legacy: contradicts tls_min_version: TLSv1.3 (legacy servers need TLS 1.0-1.2); "
+            "drop one of them"
+        )
+    if m["tls_client_cert"] is None:
+        for key in ("tls_client_key", "tls_client_key_password"):
+            if m[key] is not None:
+                raise ConfigError(f"{path}.{key}: needs tls_client_cert (the client certificate, PEM)")
+    fingerprint = m["tls_fingerprint_sha256"]
+    return {
+        "tls_min_version": m["tls_min_version"] or ("TLSv1" if m["tls_legacy"] else "TLSv1.2"),
+        "tls_fingerprint_sha256": (
+            bytes.fromhex(fingerprint.strip().replace(":", "")).hex(":").upper() if fingerprint else None
+        ),
+        "tls_client_cert": (
+            _existing_file(m["tls_client_cert"], "tls_client_cert", path, base) if m["tls_client_cert"] else None
+        ),
+        "tls_client_key": (
+            _existing_file(m["tls_client_key"], "tls_client_key", path, base) if m["tls_client_key"] else None
+        ),
+        "tls_client_key_password": (
+            _resolve_secret(m["tls_client_key_password"], f"{path}.tls_client_key_password", base, environ)
+            if m["tls_client_key_password"] is not None
+            else None
+        ),
+        "tls_server_name": m["tls_server_name"],
+        "tls_legacy": m["tls_legacy"],
+    }
+
+
 def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConfig) -> None:
     """Cross-key rules: what needs the ledger, and cycles that fit inside a transaction."""
     if delivery.mode == "at_least_once":
@@ -450,10 +562,8 @@ def parse_config(
                 "or set allow_plaintext_auth: true if you accept that"
             )
         if m["tls_ca_file"] is not None:
-            ca = Path(m["tls_ca_file"]) if Path(m["tls_ca_file"]).is_absolute() else base / m["tls_ca_file"]
-            if not ca.is_file():
-                raise ConfigError(f"{path}.tls_ca_file: {str(ca)!r} does not exist or is not a file")
-            m["tls_ca_file"] = str(ca)
+            m["tls_ca_file"] = _existing_file(m["tls_ca_file"], "tls_ca_file", path, base)
+        tls_options = _tls_options(m, path, base, env)
         _check_delivery_options(m, path, delivery)
         mailboxes.append(
             MailboxConfig(
@@ -469,6 +579,7 @@ def parse_config(
                 ),
                 tls_ca_file=m["tls_ca_file"],
                 tls_verify=m["tls_verify"],
+                **tls_options,
                 allow_plaintext_auth=m["allow_plaintext_auth"],
                 poll_interval_seconds=m["poll_interval_seconds"],
                 timeout_seconds=m["timeout_seconds"],

@@ -13,19 +13,41 @@ most one TLS record (16 KiB); over plain TCP up to :data:`RECV_SIZE`.
 
 The timeout is per socket operation (an inactivity timeout), not per command: a 50 MB
 RETR may take longer than ``timeout`` as long as bytes keep arriving.
+
+Per-mailbox TLS policy that the handshake itself cannot express travels on the context
+(:class:`TlsContext`, built by :func:`make_tls_context`): the name to verify (and send as
+SNI) instead of the host connected to, and a SHA-256 pin of the server's leaf certificate,
+checked after every handshake (implicit TLS and STLS alike).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
 import socket
 import ssl
+import warnings
 from collections.abc import Iterator
 from typing import Final
 
 from connector.errors import ConfigError, Pop3ConnectError, Pop3TimeoutError, Pop3TlsError
 
-__all__ = ["RECV_SIZE", "TLS_FIX_HINT", "Transport", "make_tls_context"]
+__all__ = [
+    "RECV_SIZE",
+    "TLS_FIX_HINT",
+    "TlsContext",
+    "Transport",
+    "format_fingerprint",
+    "make_tls_context",
+    "parse_fingerprint",
+    "sni_name",
+]
+
+log = logging.getLogger("pop3kafka.tls")
 
 #: Bytes asked for per recv(). 256 KiB keeps syscalls per 50 MB mail in the hundreds.
 RECV_SIZE: Final = 256 * 1024
@@ -35,24 +57,135 @@ _TLS_VERSIONS: Final = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
+#: Only with ``legacy=True``: servers stuck on TLS 1.0/1.1.
+_LEGACY_VERSIONS: Final = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+}
+#: OpenSSL cipher string for ``legacy=True``: security level 0 admits SHA-1 signatures,
+#: RSA keys under 2048 bits and the CBC suites TLS 1.0/1.1 servers speak.
+LEGACY_CIPHERS: Final = "DEFAULT:@SECLEVEL=0"
+
+_FINGERPRINT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_FINGERPRINT_HINT: Final = (
+    "if the certificate was renewed, check the new one out of band and update tls_fingerprint_sha256 "
+    "(openssl x509 -noout -fingerprint -sha256 -in CERT.pem)"
+)
+# OpenSSL X509_V_ERR_HOSTNAME_MISMATCH / X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH_CODES: Final = frozenset({62, 64})
 
 
-def make_tls_context(ca_file: str | None, verify: bool = True, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+def parse_fingerprint(text: str) -> bytes:
+    """The 32 bytes of a SHA-256 fingerprint written as hex, colons allowed, any case.
+
+    ``"AB:CD:..."`` (openssl's format) and ``"abcd..."`` are both accepted. Raises
+    ValueError when it is not 64 hex digits.
+    """
+    digits = text.strip().replace(":", "")
+    if not _FINGERPRINT_RE.match(digits):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    return bytes.fromhex(digits)
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """``AB:CD:...`` as ``openssl x509 -fingerprint -sha256`` prints it."""
+    return digest.hex(":").upper()
+
+
+def sni_name(name: str) -> str:
+    """The ``server_hostname`` to hand to ``wrap_socket`` for ``name`` (a host or IP literal).
+
+    An IP literal (``127.0.0.1``, ``::1``, ``[::1]``, ``fe80::1%eth0``) is normalised to the
+    bare address: CPython then verifies it against the certificate's IP SANs and sends no
+    SNI at all (RFC 6066 §3 forbids literal addresses in SNI). A scope id or brackets would
+    defeat OpenSSL's IP parsing and leak the literal into SNI, hence the normalisation.
+    """
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        address = ipaddress.ip_address(bare.split("%", 1)[0])
+    except ValueError:
+        return name
+    return str(address)
+
+
+class TlsContext(ssl.SSLContext):
+    """An ``SSLContext`` that also carries the per-mailbox checks :class:`Transport` applies.
+
+    * ``server_name``: verify the certificate against (and send as SNI) this name instead of
+      the host connected to; None = the host.
+    * ``fingerprint_sha256``: 32 bytes; after the handshake the SHA-256 of the server's leaf
+      certificate (DER) must equal it, in addition to normal verification (or alone when
+      verification is off). None = no pinning.
+    """
+
+    server_name: str | None = None
+    fingerprint_sha256: bytes | None = None
+
+
+def make_tls_context(
+    ca_file: str | None,
+    verify: bool = True,
+    min_version: str = "TLSv1.2",
+    *,
+    server_name: str | None = None,
+    fingerprint_sha256: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    client_key_password: str | None = None,
+    legacy: bool = False,
+    mailbox: str | None = None,
+) -> TlsContext:
     """Build the client ``SSLContext`` for POP3S / STLS.
 
     * ``verify=True`` (default): the server certificate must chain to ``ca_file`` (PEM), or
       to the system trust store when ``ca_file`` is None, and match the host name
       (``check_hostname``; IP addresses are matched against IP SANs).
-    * ``verify=False`` disables both checks: only for tests against throwaway servers.
-    * ``min_version``: ``"TLSv1.2"`` (default) or ``"TLSv1.3"``.
+    * ``verify=False`` disables both checks: only for tests against throwaway servers (or
+      together with ``fingerprint_sha256``, which then is the only check).
+    * ``min_version``: ``"TLSv1.2"`` (default) or ``"TLSv1.3"``; ``"TLSv1"``/``"TLSv1.1"``
+      only with ``legacy``.
+    * ``server_name``: the name to verify and send as SNI instead of the host (see
+      :func:`sni_name` for IP literals).
+    * ``fingerprint_sha256``: pin of the server's leaf certificate (:func:`parse_fingerprint`).
+    * ``client_cert``/``client_key``/``client_key_password``: a client certificate (PEM) for
+      servers that require one; the key may be inside ``client_cert``.
+    * ``legacy``: opt-in for old servers: TLS 1.0/1.1 allowed (unless ``min_version`` says
+      otherwise) and :data:`LEGACY_CIPHERS`. Logs a WARNING naming ``mailbox`` every time.
 
     Raises :class:`~connector.errors.ConfigError` naming the bad value (unknown version,
-    unreadable or invalid CA file).
+    unreadable or invalid CA file, client certificate or key, bad fingerprint).
     """
-    if min_version not in _TLS_VERSIONS:
-        raise ConfigError(f"TLS minimum version {min_version!r} is not one of {sorted(_TLS_VERSIONS)}")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
-    ctx.minimum_version = _TLS_VERSIONS[min_version]
+    versions = {**_TLS_VERSIONS, **_LEGACY_VERSIONS} if legacy else _TLS_VERSIONS
+    if min_version not in versions:
+        extra = " (TLSv1 and TLSv1.1 need tls_legacy: true)" if min_version in _LEGACY_VERSIONS else ""
+        raise ConfigError(f"TLS minimum version {min_version!r} is not one of {sorted(versions)}{extra}")
+    pin: bytes | None = None
+    if fingerprint_sha256 is not None:
+        try:
+            pin = parse_fingerprint(fingerprint_sha256)
+        except ValueError as exc:
+            raise ConfigError(f"tls_fingerprint_sha256: {exc}") from None
+    if client_key is not None and client_cert is None:
+        raise ConfigError("tls_client_key is set without tls_client_cert")
+    ctx = TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
+    ctx.server_name = server_name
+    ctx.fingerprint_sha256 = pin
+    if legacy:
+        who = f"mailbox {mailbox!r}" if mailbox else "a mailbox"
+        log.warning(
+            "%s: tls_legacy is on: TLS down to %s and weak ciphers/keys (%s) are accepted; "
+            "turn it off once the server is upgraded",
+            who,
+            min_version,
+            LEGACY_CIPHERS,
+            extra={"mailbox": mailbox},
+        )
+        ctx.set_ciphers(LEGACY_CIPHERS)
+        with warnings.catch_warnings():  # CPython deprecates TLSv1/1.1: this is the explicit opt-in
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = versions[min_version]
+    else:
+        ctx.minimum_version = versions[min_version]
     if verify:
         try:
             if ca_file is None:
@@ -64,17 +197,59 @@ def make_tls_context(ca_file: str | None, verify: bool = True, min_version: str 
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if client_cert is not None:
+        _load_client_cert(ctx, client_cert, client_key, client_key_password)
     return ctx
 
 
-def _tls_error(host: str, port: int, exc: ssl.SSLError) -> Pop3TlsError:
+class _KeyPasswordMissingError(Exception):
+    """Raised from the password callback: never let OpenSSL prompt on a terminal."""
+
+
+def _load_client_cert(ctx: ssl.SSLContext, cert: str, key: str | None, password: str | None) -> None:
+    def give_password() -> str:
+        if password is None:
+            raise _KeyPasswordMissingError
+        return password
+
+    where = f"tls_client_cert {cert!r}" + (f" / tls_client_key {key!r}" if key is not None else "")
+    try:
+        ctx.load_cert_chain(cert, key, password=give_password)
+    except _KeyPasswordMissingError:
+        raise ConfigError(
+            f"{'tls_client_key' if key is not None else 'tls_client_cert'}: the private key is encrypted; "
+            "set tls_client_key_password"
+        ) from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{where}: {exc.filename!r} does not exist") from None
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"{where}: the private key does not belong to the certificate") from None
+            causes = (
+                "wrong tls_client_key_password, or not PEM"
+                if password is not None
+                else "not a PEM certificate and private key"
+            )
+            raise ConfigError(f"{where} cannot be loaded ({causes}): {exc}") from None
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
+
+
+def _tls_error(
+    host: str, port: int, exc: ssl.SSLError, server_name: str | None = None, what: str = "TLS handshake failed"
+) -> Pop3TlsError:
+    hint = TLS_FIX_HINT
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or exc.reason or str(exc)
         what = "certificate verification failed"
+        if exc.verify_code in _NAME_MISMATCH_CODES:
+            hint += "; or set tls_server_name to a name the certificate lists"
     else:
         reason = exc.reason or str(exc)
-        what = "TLS handshake failed"
-    return Pop3TlsError(f"{what} for {host}:{port}: {reason}; {TLS_FIX_HINT}")
+        if "CERTIFICATE_REQUIRED" in str(reason).upper():
+            hint = "the server requires a client certificate: set tls_client_cert and tls_client_key"
+    as_name = f" (verifying as {server_name!r})" if server_name is not None and server_name != host else ""
+    return Pop3TlsError(f"{what} for {host}:{port}{as_name}: {reason}; {hint}")
 
 
 class Transport:
@@ -147,21 +322,38 @@ class Transport:
         Used for implicit TLS right after connect and for STLS (RFC 2595 §4) right after
         the server's ``+OK``. Handshake and verification failures raise
         :class:`~connector.errors.Pop3TlsError` naming host:port, the reason and the fix.
+        A :class:`TlsContext` may name another host to verify (``server_name``) and pin the
+        leaf certificate (``fingerprint_sha256``, checked here after the handshake).
         """
         sock = self._require()
         if isinstance(sock, ssl.SSLSocket):
             raise Pop3TlsError(f"connection to {self.host}:{self.port} is already TLS")
+        server_name = ssl_context.server_name if isinstance(ssl_context, TlsContext) else None
         try:
-            self._sock = ssl_context.wrap_socket(sock, server_hostname=self.host)
+            tls_sock = ssl_context.wrap_socket(sock, server_hostname=sni_name(server_name or self.host))
+            self._sock = tls_sock
         except ssl.SSLError as exc:
             self.close()
-            raise _tls_error(self.host, self.port, exc) from exc
+            raise _tls_error(self.host, self.port, exc, server_name) from exc
         except TimeoutError as exc:
             self.close()
             raise Pop3TimeoutError(f"TLS handshake with {self.host}:{self.port} timed out") from exc
         except OSError as exc:  # reset / EOF during the handshake
             self.close()
             raise Pop3TlsError(f"TLS handshake with {self.host}:{self.port} failed: {exc}; {TLS_FIX_HINT}") from exc
+        if isinstance(ssl_context, TlsContext) and ssl_context.fingerprint_sha256 is not None:
+            self._check_pin(tls_sock, ssl_context.fingerprint_sha256)
+
+    def _check_pin(self, sock: ssl.SSLSocket, expected: bytes) -> None:
+        der = sock.getpeercert(binary_form=True)
+        got = hashlib.sha256(der).digest() if der else b""
+        if not hmac.compare_digest(got, expected):
+            self.close()
+            shown = format_fingerprint(got) if got else "no certificate"
+            raise Pop3TlsError(
+                f"certificate fingerprint mismatch for {self.host}:{self.port}: tls_fingerprint_sha256 expects "
+                f"{format_fingerprint(expected)}, the server presented {shown}; {_FINGERPRINT_HINT}"
+            )
 
     @contextlib.contextmanager
     def _io(self, timed_out: str, failed: str) -> Iterator[None]:
@@ -171,6 +363,13 @@ class Transport:
         except TimeoutError as exc:
             self.close()
             raise Pop3TimeoutError(timed_out) from exc
+        except ssl.SSLError as exc:
+            self.close()
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                raise Pop3ConnectError(f"{failed}: {exc}") from exc
+            # A TLS alert after the handshake: with TLS 1.3 the server checks the client
+            # certificate only after the client's Finished, so its refusal lands here.
+            raise _tls_error(self.host, self.port, exc, what="TLS error") from exc
         except OSError as exc:
             self.close()
             raise Pop3ConnectError(f"{failed}: {exc}") from exc

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,7 +95,10 @@ class MailboxSession(LoginSession, Protocol):
     def login_user_pass(self, username: str, password: str) -> None: ...
     def uidl(self) -> list[tuple[int, str]]: ...
     def list(self) -> list[tuple[int, int]]: ...
-    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int: ...
+    def retr_many(
+        self, msg_nums: Sequence[int], *, limit: int | None = None
+    ) -> Generator[tuple[int, bytes | None], None, None]: ...
+    def dele_many(self, msg_nums: Sequence[int]) -> None: ...
     def top(self, msg_num: int, lines: int = 0) -> bytes: ...
     def dele(self, msg_num: int) -> None: ...
     def quit(self) -> None: ...
@@ -104,8 +107,26 @@ class MailboxSession(LoginSession, Protocol):
 
 
 def open_session(mailbox: MailboxConfig) -> MailboxSession:
-    """Connect (implicit TLS, STLS or plain, as configured) and read the greeting."""
-    ssl_ctx = make_tls_context(mailbox.tls_ca_file, verify=mailbox.tls_verify) if mailbox.tls != "none" else None
+    """Connect (implicit TLS, STLS or plain, as configured) and read the greeting.
+
+    The TLS context is built per session, so a rotated tls_client_key_password file is
+    picked up and a tls_legacy mailbox logs its WARNING every time.
+    """
+    ssl_ctx = None
+    if mailbox.tls != "none":
+        password = mailbox.tls_client_key_password
+        ssl_ctx = make_tls_context(
+            mailbox.tls_ca_file,
+            verify=mailbox.tls_verify,
+            min_version=mailbox.tls_min_version,
+            server_name=mailbox.tls_server_name,
+            fingerprint_sha256=mailbox.tls_fingerprint_sha256,
+            client_cert=mailbox.tls_client_cert,
+            client_key=mailbox.tls_client_key,
+            client_key_password=password.reveal() if password is not None else None,
+            legacy=mailbox.tls_legacy,
+            mailbox=mailbox.id,
+        )
     return Pop3Session.connect(
         mailbox.host,
         mailbox.port,
@@ -183,50 +204,53 @@ def encode_mail(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, 
     return encode_single_object(schema, build_mail_record(decode_mail(raw), prov))
 
 
-def retr_bounded(session: MailboxSession, msg_num: int, limit: int) -> bytes | None:
-    """RETR into memory, but never hold more than ``limit`` bytes.
-
-    Past the limit the rest of the body is still read (and dropped) so the session stays in
-    step with the server; the caller gets None and leaves the mail on the server. LIST sizes
-    are only the server's word (design.md section 6: limits on message size).
-    """
-    pieces: list[bytes] = []
-    held = 0
-    over = False
-
-    def sink(piece: bytes) -> None:
-        nonlocal held, over
-        if over:
-            return
-        held += len(piece)
-        if held > limit:
-            over = True
-            pieces.clear()
-        else:
-            pieces.append(piece)
-
-    session.retr_into(msg_num, sink)
-    return None if over else b"".join(pieces)
-
-
-def fetch_and_encode(
-    session: MailboxSession,
+def select_for_retrieval(
     mailbox: MailboxConfig,
-    msg_num: int,
+    candidates: list[tuple[int, str]],
+    sizes: dict[int, int],
+    res: CycleResult,
+    extra: dict[str, str],
+) -> list[tuple[int, str]]:
+    """Apply the cycle's count and byte bounds (by LIST size) before any RETR is sent, so a
+    pipelined retrieval never fetches more than the cycle may take. Mail over
+    max_message_bytes is left on the server and counted; the first mail is always taken."""
+    chosen: list[tuple[int, str]] = []
+    budget = mailbox.max_bytes_per_cycle
+    for msg_num, uidl in candidates:
+        size = sizes[msg_num]
+        if size > mailbox.max_message_bytes:
+            res.oversized += 1
+            log.error(
+                "mail of %d bytes (LIST) exceeds max_message_bytes (%d); left on the server",
+                size,
+                mailbox.max_message_bytes,
+                extra={**extra, "uidl": uidl},
+            )
+            continue
+        if len(chosen) >= mailbox.max_messages_per_cycle or (chosen and size > budget):
+            res.more_pending = True
+            break
+        budget -= size
+        chosen.append((msg_num, uidl))
+    return chosen
+
+
+def encode_retrieved(
+    mailbox: MailboxConfig,
     uidl: str,
+    raw: bytes | None,
     *,
     res: CycleResult,
     hooks: CycleHooks,
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
 ) -> tuple[bytes, bytes, int] | None:
-    """The per-mail step both delivery modes share: bounded RETR -> decode -> framed Avro.
+    """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
-    Returns (raw, value, fetched_at), or None when the mail has to stay on the server (over
-    max_message_bytes, undecodable), counted in ``res`` and logged with its UIDL only. POP3
-    errors propagate: the session is then unusable.
+    ``raw`` None means RETR exceeded max_message_bytes. Returns (raw, value, fetched_at), or
+    None when the mail has to stay on the server (too large, undecodable), counted in ``res``
+    and logged with its UIDL only.
     """
-    raw = retr_bounded(session, msg_num, mailbox.max_message_bytes)
     res.fetched += 1
     if raw is None:
         res.oversized += 1
@@ -323,40 +347,34 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                     "changed during the session or the server is broken"
                 )
             seen.add(uidl)
-        budget = mailbox.max_bytes_per_cycle
-        for msg_num, uidl in uidls:
-            if ctx.stop.is_set() or res.fetched >= mailbox.max_messages_per_cycle:
-                res.more_pending = True
-                break
-            size = sizes[msg_num]
-            if size > mailbox.max_message_bytes:
-                res.oversized += 1
-                log.error(
-                    "mail of %d bytes (LIST) exceeds max_message_bytes (%d); left on the server",
-                    size,
-                    mailbox.max_message_bytes,
-                    extra={**extra, "uidl": uidl},
-                )
-                continue
-            if res.fetched and size > budget:
-                res.more_pending = True
-                break
-            step = "retr"
-            got = fetch_and_encode(session, mailbox, msg_num, uidl, res=res, hooks=ctx.hooks, extra=extra)
-            if got is None:
-                continue
-            raw, value, _ = got
-            budget -= len(raw)
-            step = "produce"
-            try:
-                d = send_record(ctx.publisher, ctx.config, mailbox, uidl, value, res=res, extra=extra)
-            except DeliveryError as exc:
-                failure = exc  # stop fetching, but settle what is already queued
-                res.more_pending = True
-                break
-            if d is None:
-                continue
-            pending.append(_Pending(msg_num, uidl, d))
+        chosen = select_for_retrieval(mailbox, uidls, sizes, res, extra)
+        uidl_of = dict(chosen)
+        deadline = time.monotonic() + mailbox.max_seconds_per_cycle
+        step = "retr"
+        # Nothing is requested once shutdown began.
+        to_fetch = [] if ctx.stop.is_set() else [n for n, _ in chosen]
+        res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
+        retrieval = session.retr_many(to_fetch, limit=mailbox.max_message_bytes)
+        try:
+            for msg_num, raw in retrieval:
+                if ctx.stop.is_set() or time.monotonic() > deadline:
+                    res.more_pending = True  # this one and the rest stay for the next cycle
+                    break
+                uidl = uidl_of[msg_num]
+                got = encode_retrieved(mailbox, uidl, raw, res=res, hooks=ctx.hooks, extra=extra)
+                if got is not None:
+                    step = "produce"
+                    try:
+                        d = send_record(ctx.publisher, ctx.config, mailbox, uidl, got[1], res=res, extra=extra)
+                    except DeliveryError as exc:
+                        failure = exc  # stop fetching, but settle what is already queued
+                        res.more_pending = True
+                        break
+                    if d is not None:
+                        pending.append(_Pending(msg_num, uidl, d))
+                    step = "retr"
+        finally:
+            retrieval.close()  # drains RETRs still in flight, so DELE follows in step
 
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
         step = "produce"
@@ -371,8 +389,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "dele"
         confirmed = [p for p in pending if p.delivery.ok]
         faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
-        for p in confirmed:
-            session.dele(p.msg_num)
+        session.dele_many([p.msg_num for p in confirmed])
         faults.point("after_dele")
         step = "quit"
         session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state

@@ -54,10 +54,11 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
+    encode_retrieved,
     end_without_deletes,
-    fetch_and_encode,
     list_identities,
     open_session,
+    select_for_retrieval,
     send_record,
 )
 from connector.runtime.login import login
@@ -231,8 +232,7 @@ class ShardWorker:
             return
         step = "dele"
         try:
-            for msg_num, _ in p.to_delete:
-                p.session.dele(msg_num)
+            p.session.dele_many([n for n, _ in p.to_delete])
             faults.point("after_dele")
             step = "quit"
             p.session.quit()
@@ -310,57 +310,56 @@ class ShardWorker:
             present = {u for _, u in uidls}
             skip = self._check_reset(p, known, uidls, sizes, session)
             self._age_absent(p, known, present, now)
-            budget = m.max_bytes_per_cycle
-            deadline = time.monotonic() + m.max_seconds_per_cycle
+            new: list[tuple[int, str]] = []
             for msg_num, uidl in uidls:
                 if uidl in skip:
                     continue
                 entry = known.get(uidl)
-                if entry is not None:
-                    aged = (
-                        m.delete_after_days is not None
-                        and entry.first_seen_at is not None
-                        and now - entry.first_seen_at >= m.delete_after_days * DAY_MS
-                    )
-                    # Baseline entries (start_from: now, imports) name mail we never published:
-                    # delete mode leaves it alone; only delete_after_days removes it.
-                    if aged or (m.delete and entry.state != "baseline"):
-                        p.to_delete.append((msg_num, uidl))
+                if entry is None:
+                    new.append((msg_num, uidl))
                     continue
-                if self.stop.is_set() or res.fetched >= m.max_messages_per_cycle or time.monotonic() > deadline:
-                    res.more_pending = True
-                    break
-                size = sizes[msg_num]
-                if size > m.max_message_bytes or (res.fetched and size > budget):
-                    if size > m.max_message_bytes:
-                        res.oversized += 1
-                        log.error("mail of %d bytes exceeds max_message_bytes; left on the server", size, extra=extra)
-                        continue
-                    res.more_pending = True
-                    break
-                step = "retr"
-                got = fetch_and_encode(
-                    session, m, msg_num, uidl, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms
+                aged = (
+                    m.delete_after_days is not None
+                    and entry.first_seen_at is not None
+                    and now - entry.first_seen_at >= m.delete_after_days * DAY_MS
                 )
-                if got is None:
-                    continue
-                raw, value, fetched_at = got
-                budget -= len(raw)
-                step = "produce"
-                d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
-                if d is None:
-                    continue
-                produced.append(
-                    _Produced(
-                        msg_num,
-                        uidl,
-                        d,
-                        hashlib.sha256(raw).hexdigest(),
-                        size,
-                        header_sha256(raw),
-                        fetched_at,
-                    )
-                )
+                # Baseline entries (start_from: now, imports) name mail we never published:
+                # delete mode leaves it alone; only delete_after_days removes it.
+                if aged or (m.delete and entry.state != "baseline"):
+                    p.to_delete.append((msg_num, uidl))
+            chosen = select_for_retrieval(m, new, sizes, res, extra)
+            uidl_of = dict(chosen)
+            deadline = time.monotonic() + m.max_seconds_per_cycle
+            step = "retr"
+            to_fetch = [] if self.stop.is_set() else [n for n, _ in chosen]
+            res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
+            retrieval = session.retr_many(to_fetch, limit=m.max_message_bytes)
+            try:
+                for msg_num, raw in retrieval:
+                    if self.stop.is_set() or time.monotonic() > deadline:
+                        res.more_pending = True  # this one and the rest stay for the next round
+                        break
+                    uidl = uidl_of[msg_num]
+                    got = encode_retrieved(m, uidl, raw, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms)
+                    if got is not None:
+                        step = "produce"
+                        body, value, fetched_at = got
+                        d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
+                        if d is not None:
+                            produced.append(
+                                _Produced(
+                                    msg_num,
+                                    uidl,
+                                    d,
+                                    hashlib.sha256(body).hexdigest(),
+                                    sizes[msg_num],
+                                    header_sha256(body),
+                                    fetched_at,
+                                )
+                            )
+                        step = "retr"
+            finally:
+                retrieval.close()  # drains RETRs still in flight, so DELE follows in step
         except DeliveryError as exc:
             p.kafka_error = exc
         except ConnectorError as exc:

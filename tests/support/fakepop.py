@@ -62,6 +62,19 @@ class MaildropSession:
     def list(self) -> list[tuple[int, int]]:
         return [(i + 1, len(self.drop.mails[u])) for i, u in enumerate(self.order)]
 
+    def retr(self, msg_num: int) -> bytes:
+        self._check("RETR", msg_num)
+        return self.drop.mails[self.order[msg_num - 1]]
+
+    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
+        for n in msg_nums:
+            data = self.retr(n)
+            yield n, (None if limit is not None and len(data) > limit else data)
+
+    def dele_many(self, msg_nums: Any) -> None:
+        for n in msg_nums:
+            self.dele(n)
+
     def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int:
         self._check("RETR", msg_num)
         data = self.drop.mails[self.order[msg_num - 1]]

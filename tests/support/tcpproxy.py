@@ -6,6 +6,7 @@ TLS passes through untouched (the client still verifies the server's certificate
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import struct
 import threading
@@ -25,6 +26,8 @@ class TcpProxy:
         self.on_bytes: Callable[[int], None] | None = None
         #: seconds to sleep per downstream chunk (a slow link), 0 = full speed
         self.delay = 0.0
+        #: one-way latency in seconds, both directions (a WAN); chunks are not serialised by it
+        self.latency = 0.0
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -52,11 +55,28 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        delayed: queue.Queue[tuple[float, bytes | None]] | None = None
+        if self.latency:
+            delayed = queue.Queue()
+
+            def sender() -> None:
+                while True:
+                    due, chunk = delayed.get()
+                    if chunk is None:
+                        return
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    with contextlib.suppress(OSError):
+                        dst.sendall(chunk)
+
+            threading.Thread(target=sender, daemon=True).start()
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if delayed is not None:
+                    delayed.put((time.monotonic() + self.latency, data))
+                    continue
                 dst.sendall(data)
                 if downstream and self.delay:
                     time.sleep(self.delay)
@@ -69,6 +89,9 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            if delayed is not None:
+                delayed.put((0.0, None))
+                time.sleep(self.latency * 2)  # let the delayed chunks out before closing
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)

@@ -79,6 +79,15 @@ class FakeSession:
             raise Pop3ConnectError("connection reset")
         return self.mails[self.order[msg_num - 1]]
 
+    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
+        for n in msg_nums:
+            data = self.retr(n)
+            yield n, (None if limit is not None and len(data) > limit else data)
+
+    def dele_many(self, msg_nums: Any) -> None:
+        for n in msg_nums:
+            self.dele(n)
+
     def retr_into(self, msg_num: int, sink: Any) -> int:
         data = self.retr(msg_num)
         for i in range(0, len(data), 1000):  # arrives in pieces, as from the socket
@@ -195,14 +204,14 @@ def test_stop_event_ends_fetching_but_finishes_delivery(mock_publisher: Publishe
     stop = threading.Event()
 
     def retr_then_stop(n: int, orig: Any = s.retr) -> bytes:
-        if n == 2:
+        if n == 3:  # SIGTERM arrives while mail 3 comes in: 1 and 2 are done, 3 is left
             stop.set()
         return orig(n)  # type: ignore[no-any-return]
 
     s.retr = retr_then_stop  # type: ignore[method-assign]
     ctx = CycleContext(config=cfg, publisher=mock_publisher, stop=stop, session_factory=lambda _m: s)
     res = run_cycle(ctx, mb)
-    assert res.ok and res.deleted == 2 and res.more_pending and s.log[-1] == "QUIT"
+    assert res.ok and res.deleted == 2 and s.deleted == {1, 2} and res.more_pending and s.log[-1] == "QUIT"
 
 
 class RecordingPublisher(Publisher):
@@ -305,7 +314,8 @@ def test_shutdown_bounds_the_wait_for_a_dead_broker() -> None:
     orig = s2.retr
 
     def retr_then_sigterm(n: int) -> bytes:
-        stop2.set()
+        if n == 2:  # SIGTERM while the second mail comes in; the first was already produced
+            stop2.set()
         return orig(n)
 
     s2.retr = retr_then_sigterm  # type: ignore[method-assign]
