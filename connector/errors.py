@@ -140,3 +140,13 @@ class UidlResetError(Pop3Error):
     """Most known UIDLs vanished and new ones appeared at once, or a known UIDL now names other
     mail: the server reset its UIDLs. Stop and report instead of republishing everything
     (mailbox option on_uidl_reset decides: stop, republish, rebaseline)."""
+
+
+class Pop3LoginRefusedError(Pop3AuthError):
+    """A bare -ERR to a login from a server without AUTH-RESP-CODE (RFC 3206 §4): bad
+    credentials or a busy maildrop, the server does not say. Retry a few times before treating
+    it as a credentials failure."""
+
+
+class Pop3PermError(Pop3Error):
+    """[SYS/PERM] (RFC 3206 §4): a permanent server-side problem; needs the server's operator."""

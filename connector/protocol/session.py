@@ -45,7 +45,9 @@ from connector.errors import (
     Pop3CommandError,
     Pop3Error,
     Pop3LoginDelayError,
+    Pop3LoginRefusedError,
     Pop3MailboxBusyError,
+    Pop3PermError,
     Pop3ProtocolError,
     Pop3TempError,
     Pop3TlsError,
@@ -568,7 +570,20 @@ class Pop3Session:
             return Pop3LoginDelayError(where)
         if _has_code(status, "SYS/TEMP"):
             return Pop3TempError(where)
-        if auth or _has_code(status, "AUTH"):
+        if _has_code(status, "SYS/PERM"):
+            return Pop3PermError(where)
+        if _has_code(status, "AUTH"):
+            return Pop3AuthError(where)
+        if auth:
+            # RFC 3206 §4: without AUTH-RESP-CODE a bare -ERR to a login is ambiguous: bad
+            # credentials, or a locked/busy maildrop (older servers, and the "authentication
+            # warnings" of BizTalk's adapter). The scheduler retries a few times before it
+            # treats it as bad credentials.
+            caps = self._caps or {}
+            if status.code is None and "AUTH-RESP-CODE" not in caps:
+                return Pop3LoginRefusedError(
+                    where + " (the server gives no reason code: busy mailbox or bad credentials)"
+                )
             return Pop3AuthError(where)
         return Pop3CommandError(command, status.describe())
 

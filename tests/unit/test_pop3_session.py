@@ -22,7 +22,9 @@ from connector.errors import (
     Pop3CommandError,
     Pop3ConnectError,
     Pop3LoginDelayError,
+    Pop3LoginRefusedError,
     Pop3MailboxBusyError,
+    Pop3PermError,
     Pop3ProtocolError,
     Pop3TempError,
     Pop3TimeoutError,
@@ -314,8 +316,10 @@ def test_wrong_password_auth_code(serve: list[ScriptedServer]) -> None:
 @pytest.mark.parametrize(
     ("reply", "error"),
     [
-        ("-ERR bad", Pop3AuthError),
-        ("-ERR [SYS/PERM] account disabled", Pop3AuthError),
+        # RFC 3206 §4: no code and no AUTH-RESP-CODE in CAPA: busy or bad credentials?
+        ("-ERR bad", Pop3LoginRefusedError),
+        ("-ERR [AUTH] bad", Pop3AuthError),
+        ("-ERR [SYS/PERM] account disabled", Pop3PermError),
         ("-ERR [IN-USE] Mailbox is locked by another POP3 session", Pop3MailboxBusyError),
         ("-ERR [LOGIN-DELAY] wait 900 seconds", Pop3LoginDelayError),
         ("-ERR [SYS/TEMP] backend down", Pop3TempError),
@@ -328,6 +332,30 @@ def test_pass_error_codes(serve: list[ScriptedServer], reply: str, error: type[E
     with pytest.raises(error) as info:
         s.login_user_pass("alice", "pw")
     assert type(info.value) is error
+    s.close()
+
+
+def test_bare_err_is_a_credentials_failure_when_the_server_has_auth_resp_code(serve: list[ScriptedServer]) -> None:
+    server = start(
+        serve,
+        [
+            GREETING,
+            expect("CAPA"),
+            send("+OK"),
+            send("USER"),
+            send("AUTH-RESP-CODE"),
+            send("."),
+            expect("USER alice"),
+            send("+OK"),
+            expect("PASS pw"),
+            send("-ERR bad"),
+        ],
+    )
+    s = plain(server)
+    assert "AUTH-RESP-CODE" in s.capabilities()
+    with pytest.raises(Pop3AuthError) as info:
+        s.login_user_pass("alice", "pw")
+    assert type(info.value) is Pop3AuthError
     s.close()
 
 
