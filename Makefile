@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # libpython3.11-testsuite: CPython's test_email corpus, used by the decoding tests
 # python3-venv: Debian's python3 has no ensurepip without it.
+# mailutils-pop3d: GNU pop3d, the second POP3 peer (deploy/local/mailutils.py); its service is
+# kept from starting by the policy-rc.d guard below.
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
-	libpython3.11-testsuite python3-venv
+	libpython3.11-testsuite python3-venv mailutils-pop3d
 
 .PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean crash-matrix
 

@@ -50,11 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll every mailbox on its interval until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", required=True)
 
-    doctor = sub.add_parser("doctor", help="check Kafka (topics, ledger, ACLs) and say how to fix what fails")
-    doctor.add_argument("--config", "-c", required=True)
-    doctor.add_argument(
-        "--kafka-only", action="store_true", help="only the Kafka checks (the POP3 checks come in a later version)"
+    doctor = sub.add_parser(
+        "doctor", help="check every mailbox (DNS, TCP, TLS, CAPA, login, UIDL) and Kafka, with the fix for each failure"
     )
+    doctor.add_argument("--config", "-c", required=True)
+    doctor.add_argument("--mailbox", "-m", action="append", default=None, help="only this mailbox (repeatable)")
+    doctor.add_argument("--kafka-only", action="store_true", help="only the Kafka checks")
 
     ledger = sub.add_parser("ledger", help="UIDL ledger commands")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(cfg)
         if args.command == "doctor":
-            return _doctor(cfg)
+            return _doctor(cfg, args.mailbox, kafka_only=args.kafka_only)
         if args.command == "ledger":
             return _ledger_import(cfg, args)
         if args.command == "tail":
@@ -206,10 +207,15 @@ def _run(cfg: Config) -> int:
     return EXIT_OK
 
 
-def _doctor(cfg: Config) -> int:
+def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
     from connector.delivery.doctor import check_kafka
+    from connector.runtime.doctor import check_mailbox
 
-    findings = check_kafka(cfg)
+    findings = []
+    if not kafka_only:
+        for mb in [cfg.mailbox(m) for m in dict.fromkeys(only)] if only else cfg.mailboxes:
+            findings += check_mailbox(mb)
+    findings += check_kafka(cfg)
     for f in findings:
         line = f"{'ok  ' if f.ok else 'FAIL'} {f.check}: {f.detail}"
         if not f.ok and f.fix:

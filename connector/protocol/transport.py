@@ -220,18 +220,14 @@ def _load_client_cert(ctx: ssl.SSLContext, cert: str, key: str | None, password:
             f"{'tls_client_key' if key is not None else 'tls_client_cert'}: the private key is encrypted; "
             "set tls_client_key_password"
         ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"{where}: the private key does not belong to the certificate") from None
+        causes = "wrong tls_client_key_password, or not PEM" if password else "not a PEM certificate and private key"
+        raise ConfigError(f"{where} cannot be loaded ({causes}): {exc}") from None
     except FileNotFoundError as exc:
         raise ConfigError(f"{where}: {exc.filename!r} does not exist") from None
-    except OSError as exc:
-        if isinstance(exc, ssl.SSLError):
-            if exc.reason == "KEY_VALUES_MISMATCH":
-                raise ConfigError(f"{where}: the private key does not belong to the certificate") from None
-            causes = (
-                "wrong tls_client_key_password, or not PEM"
-                if password is not None
-                else "not a PEM certificate and private key"
-            )
-            raise ConfigError(f"{where} cannot be loaded ({causes}): {exc}") from None
+    except OSError as exc:  # PermissionError, a directory...
         raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
 
 
