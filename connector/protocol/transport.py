@@ -306,7 +306,7 @@ class Transport:
 
     def _quickack(self) -> None:
         # TCP_QUICKACK is not sticky on Linux (the kernel may fall back to delayed ACKs),
-        # hence re-armed per command. Absent on non-Linux: silently skipped.
+        # hence re-armed per command and per read. Absent on non-Linux: silently skipped.
         opt = getattr(socket, "TCP_QUICKACK", None)
         if opt is not None and self._sock is not None:
             with contextlib.suppress(OSError):
@@ -392,6 +392,10 @@ class Transport:
         if not n:
             self.close()
             raise Pop3ConnectError(f"connection closed by {self.host}:{self.port}")
+        # Linux leaves quick-ACK mode while data arrives; a server that writes a body and its
+        # final "." separately (GNU pop3d) would then wait ~40 ms for our delayed ACK (Nagle
+        # on its side) on every response. Re-arming after each read keeps ACKs immediate.
+        self._quickack()
         return bytes(self._view[:n])
 
     def settimeout(self, timeout: float | None) -> None:

@@ -341,19 +341,12 @@ def test_poll_once_end_to_end(gnu: GnuPop3d, services, topic: str, tmp_path: Pat
             s.quit()
 
 
-# --------------------------------------------------------------------------- known connector problem
+# --------------------------------------------------------------------------- delayed ACKs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "connector/protocol/transport.py: one RETR at a time against GNU pop3d costs ~45 ms (measured 45.0 ms/RETR "
-        "over POP3S, same as poplib): pop3d writes the body and the final '.' separately, Nagle holds the tail until "
-        "the client ACKs, and the client's delayed ACK waits ~40 ms. TCP_QUICKACK is re-armed only in "
-        "Transport.send(), but Linux leaves quick-ACK mode again while receiving the reply; re-arming it after "
-        "each recv() too measured 0.2 ms/RETR. Pipelined cycles hide most of it (one stall per window)."
-    ),
-)
+# GNU pop3d writes a body and its final "." separately; with Nagle on its side and delayed
+# ACKs on ours every response stalled ~40 ms until the transport re-armed TCP_QUICKACK after
+# each read (connector/protocol/transport.py). This guards that fix.
 def test_sequential_retr_is_not_slowed_by_delayed_acks(gnu: GnuPop3d) -> None:
     gnu.clear("g7")
     for i in range(20):
