@@ -822,15 +822,18 @@ service anvil {{
                 raise StackError(f"dovecot ports did not open; see {self.dir / 'log' / 'dovecot.log'}")
             time.sleep(0.02)
 
-    def stop(self) -> None:
+    def stop(self, *, hard: bool = False) -> None:
         """Stop the master, then every process of this instance that outlived it.
+
+        ``hard``: SIGKILL every process of the instance at once (a crash, or systemd's
+        KillMode on a restart), so sessions die mid-response instead of finishing.
 
         Dovecot's master leaves running sessions (pop3 and the pop3-login that proxies their
         TLS) alive when it exits; systemd would kill the whole cgroup, and so do we, so a
         "restart" really ends sessions and tests never leak processes.
         """
         pid = self.master_pid()
-        if pid:
+        if pid and not hard:
             stop_pid(pid)
         prefix = f"dovecot-{self.instance}/"
         for proc in Path("/proc").iterdir():
@@ -843,6 +846,8 @@ service anvil {{
             if cmdline.startswith(prefix):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(proc.name), signal.SIGKILL)
+        if pid and hard:
+            stop_pid(pid)
 
     # ---- mail delivery helpers (tests and demo)
 

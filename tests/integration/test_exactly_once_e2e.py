@@ -238,7 +238,7 @@ def test_dovecot_restarted_during_retr(services, topic: str, tmp_path: Path) -> 
     def restart_mid_retr(n: int) -> None:
         if n > 1_000_000 and not restarted.is_set():
             restarted.set()
-            threading.Thread(target=lambda: (services.dovecot.stop(), services.dovecot.start())).start()
+            threading.Thread(target=lambda: (services.dovecot.stop(hard=True), services.dovecot.start())).start()
 
     proxy.on_bytes = restart_mid_retr
     try:
