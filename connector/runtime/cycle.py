@@ -16,6 +16,7 @@ ledger that make it exactly-once come in the next issue and plug in at "produce"
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -204,6 +205,60 @@ def encode_mail(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, 
     return encode_single_object(schema, build_mail_record(decode_mail(raw), prov))
 
 
+def list_mailbox(session: MailboxSession, mailbox: MailboxConfig) -> tuple[list[tuple[int, str]], dict[int, int]]:
+    """LIST + UIDL (or the header identity), with the checks both delivery modes need."""
+    sizes = dict(session.list())
+    uidls = list_identities(session, mailbox, sizes)
+    seen: set[str] = set()
+    for msg_num, uidl in uidls:
+        if uidl in seen:
+            raise Pop3UnsupportedError(
+                f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) for "
+                "de-duplication. Ask the server's operator, or opt into identity: headers (docs/delivery.md)"
+            )
+        if msg_num not in sizes:
+            raise Pop3ProtocolError(
+                f"UIDL lists message {msg_num} but LIST does not; the maildrop changed during the session or the "
+                "server is broken"
+            )
+        seen.add(uidl)
+    return uidls, sizes
+
+
+def retrieve_encoded(
+    session: MailboxSession,
+    mailbox: MailboxConfig,
+    chosen: list[tuple[int, str]],
+    *,
+    stop: threading.Event,
+    res: CycleResult,
+    hooks: CycleHooks,
+    extra: dict[str, str],
+    clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+) -> Generator[tuple[int, str, bytes, bytes, int], None, None]:
+    """Stream the chosen mails (pipelined RETR) and yield each decoded one:
+    ``(msg_num, uidl, raw, value, fetched_at)``. Stops at shutdown or max_seconds_per_cycle
+    (``res.more_pending``); mail that must stay on the server is counted and skipped. Closing
+    the generator drains RETRs still in flight, so the session stays in step for DELE."""
+    uidl_of = dict(chosen)
+    deadline = time.monotonic() + mailbox.max_seconds_per_cycle
+    to_fetch = [] if stop.is_set() else [n for n, _ in chosen]  # nothing is asked once shutdown began
+    res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
+    retrieval = session.retr_many(to_fetch, limit=mailbox.max_message_bytes)
+    try:
+        for msg_num, raw in retrieval:
+            if stop.is_set() or time.monotonic() > deadline:
+                res.more_pending = True  # this one and the rest stay for the next cycle
+                return
+            uidl = uidl_of[msg_num]
+            got = encode_retrieved(mailbox, uidl, raw, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms)
+            if got is not None:
+                body, value, fetched_at = got
+                yield msg_num, uidl, body, value, fetched_at
+    finally:
+        retrieval.close()
+
+
 def select_for_retrieval(
     mailbox: MailboxConfig,
     candidates: list[tuple[int, str]],
@@ -330,51 +385,25 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "login"
         login(session, mailbox)
         step = "uidl"
-        sizes = dict(session.list())
-        uidls = list_identities(session, mailbox, sizes)
+        uidls, sizes = list_mailbox(session, mailbox)
         res.listed = len(uidls)
-        seen: set[str] = set()
-        for msg_num, uidl in uidls:
-            if uidl in seen:
-                raise Pop3UnsupportedError(
-                    f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) "
-                    "for de-duplication to work. Ask the server's operator, or poll this mailbox with "
-                    "another tool until it is fixed"
-                )
-            if msg_num not in sizes:
-                raise Pop3ProtocolError(
-                    f"UIDL lists message {msg_num} but LIST does not; the maildrop "
-                    "changed during the session or the server is broken"
-                )
-            seen.add(uidl)
         chosen = select_for_retrieval(mailbox, uidls, sizes, res, extra)
-        uidl_of = dict(chosen)
-        deadline = time.monotonic() + mailbox.max_seconds_per_cycle
         step = "retr"
-        # Nothing is requested once shutdown began.
-        to_fetch = [] if ctx.stop.is_set() else [n for n, _ in chosen]
-        res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
-        retrieval = session.retr_many(to_fetch, limit=mailbox.max_message_bytes)
-        try:
-            for msg_num, raw in retrieval:
-                if ctx.stop.is_set() or time.monotonic() > deadline:
-                    res.more_pending = True  # this one and the rest stay for the next cycle
+        # closing(): a break must drain the RETRs in flight now, before DELE, not at some GC.
+        with contextlib.closing(
+            retrieve_encoded(session, mailbox, chosen, stop=ctx.stop, res=res, hooks=ctx.hooks, extra=extra)
+        ) as mails:
+            for msg_num, uidl, _raw, value, _at in mails:
+                step = "produce"
+                try:
+                    d = send_record(ctx.publisher, ctx.config, mailbox, uidl, value, res=res, extra=extra)
+                except DeliveryError as exc:
+                    failure = exc  # stop fetching, but settle what is already queued
+                    res.more_pending = True
                     break
-                uidl = uidl_of[msg_num]
-                got = encode_retrieved(mailbox, uidl, raw, res=res, hooks=ctx.hooks, extra=extra)
-                if got is not None:
-                    step = "produce"
-                    try:
-                        d = send_record(ctx.publisher, ctx.config, mailbox, uidl, got[1], res=res, extra=extra)
-                    except DeliveryError as exc:
-                        failure = exc  # stop fetching, but settle what is already queued
-                        res.more_pending = True
-                        break
-                    if d is not None:
-                        pending.append(_Pending(msg_num, uidl, d))
-                    step = "retr"
-        finally:
-            retrieval.close()  # drains RETRs still in flight, so DELE follows in step
+                if d is not None:
+                    pending.append(_Pending(msg_num, uidl, d))
+                step = "retr"
 
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
         step = "produce"

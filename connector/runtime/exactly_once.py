@@ -43,8 +43,6 @@ from connector.errors import (
     DeliveryError,
     DeliveryFatalError,
     Pop3Error,
-    Pop3ProtocolError,
-    Pop3UnsupportedError,
     UidlResetError,
 )
 from connector.observability import metrics
@@ -54,10 +52,10 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
-    encode_retrieved,
     end_without_deletes,
-    list_identities,
+    list_mailbox,
     open_session,
+    retrieve_encoded,
     select_for_retrieval,
     send_record,
 )
@@ -298,10 +296,8 @@ class ShardWorker:
             step = "login"
             login(session, m)
             step = "uidl"
-            sizes = dict(session.list())
-            uidls = list_identities(session, m, sizes)
+            uidls, sizes = list_mailbox(session, m)
             res.listed = len(uidls)
-            self._check_listing(uidls, sizes)
             known = self.ledger.known(m.id)
             now = self.clock_ms()
             if m.start_from == "now" and BASELINE_MARKER not in known:
@@ -328,38 +324,25 @@ class ShardWorker:
                 if aged or (m.delete and entry.state != "baseline"):
                     p.to_delete.append((msg_num, uidl))
             chosen = select_for_retrieval(m, new, sizes, res, extra)
-            uidl_of = dict(chosen)
-            deadline = time.monotonic() + m.max_seconds_per_cycle
             step = "retr"
-            to_fetch = [] if self.stop.is_set() else [n for n, _ in chosen]
-            res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
-            retrieval = session.retr_many(to_fetch, limit=m.max_message_bytes)
-            try:
-                for msg_num, raw in retrieval:
-                    if self.stop.is_set() or time.monotonic() > deadline:
-                        res.more_pending = True  # this one and the rest stay for the next round
-                        break
-                    uidl = uidl_of[msg_num]
-                    got = encode_retrieved(m, uidl, raw, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms)
-                    if got is not None:
-                        step = "produce"
-                        body, value, fetched_at = got
-                        d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
-                        if d is not None:
-                            produced.append(
-                                _Produced(
-                                    msg_num,
-                                    uidl,
-                                    d,
-                                    hashlib.sha256(body).hexdigest(),
-                                    sizes[msg_num],
-                                    header_sha256(body),
-                                    fetched_at,
-                                )
-                            )
-                        step = "retr"
-            finally:
-                retrieval.close()  # drains RETRs still in flight, so DELE follows in step
+            for msg_num, uidl, body, value, fetched_at in retrieve_encoded(
+                session, m, chosen, stop=self.stop, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms
+            ):
+                step = "produce"
+                d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
+                if d is not None:
+                    produced.append(
+                        _Produced(
+                            msg_num,
+                            uidl,
+                            d,
+                            hashlib.sha256(body).hexdigest(),
+                            sizes[msg_num],
+                            header_sha256(body),
+                            fetched_at,
+                        )
+                    )
+                step = "retr"
         except DeliveryError as exc:
             p.kafka_error = exc
         except ConnectorError as exc:
@@ -409,19 +392,6 @@ class ShardWorker:
                 p.to_delete.append((x.msg_num, x.uidl))
 
     # ------------------------------------------------------------------ ledger rules
-
-    @staticmethod
-    def _check_listing(uidls: list[tuple[int, str]], sizes: dict[int, int]) -> None:
-        seen: set[str] = set()
-        for msg_num, uidl in uidls:
-            if uidl in seen:
-                raise Pop3UnsupportedError(
-                    f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) for "
-                    "exactly-once delivery. Ask the server's operator to fix it"
-                )
-            if msg_num not in sizes:
-                raise Pop3ProtocolError(f"UIDL lists message {msg_num} but LIST does not")
-            seen.add(uidl)
 
     def _baseline(self, p: Prepared, uidls: list[tuple[int, str]], sizes: dict[int, int], now: int) -> None:
         """start_from: now -> what is there now is recorded as seen, not published."""
