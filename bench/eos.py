@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def main() -> int:
         for u in USERS:
             stack.dovecot.clear(u)
         stack.down()
+        shutil.rmtree(d, ignore_errors=True)
     n = len(USERS) * args.mails
     med = {k: statistics.median(v) for k, v in times.items()}
     lines = [

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -174,6 +175,7 @@ def main() -> int:
             dove.clear(u)
         if stack is not None:
             stack.down()
+            shutil.rmtree(stack.dir, ignore_errors=True)
 
     med = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
     lines = [

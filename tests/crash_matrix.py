@@ -21,6 +21,7 @@ import os
 import poplib
 import random
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -292,6 +293,7 @@ def main() -> int:
         )
     finally:
         stack.down()
+        shutil.rmtree(d, ignore_errors=True)
     text = (
         f"# Crash matrix ({time.strftime('%Y-%m-%d')})\n\n"
         f"`python tests/crash_matrix.py --runs-per-point {args.runs_per_point} --random-kills {args.random_kills} "
