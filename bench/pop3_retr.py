@@ -89,6 +89,43 @@ def run_ours(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
     return total
 
 
+def run_ours_pipelined(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
+    s = Pop3Session.connect(host, port, tls="implicit", ssl_context=ctx, timeout=60)
+    s.login_user_pass(USER, PASSWORD)
+    total = sum(len(body or b"") for _, body in s.retr_many(range(1, n + 1)))
+    s.abort()
+    return total
+
+
+def run_raw(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
+    """The physical limit for this job: all RETRs pipelined, 1 MiB reads, count terminators, discard."""
+    import socket
+
+    raw = socket.create_connection((host, port), timeout=60)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = ctx.wrap_socket(raw, server_hostname=host)
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+    f.readline()
+    f.readline()
+    sock.sendall(b"".join(b"RETR %d\r\n" % i for i in range(1, n + 1)))
+    buf = bytearray(1 << 20)
+    seen = total = 0
+    tail = b""
+    while seen < n:
+        k = sock.recv_into(buf)
+        if not k:
+            break
+        chunk = tail + bytes(buf[:k])
+        seen += chunk.count(b"\r\n.\r\n")
+        tail = chunk[-4:]
+        total += k
+    sock.sendall(b"RSET\r\nQUIT\r\n")
+    sock.close()
+    return total
+
+
 def bench_scenario(
     host: str, port: int, ctx: ssl.SSLContext, *, maildir: Path, n: int, size: int, rounds: int
 ) -> list[str]:
@@ -97,6 +134,8 @@ def bench_scenario(
     clients: dict[str, Callable[[str, int, ssl.SSLContext, int], int]] = {
         "stdlib poplib (POP3_SSL.retr)": run_poplib,
         "Pop3Session.retr": run_ours,
+        "Pop3Session.retr_many (pipelined)": run_ours_pipelined,
+        "raw pipelined TLS reader (limit)": run_raw,
     }
     wall: dict[str, list[float]] = {name: [] for name in clients}
     cpu: dict[str, list[float]] = {name: [] for name in clients}
