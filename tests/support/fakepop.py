@@ -29,7 +29,42 @@ class Maildrop:
         return MaildropSession(self)
 
 
-class MaildropSession:
+class FakeSessionBase:
+    """What every scripted session shares: a server without CAPA (so the connector logs in
+    with USER/PASS), and the batch commands expressed through the subclass's retr/dele."""
+
+    def retr(self, msg_num: int) -> bytes:
+        raise NotImplementedError
+
+    def dele(self, msg_num: int) -> None:
+        raise NotImplementedError
+
+    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
+        return {}
+
+    def login_apop(self, username: str, secret: str) -> None:
+        raise AssertionError("not used")
+
+    def login_sasl(self, mechanism: Any, *, username: str) -> None:
+        raise AssertionError("not used")
+
+    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
+        for n in msg_nums:
+            data = self.retr(n)
+            yield n, (None if limit is not None and len(data) > limit else data)
+
+    def dele_many(self, msg_nums: Any) -> None:
+        for n in msg_nums:
+            self.dele(n)
+
+    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int:
+        data = self.retr(msg_num)
+        for i in range(0, len(data), 1000):  # arrives in pieces, as from the socket
+            sink(data[i : i + 1000])
+        return len(data)
+
+
+class MaildropSession(FakeSessionBase):
     def __init__(self, drop: Maildrop) -> None:
         self.drop = drop
         self.order = list(drop.mails)  # message numbers are fixed for the session
@@ -42,15 +77,6 @@ class MaildropSession:
             raise Pop3ConnectError("session closed")
         if self.drop.fail is not None:
             self.drop.fail(cmd, n)
-
-    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
-        return {}  # a server without CAPA: the connector falls back to USER/PASS
-
-    def login_apop(self, username: str, secret: str) -> None:
-        raise AssertionError("not used")
-
-    def login_sasl(self, mechanism: Any, *, username: str) -> None:
-        raise AssertionError("not used")
 
     def login_user_pass(self, username: str, password: str) -> None:
         self._check("LOGIN")
@@ -65,21 +91,6 @@ class MaildropSession:
     def retr(self, msg_num: int) -> bytes:
         self._check("RETR", msg_num)
         return self.drop.mails[self.order[msg_num - 1]]
-
-    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
-        for n in msg_nums:
-            data = self.retr(n)
-            yield n, (None if limit is not None and len(data) > limit else data)
-
-    def dele_many(self, msg_nums: Any) -> None:
-        for n in msg_nums:
-            self.dele(n)
-
-    def retr_into(self, msg_num: int, sink: Callable[[bytes], None]) -> int:
-        self._check("RETR", msg_num)
-        data = self.drop.mails[self.order[msg_num - 1]]
-        sink(data)
-        return len(data)
 
     def top(self, msg_num: int, lines: int = 0) -> bytes:
         self._check("TOP", msg_num)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
+from support.fakepop import FakeSessionBase
 from support.mailgen import make_mail
 
 from connector.config import parse_config
@@ -35,7 +36,7 @@ MOCK = {"test.mock.num.brokers": 1}
 
 
 @dataclass
-class FakeSession:
+class FakeSession(FakeSessionBase):
     mails: dict[str, bytes]
     fail_login: bool = False
     fail_retr_at: int | None = None
@@ -48,15 +49,6 @@ class FakeSession:
     @property
     def order(self) -> list[str]:
         return list(self.mails)
-
-    def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
-        return {}  # a server without CAPA: the connector falls back to USER/PASS
-
-    def login_apop(self, username: str, secret: str) -> None:
-        raise AssertionError("not used")
-
-    def login_sasl(self, mechanism: Any, *, username: str) -> None:
-        raise AssertionError("not used")
 
     def login_user_pass(self, username: str, password: str) -> None:
         self.log.append("LOGIN")
@@ -78,21 +70,6 @@ class FakeSession:
         if self.fail_retr_at == msg_num:
             raise Pop3ConnectError("connection reset")
         return self.mails[self.order[msg_num - 1]]
-
-    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
-        for n in msg_nums:
-            data = self.retr(n)
-            yield n, (None if limit is not None and len(data) > limit else data)
-
-    def dele_many(self, msg_nums: Any) -> None:
-        for n in msg_nums:
-            self.dele(n)
-
-    def retr_into(self, msg_num: int, sink: Any) -> int:
-        data = self.retr(msg_num)
-        for i in range(0, len(data), 1000):  # arrives in pieces, as from the socket
-            sink(data[i : i + 1000])
-        return len(data)
 
     def dele(self, msg_num: int) -> None:
         self.log.append(f"DELE {msg_num}")
