@@ -10,15 +10,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
-from kafka_acls import Acl, connector_acls, grant_acls
+from confluent_kafka.admin import AdminClient
+from kafka_acls import grant_acls
 from localstack import KafkaNode
+from support.securekafka import Names, secure_kafka
 
 from connector.config.model import Config, parse_config
 from connector.delivery.admin import ensure_ledger_topic, ensure_topic
@@ -44,35 +44,7 @@ ALL_CHECKS = {
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaNode]:
-    node = KafkaNode(tmp_path_factory.mktemp("kafka-doctor"), secure=True)
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-@dataclass
-class Names:
-    mail: str
-    ledger: str
-    txn_prefix: str
-
-    @classmethod
-    def fresh(cls) -> Names:
-        tag = uuid.uuid4().hex[:8]
-        return cls(f"mail-{tag}", f"ledger-{tag}", f"pop3k-{tag}")
-
-    def acls(self, **kw: Any) -> list[Acl]:
-        return connector_acls(mail_topic=self.mail, ledger_topic=self.ledger, txn_prefix=self.txn_prefix, **kw)
-
-    def create_topics(self, bootstrap: str, *, ledger_partitions: int = 2, policy: str = "compact") -> None:
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        futs = admin.create_topics(
-            [NewTopic(self.mail, 2, 1), NewTopic(self.ledger, ledger_partitions, 1, config={"cleanup.policy": policy})]
-        )
-        for f in futs.values():
-            f.result(timeout=15)
+    yield from secure_kafka(tmp_path_factory.mktemp("kafka-doctor"))
 
 
 def make_config(

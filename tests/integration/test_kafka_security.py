@@ -15,17 +15,17 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
-from kafka_acls import Acl, connector_acls, grant_acls
+from kafka_acls import grant_acls
 from localstack import KafkaNode
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import make_mail
+from support.securekafka import Names, secure_kafka
 
 pytestmark = pytest.mark.integration
 
@@ -36,29 +36,7 @@ TLS_CN, TLS_NOACL = "pop3kafka-tls", "pop3kafka-tls-noacl"
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaNode]:
-    node = KafkaNode(tmp_path_factory.mktemp("kafka-secure"), secure=True)
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-@dataclass
-class Names:
-    """Fresh resource names per test, so ACLs granted by one test never help another."""
-
-    mail: str
-    ledger: str
-    txn_prefix: str
-
-    @classmethod
-    def fresh(cls) -> Names:
-        tag = uuid.uuid4().hex[:8]
-        return cls(f"mail-{tag}", f"ledger-{tag}", f"pop3k-{tag}")
-
-    def acls(self, **kw: Any) -> list[Acl]:
-        return connector_acls(mail_topic=self.mail, ledger_topic=self.ledger, txn_prefix=self.txn_prefix, **kw)
+    yield from secure_kafka(tmp_path_factory.mktemp("kafka-secure"))
 
 
 def put_mails(services: Any, n: int, seed: int, start: int = 0) -> set[str]:
