@@ -13,22 +13,25 @@ deleted: RSET + QUIT), removes the mails it created and writes bench/results/pop
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import poplib
 import ssl
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from connector.protocol import Pop3Session, make_tls_context
+from connector.protocol import Pop3Session, SpoolPolicy, make_tls_context
 
 USER, PASSWORD = "carol", "carol-pw"
 RESULTS = Path(__file__).resolve().parent / "results" / "pop3_retr.md"
+SPOOL = SpoolPolicy(threshold=4 * 1024 * 1024, directory=tempfile.gettempdir())
 
 
 def make_mail(i: int, size: int) -> bytes:
@@ -92,9 +95,36 @@ def run_ours(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
 def run_ours_pipelined(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
     s = Pop3Session.connect(host, port, tls="implicit", ssl_context=ctx, timeout=60)
     s.login_user_pass(USER, PASSWORD)
-    total = sum(len(body or b"") for _, body in s.retr_many(range(1, n + 1)))
+    total = sum(mail.size for _, mail in s.retr_many(range(1, n + 1)))
     s.abort()
     return total
+
+
+def run_ours_spooled(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
+    """Pipelined, hashed while received, spooled to a file above 4 MiB (what the cycle does)."""
+    s = Pop3Session.connect(host, port, tls="implicit", ssl_context=ctx, timeout=60)
+    s.login_user_pass(USER, PASSWORD)
+    total = 0
+    for _, mail in s.retr_many(range(1, n + 1), spool=SPOOL, max_line=1024 * 1024):
+        with mail:
+            assert mail.refused is None and len(mail.sha256) == 64
+            total += mail.size
+    s.abort()
+    return total
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to clear_refs);
+    returns the RSS in KiB that the next peak is measured from."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
 
 
 def run_raw(host: str, port: int, ctx: ssl.SSLContext, n: int) -> int:
@@ -135,10 +165,12 @@ def bench_scenario(
         "stdlib poplib (POP3_SSL.retr)": run_poplib,
         "Pop3Session.retr": run_ours,
         "Pop3Session.retr_many (pipelined)": run_ours_pipelined,
+        "Pop3Session.retr_many (pipelined, hashed, spooled > 4 MiB)": run_ours_spooled,
         "raw pipelined TLS reader (limit)": run_raw,
     }
     wall: dict[str, list[float]] = {name: [] for name in clients}
     cpu: dict[str, list[float]] = {name: [] for name in clients}
+    peak: dict[str, list[int]] = {name: [] for name in clients}  # VmHWM growth, KiB
     try:
         put_mails(maildir, n, size, tag)
         # Warm-up: Dovecot indexes the maildir (new/ -> cur/) and both byte-compare one mail.
@@ -157,10 +189,13 @@ def bench_scenario(
         for r in range(rounds):
             order = list(clients) if r % 2 == 0 else list(reversed(clients))
             for name in order:
+                gc.collect()
+                rss0 = reset_peak_rss()
                 t0, c0 = time.perf_counter(), time.process_time()
                 clients[name](host, port, ctx, n)
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
+                peak[name].append(_status_kb("VmHWM") - rss0)
                 print(
                     f"{n}x{size} round {r + 1} {name}: {wall[name][-1]:.3f}s wall, {cpu[name][-1]:.3f}s CPU",
                     flush=True,
@@ -176,7 +211,8 @@ def bench_scenario(
         med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
         rows.append(
             f"| {n} x {size} B | {name} | {med:.3f} | {mb / med:.1f} | {n / med:.0f} | {base / med:.2f}x | "
-            f"{med_cpu:.3f} | {base_cpu / med_cpu:.2f}x | {', '.join(f'{t:.3f}' for t in ts)} |"
+            f"{med_cpu:.3f} | {base_cpu / med_cpu:.2f}x | {max(peak[name]) / 1024:.1f} | "
+            f"{', '.join(f'{t:.3f}' for t in ts)} |"
         )
     return rows
 
@@ -213,11 +249,14 @@ def main() -> int:
             f"50 lines) over POP3S to the local Dovecot on {host}, TLS verified against the test CA; "
             "RETR of every mail in one session, then RSET + QUIT (nothing deleted). Median of "
             f"{args.rounds} rounds, client order alternating, both clients in the same process. "
-            "'client CPU' is this process's CPU time (Dovecot's is not included).",
+            "'client CPU' is this process's CPU time (Dovecot's is not included). 'peak RSS growth' is "
+            "the whole process's VmHWM after the run minus its RSS before (VmHWM reset through "
+            "/proc/self/clear_refs before each run; worst round). The spooled client hashes every mail "
+            "(SHA-256) and writes mail over 4 MiB to an anonymous file in a temp directory.",
             "",
             "| mails | client | median wall s | MB/s | mails/s | wall speed-up | client CPU s "
-            "| CPU speed-up | rounds wall (s) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| CPU speed-up | peak RSS growth MiB | rounds wall (s) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
             *rows,
             "",
             f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, {platform.machine()}, "

@@ -150,3 +150,36 @@ class Pop3LoginRefusedError(Pop3AuthError):
 
 class Pop3PermError(Pop3Error):
     """[SYS/PERM] (RFC 3206 §4): a permanent server-side problem; needs the server's operator."""
+
+
+# ---------------------------------------------------------------- appended: OAuth2 token sources
+
+
+class OAuthError(Pop3Error):
+    """Getting an OAuth2 access token for an XOAUTH2/OAUTHBEARER login failed (connector/auth).
+
+    A Pop3Error because it happens in the login step of a POP3 session, which must then end
+    without deletes. Messages name the token endpoint, never the client secret, the assertion,
+    the private key or a token. ``oauth_error`` is the RFC 6749 §5.2 error code when the
+    endpoint sent one; ``hint`` says what to check (doctor prints it as the fix).
+    """
+
+    def __init__(self, message: str, *, oauth_error: str | None = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.oauth_error = oauth_error
+        self.hint = hint
+
+    def copy(self) -> OAuthError:
+        """A fresh instance with the same message, to raise in another thread."""
+        return type(self)(str(self), oauth_error=self.oauth_error, hint=self.hint)
+
+
+class OAuthTokenError(OAuthError, Pop3AuthError):
+    """The token endpoint refused us (invalid_client, invalid_grant, unauthorized_client,
+    invalid_scope...), or answered something that is not a token: an authentication failure
+    (stop the mailbox; fix the oauth2 settings or the app registration)."""
+
+
+class OAuthTokenUnavailableError(OAuthError, Pop3TempError):
+    """The token endpoint could not be asked: unreachable, timed out, HTTP 5xx or 429, or a
+    token file not written yet (retry later; nothing is wrong with the credentials)."""

@@ -46,6 +46,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             pop3_port=int(os.environ["POP3_PORT"]),
             pop3s_port=int(os.environ["POP3S_PORT"]),
             lmtp_port=int(os.environ.get("LMTP_PORT", "0")),
+            proxied_port=int(os.environ.get("POP3_PROXIED_PORT", "0")),
         )
         yield Services(os.environ["KAFKA_BOOTSTRAP"], dove, None)
         return

@@ -165,6 +165,7 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
             left = {
                 "undecodable": r.undecodable,
                 "over max_message_bytes": r.oversized,
+                "with a line over max_line_bytes": r.long_lines,
                 "too large for Kafka": r.too_large,
             }
             note = "".join(f", {n} {what} left on server" for what, n in left.items() if n)

@@ -16,6 +16,14 @@ from typing import Any, Literal, TypedDict
 
 import yaml
 
+from connector.auth.oauth2 import (
+    DEFAULT_TIMEOUT,
+    ClientCredentialsSource,
+    JwtBearerSource,
+    StaticTokenSource,
+    TokenSource,
+    token_url_problem,
+)
 from connector.config.schema import Field, validate
 from connector.errors import ConfigError
 
@@ -105,6 +113,8 @@ class MailboxConfig:
     max_messages_per_cycle: int = 500
     max_bytes_per_cycle: int = 256 * 1024 * 1024
     max_message_bytes: int = 32 * 1024 * 1024
+    #: longest line accepted in a mail, CRLF included (docs/pop3.md, limits); longer: refused.
+    max_line_bytes: int = 1024 * 1024
     max_seconds_per_cycle: float = 60.0
     #: false = keep mode: mail stays on the server, the ledger prevents re-publishing.
     delete: bool = True
@@ -124,6 +134,10 @@ class MailboxConfig:
     auth_mechanisms: tuple[str, ...] | None = None
     #: OAuth2 bearer token for XOAUTH2/OAUTHBEARER; a file is re-read at every login.
     oauth2_token: Secret | None = None
+    #: ``oauth2:``: the connector fetches tokens itself (client credentials or JWT bearer grant,
+    #: connector/auth/oauth2.py); exclusive with oauth2_token. Shared by mailboxes with the
+    #: same settings, stateful (its cache), hence not compared.
+    oauth2: TokenSource | None = field(default=None, compare=False)
     #: "uidl" (RFC 1939 unique-id) or the opt-in fallback "headers" for servers without UIDL
     #: or with duplicate UIDLs: identity = hash of TOP n 0 + LIST size (docs/delivery.md, limits).
     identity: Literal["uidl", "headers"] = "uidl"
@@ -131,6 +145,15 @@ class MailboxConfig:
     @property
     def server(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def token_source(self) -> TokenSource | None:
+        """Where XOAUTH2/OAUTHBEARER logins get their token: ``oauth2``, else ``oauth2_token``."""
+        if self.oauth2 is not None:
+            return self.oauth2
+        if self.oauth2_token is not None:
+            return StaticTokenSource(self.oauth2_token)
+        return None
 
 
 @dataclass(frozen=True)
@@ -184,6 +207,10 @@ class LedgerConfig:
 class RuntimeConfig:
     max_concurrent_sessions: int = 8
     shutdown_grace_seconds: float = 30.0
+    #: a mail larger than this is received into a spool file instead of memory.
+    spool_threshold_bytes: int = 4 * 1024 * 1024
+    #: where spool files go (anonymous 0600 files); None = the system temp directory.
+    spool_directory: str | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +319,50 @@ SECRET_SCHEMA: dict[str, Field] = {
     "file": Field("str", secret=True, help="path of a file holding the secret (trailing newline stripped)"),
 }
 
+
+def _check_token_url(value: Any, path: str) -> None:
+    problem = token_url_problem(value)
+    if problem is not None:
+        # A URL with user:password@ is not echoed: that part may be a secret.
+        shown = "(value hidden)" if "@" in value else repr(value)
+        raise ConfigError(f"{path}: {shown}: {problem}")
+
+
+OAUTH2_GRANTS = ("client_credentials", "jwt_bearer")
+OAUTH2_SCHEMA: dict[str, Field] = {
+    "grant": Field("str", required=True, choices=OAUTH2_GRANTS),
+    "token_url": Field("str", check=_check_token_url, help="https:// URL of the token endpoint"),
+    "client_id": Field("str", help="client_credentials: the application (client) ID"),
+    "client_secret": Field(
+        "map", schema=SECRET_SCHEMA, secret=True, help="{env: VAR} or {file: /path}; inline secrets are refused"
+    ),
+    "scope": Field("str"),
+    "service_account_file": Field("str", help="jwt_bearer: the service-account JSON key"),
+    "subject": Field("str", help="jwt_bearer: the user to act as; default: username"),
+    "ca_file": Field("str", help="PEM bundle for the token endpoint's TLS; default: the system trust store"),
+    "timeout_seconds": Field("float", default=DEFAULT_TIMEOUT, minimum=1, maximum=300),
+}
+# What each grant needs (besides grant) and what it must not be given; the help says why.
+_OAUTH2_REQUIRED: dict[str, dict[str, str]] = {
+    "client_credentials": {
+        "token_url": "the token endpoint, e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
+        "client_id": "the application (client) ID of the app registration",
+        "client_secret": "{env: VAR} or {file: /path}",
+    },
+    "jwt_bearer": {
+        "service_account_file": "the service-account JSON key",
+        "scope": "e.g. https://mail.google.com/",
+    },
+}
+_OAUTH2_ONLY_FOR = {
+    "client_id": "client_credentials",
+    "client_secret": "client_credentials",
+    "service_account_file": "jwt_bearer",
+    "subject": "jwt_bearer",
+}
+#: SASL mechanisms that need a bearer token (connector/protocol/sasl.py TOKEN_MECHANISMS).
+_TOKEN_MECHANISMS = frozenset({"XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER"})
+
 MAILBOX_SCHEMA: dict[str, Field] = {
     "id": Field("str", required=True, check=_check_mailbox_id, help="a short label such as 'orders'"),
     "host": Field("str", required=True),
@@ -321,6 +392,9 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "max_messages_per_cycle": Field("int", default=500, minimum=1, maximum=100_000),
     "max_bytes_per_cycle": Field("int", default=256 * 1024 * 1024, minimum=1024),
     "max_message_bytes": Field("int", default=32 * 1024 * 1024, minimum=1024),
+    "max_line_bytes": Field(
+        "int", default=1024 * 1024, minimum=1000, help="octets per line, CRLF included; RFC 5322 allows 1000"
+    ),
     "max_seconds_per_cycle": Field("float", default=60.0, minimum=1, maximum=3600),
     "delete": Field("bool", default=True, help="false = keep mode"),
     "delete_after_days": Field("float", minimum=0, maximum=36500),
@@ -333,6 +407,7 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "oauth2_token": Field(
         "map", schema=SECRET_SCHEMA, secret=True, help="{file: PATH} (re-read at each login) or {env: NAME}"
     ),
+    "oauth2": Field("map", schema=OAUTH2_SCHEMA, help="grant: client_credentials or jwt_bearer, and its settings"),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -387,6 +462,8 @@ ROOT_SCHEMA: dict[str, Field] = {
         schema={
             "max_concurrent_sessions": Field("int", default=8, minimum=1, maximum=1024),
             "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
+            "spool_threshold_bytes": Field("int", default=4 * 1024 * 1024, minimum=0),
+            "spool_directory": Field("str", help="a writable directory (an emptyDir in Kubernetes)"),
         },
     ),
     "mailboxes": Field("list", required=True, schema=MAILBOX_SCHEMA),
@@ -436,11 +513,83 @@ def _client_secrets(raw: Mapping[str, Any], base: Path, environ: Mapping[str, st
 def _mailbox_password(m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> Secret:
     if m["password"] is not None:
         return _resolve_secret(m["password"], f"{path}.password", base, environ)
-    if m["oauth2_token"] is None:
+    if m["oauth2_token"] is None and m["oauth2"] is None:
         raise ConfigError(
-            f"{path}.password: required key is missing ({{env: VAR}} or {{file: /path}}; or give oauth2_token)"
+            f"{path}.password: required key is missing ({{env: VAR}} or {{file: /path}}; "
+            "or give oauth2 or oauth2_token for XOAUTH2/OAUTHBEARER)"
         )
     return Secret("", "none")
+
+
+#: one source per distinct oauth2 setting, so mailboxes of one app registration share a token.
+_SourceKey = tuple[object, ...]
+
+
+def _oauth2_source(
+    m: dict[str, Any],
+    path: str,
+    base: Path,
+    environ: Mapping[str, str],
+    shared: dict[_SourceKey, TokenSource],
+) -> TokenSource | None:
+    """Build the mailbox's ``oauth2`` token source (None without one), checking the keys
+    its grant needs and the ones it must not be given."""
+    mechs = {x.upper() for x in m["auth_mechanisms"] or ()}
+    if m["oauth2"] is None:
+        if mechs and mechs <= _TOKEN_MECHANISMS and m["oauth2_token"] is None:
+            raise ConfigError(
+                f"{path}.auth_mechanisms: {', '.join(sorted(mechs))} need an OAuth2 token; add oauth2 "
+                "(the connector fetches tokens) or oauth2_token (a token you provide)"
+            )
+        return None
+    if m["oauth2_token"] is not None:
+        raise ConfigError(
+            f"{path}.oauth2: give either oauth2 (the connector fetches tokens) or oauth2_token "
+            "(a token you provide), not both"
+        )
+    o, where = m["oauth2"], f"{path}.oauth2"
+    grant = o["grant"]
+    for name, what in _OAUTH2_REQUIRED[grant].items():
+        if o[name] is None:
+            raise ConfigError(f"{where}.{name}: required with grant: {grant} ({what})")
+    for name, only in _OAUTH2_ONLY_FOR.items():
+        if o[name] is not None and only != grant:
+            raise ConfigError(f"{where}.{name}: only for grant: {only}; remove it (grant is {grant})")
+    ca_file = _existing_file(o["ca_file"], "ca_file", where, base) if o["ca_file"] is not None else None
+    timeout = o["timeout_seconds"]
+    if grant == "client_credentials":
+        secret = _resolve_secret(o["client_secret"], f"{where}.client_secret", base, environ)
+        key: _SourceKey = (grant, o["token_url"], o["client_id"], secret.source, o["scope"], ca_file, timeout)
+        if key not in shared:
+            shared[key] = ClientCredentialsSource(
+                o["token_url"], o["client_id"], secret, o["scope"], timeout=timeout, ca_file=ca_file
+            )
+        return shared[key]
+    key_file = Path(o["service_account_file"])
+    key_file = key_file if key_file.is_absolute() else base / key_file
+    subject = o["subject"] or m["username"]
+    key = (grant, str(key_file), subject, o["scope"], o["token_url"], ca_file, timeout)
+    if key not in shared:
+        try:
+            shared[key] = JwtBearerSource(
+                key_file, subject, o["scope"], o["token_url"], timeout=timeout, ca_file=ca_file
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.service_account_file: {exc}") from None
+    return shared[key]
+
+
+def _runtime(r: dict[str, Any], base: Path) -> RuntimeConfig:
+    spool = r.get("spool_directory")
+    if spool is not None:
+        p = Path(spool) if Path(spool).is_absolute() else base / spool
+        if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"runtime.spool_directory: {str(p)!r} is not a writable directory; create it (an emptyDir "
+                "volume in Kubernetes) or remove the key to use the system temp directory"
+            )
+        r = {**r, "spool_directory": str(p)}
+    return RuntimeConfig(**r)
 
 
 def _existing_file(value: str, key: str, path: str, base: Path) -> str:
@@ -539,6 +688,7 @@ def parse_config(
         raise ConfigError("mailboxes: the list is empty; configure at least one mailbox")
     mailboxes: list[MailboxConfig] = []
     seen: set[str] = set()
+    token_sources: dict[_SourceKey, TokenSource] = {}
     delivery = DeliveryConfig(**v["delivery"])
     if (
         delivery.mode == "exactly_once"
@@ -565,6 +715,7 @@ def parse_config(
             m["tls_ca_file"] = _existing_file(m["tls_ca_file"], "tls_ca_file", path, base)
         tls_options = _tls_options(m, path, base, env)
         _check_delivery_options(m, path, delivery)
+        oauth2 = _oauth2_source(m, path, base, env, token_sources)
         mailboxes.append(
             MailboxConfig(
                 id=m["id"],
@@ -577,6 +728,7 @@ def parse_config(
                 oauth2_token=(
                     _resolve_secret(m["oauth2_token"], f"{path}.oauth2_token", base, env) if m["oauth2_token"] else None
                 ),
+                oauth2=oauth2,
                 tls_ca_file=m["tls_ca_file"],
                 tls_verify=m["tls_verify"],
                 **tls_options,
@@ -586,6 +738,7 @@ def parse_config(
                 max_messages_per_cycle=m["max_messages_per_cycle"],
                 max_bytes_per_cycle=m["max_bytes_per_cycle"],
                 max_message_bytes=m["max_message_bytes"],
+                max_line_bytes=m["max_line_bytes"],
                 max_seconds_per_cycle=m["max_seconds_per_cycle"],
                 delete=m["delete"],
                 delete_after_days=m["delete_after_days"],
@@ -606,7 +759,7 @@ def parse_config(
         ),
         topics=TopicsConfig(**v["topics"]),
         record=RecordConfig(key=v["record"]["key"]),
-        runtime=RuntimeConfig(**v["runtime"]),
+        runtime=_runtime(v["runtime"], base),
         mailboxes=tuple(mailboxes),
         delivery=delivery,
         ledger=LedgerConfig(**v["ledger"]),

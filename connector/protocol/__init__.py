@@ -2,6 +2,7 @@
 
 * :mod:`.core`      - sans-IO: command encoding, status lines, multi-line bodies, listings;
 * :mod:`.transport` - blocking sockets: TCP, implicit TLS, STLS upgrade, bulk reads;
+* :mod:`.spool`     - where a retrieved mail goes: memory, or a spool file when large;
 * :mod:`.session`   - :class:`Pop3Session`, the API the runtime uses.
 """
 
@@ -12,12 +13,14 @@ from connector.protocol.core import (
     MAX_UIDL_LENGTH,
     LineBuffer,
     MultilineReader,
+    ServerPolicy,
     StatusLine,
     dot_stuff,
     encode_command,
     find_duplicate_uidls,
     parse_capa,
     parse_list,
+    parse_server_policy,
     parse_stat,
     parse_status,
     parse_uidl,
@@ -25,6 +28,7 @@ from connector.protocol.core import (
     validate_uidl,
 )
 from connector.protocol.session import PLAINTEXT_REFUSED, Pop3Session, SessionState, TlsMode, Transcript
+from connector.protocol.spool import BodySink, Retrieved, SpoolPolicy
 from connector.protocol.transport import RECV_SIZE, TLS_FIX_HINT, Transport, make_tls_context
 
 __all__ = [
@@ -33,10 +37,14 @@ __all__ = [
     "PLAINTEXT_REFUSED",
     "RECV_SIZE",
     "TLS_FIX_HINT",
+    "BodySink",
     "LineBuffer",
     "MultilineReader",
     "Pop3Session",
+    "Retrieved",
+    "ServerPolicy",
     "SessionState",
+    "SpoolPolicy",
     "StatusLine",
     "TlsMode",
     "Transcript",
@@ -47,6 +55,7 @@ __all__ = [
     "make_tls_context",
     "parse_capa",
     "parse_list",
+    "parse_server_policy",
     "parse_stat",
     "parse_status",
     "parse_uidl",

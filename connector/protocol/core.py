@@ -8,7 +8,8 @@ References
 ----------
 * RFC 1939 (POP3): §3 command/response syntax, multi-line responses and dot-stuffing;
   §5-§7 STAT, LIST, UIDL, RETR; §7 unique-id syntax.
-* RFC 2449 (POP3 extensions): §5 CAPA, §8 extended response codes.
+* RFC 2449 (POP3 extensions): §5 CAPA, §6.7 EXPIRE and §6.8 LOGIN-DELAY, §8 extended
+  response codes.
 * RFC 3206 (SYS and AUTH response codes).
 
 Contracts
@@ -40,12 +41,14 @@ __all__ = [
     "MAX_UIDL_LENGTH",
     "LineBuffer",
     "MultilineReader",
+    "ServerPolicy",
     "StatusLine",
     "dot_stuff",
     "encode_command",
     "find_duplicate_uidls",
     "parse_capa",
     "parse_list",
+    "parse_server_policy",
     "parse_stat",
     "parse_status",
     "parse_uidl",
@@ -249,16 +252,31 @@ class MultilineReader:
     is no line-length limit and no quadratic re-scanning.
 
     After the terminator, :attr:`done` is True and :attr:`leftover` holds any bytes that
-    followed it (normally none: POP3 clients here do not pipeline). Feeding after
-    :attr:`done` raises :class:`~connector.errors.Pop3ProtocolError`.
+    followed it (the start of the next pipelined response). Feeding after :attr:`done`
+    raises :class:`~connector.errors.Pop3ProtocolError`.
+
+    ``max_line`` (octets, CRLF included) is checked, not enforced: the reader keeps going to
+    the terminator so the session stays in step, and :attr:`line_too_long` records the first
+    line over the limit for the caller to refuse the mail. RFC 5322 §2.1.1 allows 1000 octets;
+    real mail (unwrapped HTML, base64 without line breaks) is longer, so callers choose a
+    generous limit that protects the decoder, not the RFC's. The check costs two ``find``
+    calls per chunk; lines are only split when a chunk is longer than the limit.
     """
 
-    __slots__ = ("_pending", "_skip", "done", "leftover", "raw_bytes")
+    __slots__ = ("_pending", "_run", "_skip", "done", "leftover", "line_too_long", "max_line", "raw_bytes")
 
     #: bytes held back at most: len(terminator) - 1.
     _HOLD = len(_TERMINATOR) - 1
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int | None = None) -> None:
+        if max_line is not None and max_line < 3:
+            raise ValueError("max_line must be at least 3 (a line of one octet and CRLF)")
+        self.max_line = max_line
+        #: length of the first line found over max_line, or a lower bound for it when it was
+        #: not complete yet (None: none so far).
+        self.line_too_long: int | None = None
+        # Octets of the current, not yet terminated line (raw, as received).
+        self._run = 0
         # Not-yet-emitted raw bytes; begins with the virtual CRLF, later with held-back bytes.
         self._pending = CRLF
         # How many leading bytes of _pending are the virtual CRLF (never emitted).
@@ -282,10 +300,15 @@ class MultilineReader:
             body_end = end + len(CRLF)  # keep the CRLF of the last body line
             self.leftover = buf[end + len(_TERMINATOR) :]
             self.raw_bytes += len(data) - len(self.leftover)
+            if self.max_line is not None and self.line_too_long is None:
+                # Only this response's bytes: the leftover is the next pipelined one.
+                self._check_lines(data[: len(data) - len(self.leftover)] if self.leftover else data)
             self.done = True
             self._pending = b""
             return self._emit(buf, body_end)
         self.raw_bytes += len(data)
+        if self.max_line is not None and self.line_too_long is None:
+            self._check_lines(data)
         cut = len(buf) - self._HOLD
         if cut <= self._skip:
             self._pending = buf
@@ -300,6 +323,29 @@ class MultilineReader:
             return b""
         self._pending = buf[cut:]
         return self._emit(buf, cut)
+
+    def _check_lines(self, data: bytes) -> None:
+        """Track line lengths across chunks; record the first line over max_line."""
+        limit = self.max_line
+        assert limit is not None
+        first = data.find(b"\n")
+        if first < 0:
+            self._run += len(data)
+            if self._run >= limit:  # even a CRLF right after it makes the line too long
+                self.line_too_long = self._run + 1  # a lower bound: the line is not complete
+            return
+        if self._run + first + 1 > limit:
+            self.line_too_long = self._run + first + 1
+            return
+        last = data.rfind(b"\n")
+        if last - first > limit:  # whole lines between the first and last LF may be too long
+            longest = max(map(len, data[first + 1 : last].split(b"\n"))) + 1
+            if longest > limit:
+                self.line_too_long = longest
+                return
+        self._run = len(data) - last - 1
+        if self._run >= limit:
+            self.line_too_long = self._run + 1
 
     def _emit(self, buf: bytes, end: int) -> bytes:
         """Unstuff ``buf[:end]`` and drop the virtual CRLF if it is still in front."""
@@ -436,6 +482,137 @@ def parse_capa(body: bytes) -> dict[str, list[str]]:
         if fields:
             caps[fields[0].upper()] = fields[1:]
     return caps
+
+
+# ---------------------------------------------------------------------------- server policy
+
+#: A policy value with more digits is not a policy any server means (and no schedule needs it).
+_POLICY_DIGITS = 9
+# GNU Mailutils 3.x pop3d prints a capability's tag and value without the separating space
+# ("EXPIRE30", "EXPIRENEVER") and its LOGIN-DELAY line as the bare number ("900"); seen on
+# Debian's mailutils-pop3d 3.15 (tests/integration/test_gnu_pop3d.py).
+_RUN_TOGETHER_EXPIRE = re.compile(r"EXPIRE(\d{1,9}|NEVER)", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerPolicy:
+    """Retention and login-frequency policy a server advertises in CAPA (RFC 2449 §6.7, §6.8).
+
+    * ``expire_days``: RFC 2449 §6.7 EXPIRE, the minimum number of days the server keeps a
+      message after a client retrieved it. ``0`` means the server deletes retrieved mail itself
+      (leaving mail on the server is not possible). None when the server says NEVER *or* does
+      not advertise EXPIRE; ``expire_advertised`` / :attr:`expire_never` tell them apart.
+    * ``login_delay_seconds``: RFC 2449 §6.8 LOGIN-DELAY, the minimum number of seconds after a
+      successful login before the server accepts the next login of the same user.
+    * ``expire_per_user`` / ``login_delay_per_user``: the value was followed by ``USER``. RFC
+      2449 §6.7/§6.8 allow that in AUTHORIZATION state: the value may differ per user, and the
+      user's own value is the one the CAPA after login announces (RFC 2449 §5).
+    * ``notes``: advertisements ignored because they are malformed, or read leniently, and why.
+      Malformed values are ignored rather than raised: the policy is advice for the scheduler,
+      and a server that garbles it must not stop mail from being fetched.
+    """
+
+    expire_days: int | None = None
+    expire_advertised: bool = False
+    expire_per_user: bool = False
+    login_delay_seconds: int | None = None
+    login_delay_per_user: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def expire_never(self) -> bool:
+        """The server said ``EXPIRE NEVER``: it never deletes mail on its own."""
+        return self.expire_advertised and self.expire_days is None
+
+    @property
+    def per_user(self) -> bool:
+        """Some value is a per-user placeholder (``USER`` suffix): re-read CAPA after login."""
+        return self.expire_per_user or self.login_delay_per_user
+
+    def describe(self) -> str:
+        """``EXPIRE=30 LOGIN-DELAY=900s`` for logs; ``""`` when the server advertises neither."""
+        parts = []
+        if self.expire_advertised:
+            parts.append(f"EXPIRE={'NEVER' if self.expire_days is None else self.expire_days}")
+        if self.login_delay_seconds is not None:
+            parts.append(f"LOGIN-DELAY={self.login_delay_seconds}s")
+        return " ".join(parts)
+
+
+def _policy_value(args: list[str], *, never: bool) -> tuple[int | None, bool] | None:
+    """``[value]`` or ``[value, "USER"]`` -> (number or None for NEVER, per_user); None if malformed."""
+    if not 1 <= len(args) <= 2 or (len(args) == 2 and args[1].upper() != "USER"):
+        return None
+    value = args[0]
+    if never and value.upper() == "NEVER":
+        return None, len(args) == 2
+    if value.isascii() and value.isdigit() and len(value) <= _POLICY_DIGITS:
+        return int(value), len(args) == 2
+    return None
+
+
+def parse_server_policy(caps: dict[str, list[str]]) -> ServerPolicy:
+    """The EXPIRE (RFC 2449 §6.7) and LOGIN-DELAY (§6.8) advertisements of a parsed CAPA.
+
+    Accepted forms: ``EXPIRE <days>``, ``EXPIRE NEVER``, ``LOGIN-DELAY <seconds>``, each
+    optionally followed by ``USER``; ``NEVER`` and ``USER`` in any case. Anything else in those
+    tags (no value, a word, a negative or fractional number, more than nine digits, an extra
+    argument) is ignored with a reason in :attr:`ServerPolicy.notes`: never an exception.
+
+    GNU Mailutils 3.x sends ``EXPIRE<value>`` with no space and LOGIN-DELAY as a line holding
+    only the number. The run-together EXPIRE is read as EXPIRE; a line that is only digits is
+    read as LOGIN-DELAY only next to that run-together EXPIRE (which Mailutils always sends),
+    so a lone number from any other server is not mistaken for a delay. Both are noted.
+    """
+    notes: list[str] = []
+    expire_days: int | None = None
+    expire_advertised = expire_per_user = False
+    delay: int | None = None
+    delay_per_user = False
+
+    expire_args = caps.get("EXPIRE")
+    run_together = False
+    if expire_args is None:
+        quirk = sorted(tag for tag in caps if _RUN_TOGETHER_EXPIRE.fullmatch(tag))
+        if quirk:
+            run_together = True
+            expire_args = [quirk[0][len("EXPIRE") :]]
+            notes.append(f"read {quirk[0]!r} as 'EXPIRE {expire_args[0]}' (GNU Mailutils form: no space after the tag)")
+    if expire_args is not None:
+        parsed = _policy_value(expire_args, never=True)
+        if parsed is None:
+            notes.append(
+                f"ignored {' '.join(['EXPIRE', *expire_args])!r}: RFC 2449 §6.7 wants a number of days "
+                "or NEVER, optionally followed by USER"
+            )
+        else:
+            expire_days, expire_per_user = parsed
+            expire_advertised = True
+
+    delay_args = caps.get("LOGIN-DELAY")
+    if delay_args is None and run_together:
+        bare = [tag for tag in caps if tag.isascii() and tag.isdigit() and not caps[tag]]
+        if len(bare) == 1:
+            delay_args = bare
+            notes.append(f"read the bare line {bare[0]!r} as 'LOGIN-DELAY {bare[0]}' (GNU Mailutils form)")
+    if delay_args is not None:
+        parsed = _policy_value(delay_args, never=False)
+        if parsed is None or parsed[0] is None:
+            notes.append(
+                f"ignored {' '.join(['LOGIN-DELAY', *delay_args])!r}: RFC 2449 §6.8 wants a number of "
+                "seconds, optionally followed by USER"
+            )
+        else:
+            delay, delay_per_user = parsed
+
+    return ServerPolicy(
+        expire_days=expire_days,
+        expire_advertised=expire_advertised,
+        expire_per_user=expire_per_user,
+        login_delay_seconds=delay,
+        login_delay_per_user=delay_per_user,
+        notes=tuple(notes),
+    )
 
 
 def find_duplicate_uidls(entries: Iterable[tuple[int, str]]) -> dict[str, list[int]]:

@@ -56,15 +56,18 @@ from connector.errors import (
 from connector.protocol.core import (
     LineBuffer,
     MultilineReader,
+    ServerPolicy,
     StatusLine,
     encode_command,
     parse_capa,
     parse_list,
+    parse_server_policy,
     parse_stat,
     parse_status,
     parse_uidl,
 )
 from connector.protocol.sasl import Mechanism, SaslExchange, apop_digest, extract_apop_timestamp, is_continuation
+from connector.protocol.spool import BodySink, Retrieved, SpoolPolicy
 from connector.protocol.transport import Transport, make_tls_context
 
 if TYPE_CHECKING:
@@ -85,6 +88,8 @@ PIPELINE_WINDOW = 16
 Transcript = Callable[[str, str], None]
 
 _TLS_MODES: tuple[TlsMode, ...] = ("implicit", "starttls", "none")
+#: the fix named when a server refuses a login because the connection is not encrypted
+PLAINTEXT_FIX = "set tls: starttls (STLS on this port) or tls: implicit (the POP3S port)"
 PLAINTEXT_REFUSED = (
     "refusing to send a password over an unencrypted connection; "
     "set tls: implicit|starttls or allow_plaintext_auth: true"
@@ -122,6 +127,8 @@ class Pop3Session:
         self._transport = transport
         self._buffer = LineBuffer()
         self._caps: dict[str, list[str]] | None = None
+        #: the last CAPA read in AUTHORIZATION state; it outlives the login (server_policy()).
+        self._caps_before_login: dict[str, list[str]] | None = None
         self._transcript = transcript
         self.allow_plaintext_auth = allow_plaintext_auth
         self.state = SessionState.AUTHORIZATION
@@ -255,7 +262,26 @@ class Pop3Session:
         if self._caps is None or refresh:
             status = self._command("CAPA")
             self._caps = parse_capa(self._read_body()) if status.ok else {}
+        if self.state is SessionState.AUTHORIZATION:
+            self._caps_before_login = self._caps
         return {tag: list(args) for tag, args in self._caps.items()}
+
+    def server_policy(self) -> ServerPolicy:
+        """EXPIRE and LOGIN-DELAY as this session sees them (RFC 2449 §6.7, §6.8).
+
+        In AUTHORIZATION state: from the CAPA already read (one CAPA if none was). Those values
+        may be placeholders: a ``USER`` suffix says the value differs per user, and the user's
+        own value is announced by the CAPA in TRANSACTION state (RFC 2449 §5, §6.7, §6.8). So
+        after login the CAPA is re-read when a value before login said ``USER`` (or no CAPA was
+        read before login); otherwise the values from before login stand, without a round trip.
+        A CAPA already read after login is used as it is.
+        """
+        self._require("CAPA", SessionState.AUTHORIZATION, SessionState.TRANSACTION)
+        if self.state is SessionState.TRANSACTION and self._caps is None and self._caps_before_login is not None:
+            before = parse_server_policy(self._caps_before_login)
+            if not before.per_user:
+                return before
+        return parse_server_policy(self.capabilities())
 
     def starttls(self, ssl_context: ssl.SSLContext) -> None:
         """Upgrade to TLS with STLS (RFC 2595 §4). Any failure closes the session.
@@ -283,6 +309,7 @@ class Pop3Session:
                 )
             self._transport.start_tls(ssl_context)
             self._caps = None  # RFC 2595 §4: discard capabilities learnt before TLS
+            self._caps_before_login = None
         except BaseException:
             self.close()
             raise
@@ -433,15 +460,24 @@ class Pop3Session:
         return "PIPELINING" in self.capabilities()
 
     def retr_many(
-        self, msg_nums: Sequence[int], *, limit: int | None = None, window: int | None = None
-    ) -> Generator[tuple[int, bytes | None], None, None]:
-        """RETR every message in order, yielding ``(msg_num, body)``.
+        self,
+        msg_nums: Sequence[int],
+        *,
+        limit: int | None = None,
+        window: int | None = None,
+        spool: SpoolPolicy | None = None,
+        max_line: int | None = None,
+    ) -> Generator[tuple[int, Retrieved], None, None]:
+        """RETR every message in order, yielding ``(msg_num, Retrieved)``.
 
         With PIPELINING (RFC 2449 §6.6) up to :data:`PIPELINE_WINDOW` RETRs are in flight, so
         the server streams the next mail while the caller decodes this one and a slow link
         costs a handful of round trips instead of one per mail. Without it, one at a time.
-        A body over ``limit`` bytes is read and dropped (``None``): the session stays in step.
-        Closing the iterator early (or an error) reads and drops the responses still in flight.
+        Each body is hashed while it arrives and, past ``spool.threshold``, written to a spool
+        file (connector/protocol/spool.py). A body over ``limit`` bytes, or with a line over
+        ``max_line`` octets, is read to its end and dropped (``Retrieved.refused``): the
+        session stays in step. The caller closes each Retrieved (spool files). Closing the
+        iterator early (or an error) reads and drops the responses still in flight.
         """
         self._require("RETR", SessionState.TRANSACTION)
         queue = list(msg_nums)
@@ -463,7 +499,7 @@ class Pop3Session:
                 send_upto(min(received + window, len(queue)))  # keep the window full
                 if not status.ok:
                     raise self._error(f"RETR {n}", status)
-                yield n, self._read_body_bounded(limit)
+                yield n, self._read_retrieved(limit, spool, max_line)
         finally:
             self._drain(sent - received)
 
@@ -496,24 +532,31 @@ class Pop3Session:
             self.close()
             raise
 
-    def _read_body_bounded(self, limit: int | None) -> bytes | None:
-        pieces: list[bytes] = []
-        held = 0
-        over = False
+    def retr_spooled(
+        self,
+        msg_num: int,
+        *,
+        limit: int | None = None,
+        spool: SpoolPolicy | None = None,
+        max_line: int | None = None,
+    ) -> Retrieved:
+        """RETR one message into memory or a spool file, hashed while received (see
+        :meth:`retr_many` for ``limit``, ``spool`` and ``max_line``)."""
+        self._require("RETR", SessionState.TRANSACTION)
+        status = self._command("RETR", self._msg_arg(msg_num))
+        if not status.ok:
+            raise self._error(f"RETR {msg_num}", status)
+        return self._read_retrieved(limit, spool, max_line)
 
-        def sink(piece: bytes) -> None:
-            nonlocal held, over
-            if over:
-                return
-            held += len(piece)
-            if limit is not None and held > limit:
-                over = True
-                pieces.clear()
-            else:
-                pieces.append(piece)
-
-        self._read_body_into(sink)
-        return None if over else b"".join(pieces)
+    def _read_retrieved(self, limit: int | None, spool: SpoolPolicy | None, max_line: int | None) -> Retrieved:
+        sink = BodySink(limit, spool)
+        reader = MultilineReader(max_line)
+        try:
+            self._read_body_into(sink, reader)
+        except BaseException:
+            sink.abandon()
+            raise
+        return sink.finish(line_too_long=reader.line_too_long)
 
     def _drain(self, outstanding: int) -> None:
         """Read and drop the answers to commands still in flight (pipelined RETRs)."""
@@ -572,8 +615,9 @@ class Pop3Session:
             return Pop3TempError(where)
         if _has_code(status, "SYS/PERM"):
             return Pop3PermError(where)
+        hint = self._unencrypted_login_hint(status) if auth else ""
         if _has_code(status, "AUTH"):
-            return Pop3AuthError(where)
+            return Pop3AuthError(where + hint)
         if auth:
             # RFC 3206 §4: without AUTH-RESP-CODE a bare -ERR to a login is ambiguous: bad
             # credentials, or a locked/busy maildrop (older servers, and the "authentication
@@ -582,10 +626,24 @@ class Pop3Session:
             caps = self._caps or {}
             if status.code is None and "AUTH-RESP-CODE" not in caps:
                 return Pop3LoginRefusedError(
-                    where + " (the server gives no reason code: busy mailbox or bad credentials)"
+                    where + " (the server gives no reason code: busy mailbox or bad credentials)" + hint
                 )
-            return Pop3AuthError(where)
+            return Pop3AuthError(where + hint)
         return Pop3CommandError(command, status.describe())
+
+    def _unencrypted_login_hint(self, status: StatusLine) -> str:
+        """The likely cause of a refused login on an unencrypted connection, and the fix.
+
+        A server configured to refuse plaintext passwords before TLS (RFC 2595 §2.2 requires
+        servers to offer that setting; Dovecot's disable_plaintext_auth) answers USER, PLAIN and
+        LOGIN with ``[AUTH]`` (RFC 3206), the code a wrong password gets: the message has to
+        tell the two apart.
+        """
+        if self.is_tls:
+            return ""
+        if "plaintext" in status.text.lower():
+            return f"; the server refuses logins over an unencrypted connection: {PLAINTEXT_FIX}"
+        return f"; the connection is not encrypted and many servers refuse logins without TLS: if so, {PLAINTEXT_FIX}"
 
     def _command(self, name: str, *args: str, _before_reply: Callable[[], None] | None = None) -> StatusLine:
         """Send one command and read its status line (the body, if any, is the caller's)."""
@@ -634,9 +692,9 @@ class Pop3Session:
         self._read_body_into(pieces.append)
         return b"".join(pieces)
 
-    def _read_body_into(self, sink: Callable[[bytes], None]) -> int:
+    def _read_body_into(self, sink: Callable[[bytes], None], reader: MultilineReader | None = None) -> int:
         """Stream one multi-line body (RFC 1939 §3) into ``sink``; returns the byte count."""
-        reader = MultilineReader()
+        reader = reader or MultilineReader()
         total = 0
         try:
             data = self._buffer.take()

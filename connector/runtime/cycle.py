@@ -1,7 +1,7 @@
 """One poll cycle of one mailbox: the delivery protocol of docs/decisions/0001 in code.
 
     connect -> (STLS) -> login -> UIDL + LIST -> for each new mail, bounded by count and bytes:
-        RETR -> sha256 -> decode -> Avro record -> produce
+        RETR (hashed while received, spooled when large) -> decode -> Avro record -> produce
     -> wait for every delivery report -> DELE only the confirmed mails -> QUIT
 
 RFC 1939 §6: deletions take effect only at QUIT, and a dropped connection deletes nothing. So
@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
@@ -35,11 +35,12 @@ from connector.errors import (
     DecodeError,
     DeliveryError,
     DeliveryFatalError,
+    Pop3LoginDelayError,
     Pop3ProtocolError,
     Pop3UnsupportedError,
     RecordTooLargeError,
 )
-from connector.protocol import Pop3Session, make_tls_context
+from connector.protocol import Pop3Session, Retrieved, ServerPolicy, SpoolPolicy, make_tls_context
 from connector.records import (
     HEADER_MAILBOX,
     HEADER_RECORD_ID,
@@ -53,6 +54,10 @@ from connector.records import (
 from connector.runtime.login import LoginSession, login
 
 log = logging.getLogger("pop3kafka.cycle")
+
+#: RFC 1939 §11: LIST sizes may be estimates. A mail chosen by its LIST size may arrive a little
+#: larger (no final CRLF: +2; GNU pop3d adds an X-UIDL header); that is not "grew past the limit".
+RETR_SLACK = 1024
 
 
 @dataclass
@@ -69,16 +74,34 @@ class CycleResult:
     undecodable: int = 0
     #: mails left on the server because they exceed max_message_bytes.
     oversized: int = 0
+    #: mails left on the server because a line exceeds max_line_bytes.
+    long_lines: int = 0
     #: mails left on the server because Kafka refuses a record that large (message.max.bytes).
     too_large: int = 0
     #: the cycle stopped at a count/byte bound or on shutdown with mail still waiting.
     more_pending: bool = False
     error: BaseException | None = None
     duration_s: float = 0.0
+    #: the login succeeded (RFC 2449 §6.8 LOGIN-DELAY counts from a successful login).
+    logged_in: bool = False
+    #: the server's EXPIRE / LOGIN-DELAY (RFC 2449 §6.7, §6.8): the user's values, read after the
+    #: login; after a [LOGIN-DELAY] refusal, the values the server announced before it. None:
+    #: not known (the cycle failed before that).
+    policy: ServerPolicy | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def expire_days(self) -> int | None:
+        """The server's EXPIRE in days (None: NEVER, not advertised, or not known)."""
+        return self.policy.expire_days if self.policy is not None else None
+
+    @property
+    def login_delay_seconds(self) -> int | None:
+        """The server's LOGIN-DELAY in seconds (None: not advertised or not known)."""
+        return self.policy.login_delay_seconds if self.policy is not None else None
 
 
 @dataclass
@@ -97,10 +120,16 @@ class MailboxSession(LoginSession, Protocol):
     def uidl(self) -> list[tuple[int, str]]: ...
     def list(self) -> list[tuple[int, int]]: ...
     def retr_many(
-        self, msg_nums: Sequence[int], *, limit: int | None = None
-    ) -> Generator[tuple[int, bytes | None], None, None]: ...
+        self,
+        msg_nums: Sequence[int],
+        *,
+        limit: int | None = None,
+        spool: SpoolPolicy | None = None,
+        max_line: int | None = None,
+    ) -> Generator[tuple[int, Retrieved], None, None]: ...
     def dele_many(self, msg_nums: Sequence[int]) -> None: ...
     def top(self, msg_num: int, lines: int = 0) -> bytes: ...
+    def server_policy(self) -> ServerPolicy: ...
     def dele(self, msg_num: int) -> None: ...
     def quit(self) -> None: ...
     def abort(self) -> None: ...
@@ -173,6 +202,78 @@ def end_without_deletes(session: MailboxSession, mailbox: MailboxConfig) -> None
         session.abort()
 
 
+# Policy warnings are logged once per process, mailbox and text: every cycle would repeat them.
+_said: set[tuple[str, str]] = set()
+_said_lock = threading.Lock()
+
+
+def _first_time(mailbox_id: str, text: str) -> bool:
+    with _said_lock:
+        if (mailbox_id, text) in _said:
+            return False
+        _said.add((mailbox_id, text))
+        return True
+
+
+def expire_conflict(mailbox: MailboxConfig, policy: ServerPolicy) -> str | None:
+    """Why the server's EXPIRE (RFC 2449 §6.7) undoes keep mode for ``mailbox``, or None.
+
+    EXPIRE is the minimum number of days the server keeps mail after it was retrieved; after
+    that the server may delete it on its own, and ``EXPIRE 0`` means it deletes retrieved mail
+    at once. Delete mode does not care; keep mode (``delete: false``) wants the mail kept until
+    ``delete_after_days`` (forever when unset).
+    """
+    days = policy.expire_days
+    if mailbox.delete or days is None:
+        return None
+    either_way = "The mail is in Kafka either way"
+    if days == 0:
+        return (
+            "the server advertises EXPIRE 0: it deletes mail once it has been retrieved (RFC 2449 §6.7), so keep "
+            f"mode (delete: false) cannot keep it on the server. {either_way}; ask the server's operator to change "
+            "EXPIRE, or use delete: true"
+        )
+    keep = mailbox.delete_after_days
+    if keep is not None and days >= keep:
+        return None
+    wanted = "forever (no delete_after_days)" if keep is None else f"for delete_after_days={keep:g}"
+    return (
+        f"the server advertises EXPIRE {days}: it may delete retrieved mail after {days} day(s) (RFC 2449 §6.7), "
+        f"while keep mode (delete: false) means to keep it {wanted}. {either_way}; set delete_after_days to at "
+        f"most {days}, or ask the server's operator to change EXPIRE"
+    )
+
+
+def after_login(session: MailboxSession, mailbox: MailboxConfig, res: CycleResult, extra: dict[str, str]) -> None:
+    """Right after a successful login: note it and the user's EXPIRE / LOGIN-DELAY in ``res``
+    (RFC 2449 §5: read after login, where per-user values are announced), and say once per
+    process when that policy defeats keep mode or CAPA had to be read leniently."""
+    res.logged_in = True
+    policy = session.server_policy()
+    res.policy = policy
+    if policy.notes and _first_time(mailbox.id, "|".join(policy.notes)):
+        log.info("server CAPA: %s", "; ".join(policy.notes), extra=extra)
+    conflict = expire_conflict(mailbox, policy)
+    if conflict is not None and _first_time(mailbox.id, conflict):
+        log.warning("%s", conflict, extra=extra)
+
+
+def policy_after_refusal(session: MailboxSession | None, exc: BaseException, res: CycleResult) -> None:
+    """After a ``[LOGIN-DELAY]`` refusal (RFC 2449 §8.1.2): keep the LOGIN-DELAY the server
+    announced before the login (normally already read: no I/O), so the scheduler can wait that
+    long. Never raises."""
+    if not isinstance(exc, Pop3LoginDelayError) or session is None or res.policy is not None:
+        return
+    with contextlib.suppress(ConnectorError):
+        res.policy = session.server_policy()
+
+
+def policy_text(res: CycleResult) -> str:
+    """`` server: EXPIRE=30 LOGIN-DELAY=900s`` for the cycle's log line, or ``""``."""
+    shown = res.policy.describe() if res.policy is not None else ""
+    return f" server: {shown}" if shown else ""
+
+
 @dataclass
 class _Pending:
     msg_num: int
@@ -192,17 +293,24 @@ class CycleContext:
     session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
 
 
-def encode_mail(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema) -> bytes:
-    """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be."""
+def encode_mail(
+    mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema, *, sha256: str | None = None
+) -> bytes:
+    """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be.
+    ``sha256``: the digest computed while the mail was received, if known."""
     prov = Provenance(
         mailbox_id=mailbox.id,
         uidl=uidl,
         server=mailbox.server,
         fetched_at_millis=fetched_at,
         raw_size=len(raw),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        raw_sha256=sha256 or hashlib.sha256(raw).hexdigest(),
     )
     return encode_single_object(schema, build_mail_record(decode_mail(raw), prov))
+
+
+def spool_policy(config: Config) -> SpoolPolicy:
+    return SpoolPolicy(config.runtime.spool_threshold_bytes, config.runtime.spool_directory)
 
 
 def list_mailbox(session: MailboxSession, mailbox: MailboxConfig) -> tuple[list[tuple[int, str]], dict[int, int]]:
@@ -235,26 +343,29 @@ def retrieve_encoded(
     hooks: CycleHooks,
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-) -> Generator[tuple[int, str, bytes, bytes, int], None, None]:
-    """Stream the chosen mails (pipelined RETR) and yield each decoded one:
-    ``(msg_num, uidl, raw, value, fetched_at)``. Stops at shutdown or max_seconds_per_cycle
+    spool: SpoolPolicy | None = None,
+) -> Generator[EncodedMail, None, None]:
+    """Stream the chosen mails (pipelined RETR, spooled per ``spool``) and yield each decoded
+    one as an :class:`EncodedMail`. Stops at shutdown or max_seconds_per_cycle
     (``res.more_pending``); mail that must stay on the server is counted and skipped. Closing
     the generator drains RETRs still in flight, so the session stays in step for DELE."""
     uidl_of = dict(chosen)
     deadline = time.monotonic() + mailbox.max_seconds_per_cycle
     to_fetch = [] if stop.is_set() else [n for n, _ in chosen]  # nothing is asked once shutdown began
     res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
-    retrieval = session.retr_many(to_fetch, limit=mailbox.max_message_bytes)
+    retrieval = session.retr_many(
+        to_fetch, limit=mailbox.max_message_bytes + RETR_SLACK, spool=spool, max_line=mailbox.max_line_bytes
+    )
     try:
-        for msg_num, raw in retrieval:
-            if stop.is_set() or time.monotonic() > deadline:
-                res.more_pending = True  # this one and the rest stay for the next cycle
-                return
-            uidl = uidl_of[msg_num]
-            got = encode_retrieved(mailbox, uidl, raw, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms)
+        for msg_num, mail in retrieval:
+            with mail:  # releases a spool file whatever happens next
+                if stop.is_set() or time.monotonic() > deadline:
+                    res.more_pending = True  # this one and the rest stay for the next cycle
+                    return
+                uidl = uidl_of[msg_num]
+                got = encode_retrieved(mailbox, uidl, mail, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms)
             if got is not None:
-                body, value, fetched_at = got
-                yield msg_num, uidl, body, value, fetched_at
+                yield EncodedMail(msg_num, uidl, *got)
     finally:
         retrieval.close()
 
@@ -290,24 +401,35 @@ def select_for_retrieval(
     return chosen
 
 
+class EncodedMail(NamedTuple):
+    """One retrieved and decoded mail, ready to produce."""
+
+    msg_num: int
+    uidl: str
+    raw: bytes
+    sha256: str
+    value: bytes
+    fetched_at: int
+
+
 def encode_retrieved(
     mailbox: MailboxConfig,
     uidl: str,
-    raw: bytes | None,
+    mail: Retrieved,
     *,
     res: CycleResult,
     hooks: CycleHooks,
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-) -> tuple[bytes, bytes, int] | None:
+) -> tuple[bytes, str, bytes, int] | None:
     """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
-    ``raw`` None means RETR exceeded max_message_bytes. Returns (raw, value, fetched_at), or
-    None when the mail has to stay on the server (too large, undecodable), counted in ``res``
-    and logged with its UIDL only.
+    Returns (raw, sha256, value, fetched_at), or None when the mail has to stay on the server
+    (over max_message_bytes or max_line_bytes, undecodable), counted in ``res`` and logged
+    with its UIDL only.
     """
     res.fetched += 1
-    if raw is None:
+    if mail.refused == "size":
         res.oversized += 1
         log.error(
             "mail grew past max_message_bytes (%d) during RETR; left on the server",
@@ -315,20 +437,32 @@ def encode_retrieved(
             extra={**extra, "uidl": uidl},
         )
         return None
+    if mail.refused == "line":
+        res.long_lines += 1
+        log.error(
+            "mail has a line of at least %d octets, over max_line_bytes (%d); left on the server (raise the "
+            "limit if such mail is expected)",
+            mail.longest_line or 0,
+            mailbox.max_line_bytes,
+            extra={**extra, "uidl": uidl},
+        )
+        return None
+    # Decoding still needs the whole mail in memory; the spool bounds memory while receiving.
+    raw = mail.read()
     fetched_at = clock_ms()
     faults.point("after_retr")
     log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
     if hooks.on_retrieved:
         hooks.on_retrieved(uidl, len(raw))
     try:
-        value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema())
+        value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256)
     except DecodeError as exc:
         # Dead-letter topic comes with the decoding issue; until then the mail stays on the
         # server (nothing lost) and the cycle goes on with the next one.
         res.undecodable += 1
         log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
         return None
-    return raw, value, fetched_at
+    return raw, mail.sha256, value, fetched_at
 
 
 def send_record(
@@ -384,6 +518,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         session = ctx.session_factory(mailbox)
         step = "login"
         login(session, mailbox)
+        after_login(session, mailbox, res, extra)
         step = "uidl"
         uidls, sizes = list_mailbox(session, mailbox)
         res.listed = len(uidls)
@@ -391,9 +526,18 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "retr"
         # closing(): a break must drain the RETRs in flight now, before DELE, not at some GC.
         with contextlib.closing(
-            retrieve_encoded(session, mailbox, chosen, stop=ctx.stop, res=res, hooks=ctx.hooks, extra=extra)
+            retrieve_encoded(
+                session,
+                mailbox,
+                chosen,
+                stop=ctx.stop,
+                res=res,
+                hooks=ctx.hooks,
+                extra=extra,
+                spool=spool_policy(ctx.config),
+            )
         ) as mails:
-            for msg_num, uidl, _raw, value, _at in mails:
+            for msg_num, uidl, _raw, _sha, value, _at in mails:
                 step = "produce"
                 try:
                     d = send_record(ctx.publisher, ctx.config, mailbox, uidl, value, res=res, extra=extra)
@@ -433,6 +577,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     except ConnectorError as exc:
         res.error = exc.with_context(mailbox=mailbox.id, step=step)
         log.error("%s", res.error.describe(), extra=extra)
+        policy_after_refusal(session, exc, res)
     except Exception as exc:  # a bug: keep the mail, say so loudly, let other mailboxes go on
         res.error = exc
         log.exception("internal error in step %s", step, extra=extra)
@@ -448,7 +593,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     if res.ok:
         log.info(
             "cycle done: listed=%d fetched=%d published=%d deleted=%d left: undecodable=%d oversized=%d "
-            "too_large=%d in %.2fs",
+            "too_large=%d in %.2fs%s",
             res.listed,
             res.fetched,
             res.published,
@@ -457,6 +602,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             res.oversized,
             res.too_large,
             res.duration_s,
+            policy_text(res),
             extra=extra,
         )
     return res

@@ -6,14 +6,18 @@ Secrets never appear in findings.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import json
 import socket
 import ssl
 from typing import Any
 
+from connector.auth.oauth2 import ClientCredentialsSource, TokenSource
 from connector.config.model import MailboxConfig
 from connector.delivery.doctor import Finding
-from connector.errors import ConnectorError, Pop3AuthError, Pop3TlsError
+from connector.errors import ConnectorError, OAuthError, Pop3AuthError, Pop3TlsError
 from connector.protocol import Pop3Session, make_tls_context
 from connector.protocol.sasl import choose
 from connector.runtime.cycle import end_without_deletes, open_session
@@ -35,9 +39,64 @@ def _cert_facts(cert: dict[str, Any]) -> str:
     return f"subject {subject or '-'}; SANs {sans or '-'}{days}"
 
 
+#: Exchange Online's application permission for POP3 (app-only tokens carry it in ``roles``).
+EXCHANGE_POP_ROLE = "POP.AccessAsApp"
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT access token, or {} when the token is opaque. Only for naming a
+    few non-secret claims (aud, roles, scp); the signature is not checked (not our token)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _token_finding(mb: MailboxConfig, source: TokenSource) -> Finding:
+    """Fetch a token as its own check, so a token endpoint problem is told apart from a POP3 one."""
+    try:
+        token = source.token()
+    except OAuthError as exc:
+        return Finding(_name(mb, "oauth2"), False, str(exc), exc.hint or "check the mailbox's oauth2 settings")
+    claims = _jwt_claims(token)
+    facts = []
+    for claim in ("aud", "roles", "scp"):
+        value = claims.get(claim)
+        if isinstance(value, list):
+            value = " ".join(str(v) for v in value)
+        if isinstance(value, str) and value:
+            facts.append(f"{claim} {value[:200]}")
+    lifetime = getattr(source, "lifetime", None)
+    if isinstance(lifetime, float):
+        facts.append(f"valid for {lifetime:.0f} s")
+    detail = f"{source.describe()}: got a token" + (f" ({'; '.join(facts)})" if facts else "")
+    roles = claims.get("roles")
+    if (
+        isinstance(source, ClientCredentialsSource)
+        and "outlook.office365.com" in str(claims.get("aud", ""))
+        and not (isinstance(roles, list) and EXCHANGE_POP_ROLE in roles)
+    ):
+        # Exchange Online refuses an app-only POP3 login unless the token carries the role.
+        return Finding(
+            _name(mb, "oauth2"),
+            False,
+            f"{detail}, but without the role {EXCHANGE_POP_ROLE}",
+            "in Entra ID, add the API permission Office 365 Exchange Online > Application permissions > "
+            f"{EXCHANGE_POP_ROLE} to the app and grant admin consent (docs/pop3.md, Exchange Online)",
+        )
+    return Finding(_name(mb, "oauth2"), True, detail)
+
+
 def check_mailbox(mb: MailboxConfig, *, timeout: float = 10.0) -> list[Finding]:
     out: list[Finding] = []
     where = f"{mb.host}:{mb.port}"
+    source = mb.token_source
+    if source is not None:
+        out.append(_token_finding(mb, source))
     try:
         addrs = socket.getaddrinfo(mb.host, mb.port, type=socket.SOCK_STREAM)
         out.append(Finding(_name(mb, "dns"), True, f"{mb.host} -> {', '.join(sorted({str(a[4][0]) for a in addrs}))}"))
@@ -93,6 +152,9 @@ def check_mailbox(mb: MailboxConfig, *, timeout: float = 10.0) -> list[Finding]:
         try:
             used = login(session, mb)
             out.append(Finding(_name(mb, "login"), True, f"logged in with {used}"))
+        except OAuthError as exc:
+            out.append(Finding(_name(mb, "login"), False, str(exc), exc.hint or "check the mailbox's oauth2 settings"))
+            return out
         except Pop3AuthError as exc:
             out.append(Finding(_name(mb, "login"), False, str(exc), "check username, password/token and mechanisms"))
             return out
@@ -126,7 +188,7 @@ def check_mailbox(mb: MailboxConfig, *, timeout: float = 10.0) -> list[Finding]:
 
 def _mechanism_finding(mb: MailboxConfig, caps: dict[str, list[str]]) -> Finding:
     offered = caps.get("SASL", [])
-    has_token = mb.oauth2_token is not None
+    has_token = mb.token_source is not None
     allowed = list(mb.auth_mechanisms or (DEFAULT_TOKEN_MECHANISMS if has_token else DEFAULT_PASSWORD_MECHANISMS))
     try:
         best = choose(offered, [a for a in allowed if a not in ("USER", "APOP")], has_token) if offered else None

@@ -52,12 +52,16 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
+    after_login,
     end_without_deletes,
     list_mailbox,
     open_session,
+    policy_after_refusal,
+    policy_text,
     retrieve_encoded,
     select_for_retrieval,
     send_record,
+    spool_policy,
 )
 from connector.runtime.login import login
 
@@ -253,12 +257,13 @@ class ShardWorker:
         res.duration_s = time.monotonic() - p.t0
         if res.ok:
             log.info(
-                "cycle done: listed=%d fetched=%d published=%d deleted=%d in %.2fs",
+                "cycle done: listed=%d fetched=%d published=%d deleted=%d in %.2fs%s",
                 res.listed,
                 res.fetched,
                 res.published,
                 res.deleted,
                 res.duration_s,
+                policy_text(res),
                 extra={"mailbox": p.mailbox.id, "cycle": res.cycle_id},
             )
 
@@ -295,6 +300,7 @@ class ShardWorker:
             p.session = session
             step = "login"
             login(session, m)
+            after_login(session, m, res, extra)
             step = "uidl"
             uidls, sizes = list_mailbox(session, m)
             res.listed = len(uidls)
@@ -325,8 +331,16 @@ class ShardWorker:
                     p.to_delete.append((msg_num, uidl))
             chosen = select_for_retrieval(m, new, sizes, res, extra)
             step = "retr"
-            for msg_num, uidl, body, value, fetched_at in retrieve_encoded(
-                session, m, chosen, stop=self.stop, res=res, hooks=self.hooks, extra=extra, clock_ms=self.clock_ms
+            for msg_num, uidl, body, sha256, value, fetched_at in retrieve_encoded(
+                session,
+                m,
+                chosen,
+                stop=self.stop,
+                res=res,
+                hooks=self.hooks,
+                extra=extra,
+                clock_ms=self.clock_ms,
+                spool=spool_policy(self.config),
             ):
                 step = "produce"
                 d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
@@ -336,7 +350,7 @@ class ShardWorker:
                             msg_num,
                             uidl,
                             d,
-                            hashlib.sha256(body).hexdigest(),
+                            sha256,
                             sizes[msg_num],
                             header_sha256(body),
                             fetched_at,
@@ -348,6 +362,7 @@ class ShardWorker:
         except ConnectorError as exc:
             res.error = exc.with_context(mailbox=m.id, step=step)
             log.error("%s", res.error.describe(), extra=extra)
+            policy_after_refusal(p.session, exc, res)
             if p.session is not None and isinstance(exc, Pop3Error):
                 end_without_deletes(p.session, m)
                 p.session = None

@@ -5,13 +5,18 @@ Choice, in this order:
 1. ``auth_mechanisms`` configured: the strongest SASL mechanism in that list which the server
    offers in CAPA (RFC 2449 §6.3 ``SASL``); if none is offered, ``USER`` or ``APOP`` when the
    list names them; otherwise a Pop3AuthError that lists both sides.
-2. Not configured: with an ``oauth2_token``, OAUTHBEARER or XOAUTH2 (whichever is offered);
-   with a password, the strongest password mechanism offered (SCRAM, CRAM-MD5, PLAIN, LOGIN),
-   else USER/PASS (RFC 1939 §7), which every server that does not list mechanisms is assumed
-   to take.
+2. Not configured: with a token source (``oauth2`` or ``oauth2_token``), OAUTHBEARER or
+   XOAUTH2 (whichever is offered); with a password, the strongest password mechanism offered
+   (SCRAM, CRAM-MD5, PLAIN, LOGIN), else USER/PASS (RFC 1939 §7), which every server that
+   does not list mechanisms is assumed to take.
 
-Tokens and password files are re-read at each login (Secret.reveal), so a sidecar refreshing
-a token or a rotated Kubernetes secret needs no restart.
+The token is asked for only once a token mechanism has been chosen, so a password login never
+waits on a token endpoint. ``oauth2_token`` and password files are re-read at each login
+(Secret.reveal), so a sidecar refreshing a token or a rotated Kubernetes secret needs no
+restart; ``oauth2`` tokens come from the source's cache (connector/auth/oauth2.py), which the
+login empties when the server refuses a token, so the next login fetches a fresh one.
+Token endpoint failures are OAuthTokenError (stop: fix the credentials) or
+OAuthTokenUnavailableError (retry later).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Protocol
 
 from connector.config.model import MailboxConfig
 from connector.errors import Pop3AuthError, Pop3UnsupportedError
-from connector.protocol.sasl import Mechanism, choose, create
+from connector.protocol.sasl import TOKEN_MECHANISMS, Mechanism, choose, create
 
 #: used when the mailbox does not configure auth_mechanisms (NTLM needs a domain: opt-in only)
 DEFAULT_PASSWORD_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
@@ -38,22 +43,23 @@ def login(session: LoginSession, mailbox: MailboxConfig) -> str:
     """Log in; returns the method used (for logs and metrics, never a secret)."""
     caps = session.capabilities()
     offered = caps.get("SASL", [])
-    token = mailbox.oauth2_token.reveal() if mailbox.oauth2_token is not None else None
+    source = mailbox.token_source
     password = mailbox.password.reveal() if mailbox.password.source != "none" else None
     if mailbox.auth_mechanisms is not None:
         allowed = list(mailbox.auth_mechanisms)
     else:
-        allowed = list(DEFAULT_TOKEN_MECHANISMS if token else DEFAULT_PASSWORD_MECHANISMS)
-        if not token:
+        allowed = list(DEFAULT_TOKEN_MECHANISMS if source is not None else DEFAULT_PASSWORD_MECHANISMS)
+        if source is None:
             allowed.append("USER")
     sasl_allowed = [a for a in allowed if a not in ("USER", "APOP")]
     if offered and sasl_allowed:
         try:
-            name = choose(offered, sasl_allowed, have_token=token is not None)
+            name = choose(offered, sasl_allowed, have_token=source is not None)
         except Pop3AuthError:
             if not {"USER", "APOP"} & set(allowed):
                 raise
         else:
+            token = source.token() if source is not None and name in TOKEN_MECHANISMS else None
             mech = create(
                 name,
                 username=mailbox.username,
@@ -62,7 +68,12 @@ def login(session: LoginSession, mailbox: MailboxConfig) -> str:
                 host=mailbox.host,
                 port=mailbox.port,
             )
-            session.login_sasl(mech, username=mailbox.username)
+            try:
+                session.login_sasl(mech, username=mailbox.username)
+            except Pop3AuthError:
+                if token is not None and source is not None:
+                    source.invalidate()  # revoked or expired early: the next login asks for a new one
+                raise
             return name
     if password is not None:
         for method in allowed:  # the non-SASL methods, in the configured order
@@ -77,5 +88,5 @@ def login(session: LoginSession, mailbox: MailboxConfig) -> str:
                 return "USER"
     raise Pop3AuthError(
         f"no usable login: the server offers SASL [{' '.join(offered) or '-'}], the mailbox allows "
-        f"[{' '.join(allowed)}]{'' if password or token else ' and has neither password nor oauth2_token'}"
+        f"[{' '.join(allowed)}]{'' if password or source else ' and has neither password nor oauth2 / oauth2_token'}"
     )

@@ -29,6 +29,7 @@ from connector.config.model import Config, MailboxConfig
 from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
 from connector.delivery.transactional import ShardProducer, load_shard_ledger
+from connector.errors import Pop3LoginDelayError
 from connector.records.ledger import shard_of
 from connector.runtime.cycle import (
     CycleContext,
@@ -42,6 +43,10 @@ from connector.runtime.exactly_once import ShardWorker
 
 log = logging.getLogger("pop3kafka.runner")
 
+#: The longest a server's LOGIN-DELAY holds a mailbox back: RFC 2449 §6.8 sets no upper bound,
+#: and a garbled or hostile value must not stop a mailbox for good.
+MAX_LOGIN_DELAY_SECONDS = 86_400.0
+
 
 class Runner:
     """Owns the producers, the shard workers and the thread pools for one configuration."""
@@ -52,6 +57,7 @@ class Runner:
         *,
         hooks: CycleHooks | None = None,
         clock: Callable[[], float] = time.monotonic,
+        idle_wait: Callable[[float], object] | None = None,
         session_factory: Callable[[MailboxConfig], MailboxSession] | None = None,
     ) -> None:
         self.config = config
@@ -70,11 +76,19 @@ class Runner:
             session_factory=self.session_factory,
         )
         self._clock = clock
+        #: how the loop idles for up to N clock units when nothing runs (stop.wait); tests with
+        #: a virtual ``clock`` advance it here instead of sleeping.
+        self._idle_wait: Callable[[float], object] = idle_wait or self.stop.wait
         #: exactly-once: shard -> worker (filled by prepare()).
         self.workers: dict[int, ShardWorker] = {}
         self.shards = 0
         #: set when run() stopped because no producer can go on (fatal or fenced).
         self.fatal = False
+        #: per mailbox: the server's LOGIN-DELAY (RFC 2449 §6.8), and when its last login ended
+        #: (runner clock); see next_poll().
+        self._login_delay: dict[str, float] = {}
+        self._last_login: dict[str, float] = {}
+        self._delay_noted: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ start
 
@@ -185,15 +199,60 @@ class Runner:
                         running.pop(f)
                         for r in f.result():
                             m = self.config.mailbox(r.mailbox)
-                            # A cycle that stopped at a bound goes again at once, but only if it
-                            # made progress: mail it had to leave must not become a hot loop.
-                            again = r.ok and r.more_pending and (r.deleted > 0 or r.published > 0)
-                            next_due[m.id] = self._clock() + (0.0 if again else m.poll_interval_seconds)
+                            next_due[m.id] = self.next_poll(m, r, self._clock())
                 else:
-                    self.stop.wait(min(sleep, 1.0))
+                    self._idle_wait(min(sleep, 1.0))
         finally:
             self._drain(pool, list(running))
             sessions.shutdown(wait=False, cancel_futures=True)
+
+    def next_poll(self, m: MailboxConfig, r: CycleResult, now: float) -> float:
+        """When to poll ``m`` next, given its cycle result ``r`` that arrived at ``now``.
+
+        A cycle that stopped at a bound goes again at once, but only if it made progress: mail
+        it had to leave must not become a hot loop. Otherwise after poll_interval_seconds.
+
+        RFC 2449 §6.8 LOGIN-DELAY: the server accepts a login only that many seconds after the
+        last successful one, so no login starts earlier. The login of a cycle happened before
+        its result arrived, so counting from the arrival is never early (at most late by the
+        cycle's own length). A ``[LOGIN-DELAY]`` refusal (§8.1.2) waits the whole advertised
+        delay from now, as the login it counts from may not be ours; without an advertised
+        delay it is retried after poll_interval_seconds.
+        """
+        again = r.ok and r.more_pending and (r.deleted > 0 or r.published > 0)
+        due = now + (0.0 if again else m.poll_interval_seconds)
+        if r.policy is not None:
+            advertised = r.policy.login_delay_seconds
+            if advertised is None:
+                self._login_delay.pop(m.id, None)
+            else:
+                self._login_delay[m.id] = min(float(advertised), MAX_LOGIN_DELAY_SECONDS)
+                self._note_login_delay(m, advertised)
+        if r.logged_in:
+            self._last_login[m.id] = now
+        delay = self._login_delay.get(m.id)
+        if delay:
+            if isinstance(r.error, Pop3LoginDelayError):
+                due = max(due, now + delay)
+            last = self._last_login.get(m.id)
+            if last is not None:
+                due = max(due, last + delay)
+        return due
+
+    def _note_login_delay(self, m: MailboxConfig, advertised: int) -> None:
+        """INFO, once per mailbox and value, when the server's delay overrides the interval."""
+        if advertised <= m.poll_interval_seconds or (m.id, advertised) in self._delay_noted:
+            return
+        self._delay_noted.add((m.id, advertised))
+        wait = min(float(advertised), MAX_LOGIN_DELAY_SECONDS)
+        log.info(
+            "the server allows a login only every %d s (RFC 2449 LOGIN-DELAY), more than poll_interval_seconds=%g: "
+            "polling every %.0f s",
+            advertised,
+            m.poll_interval_seconds,
+            wait,
+            extra={"mailbox": m.id},
+        )
 
     def _work(self, unit: object, due: list[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
         if self.exactly_once:

@@ -15,6 +15,7 @@ Each test owns one user (g1..g8), so tests never see each other's mail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,10 +36,12 @@ from support.mailgen import make_mail, norm_text
 
 from connector.config import parse_config
 from connector.config.model import MailboxConfig
-from connector.errors import Pop3AuthError, Pop3CommandError, Pop3MailboxBusyError
+from connector.delivery.kafka import Publisher
+from connector.errors import Pop3AuthError, Pop3CommandError, Pop3LoginDelayError, Pop3MailboxBusyError
 from connector.protocol import Pop3Session, TlsMode, make_tls_context
-from connector.runtime.cycle import open_session
+from connector.runtime.cycle import CycleContext, open_session, run_cycle
 from connector.runtime.login import login
+from connector.runtime.runner import Runner
 
 pytestmark = pytest.mark.integration
 
@@ -361,3 +364,129 @@ def test_sequential_retr_is_not_slowed_by_delayed_acks(gnu: GnuPop3d) -> None:
     finally:
         s.quit()
     assert per_retr < 0.010, f"{per_retr * 1000:.1f} ms per RETR"
+
+
+# --------------------------------------------------------------------------- RFC 2449 EXPIRE and LOGIN-DELAY
+
+EXPIRE_DAYS = 0  # pop3d `expire 0`: retrieved mail is deleted when the session ends
+LOGIN_DELAY = 120  # pop3d `login-delay 120`: a second login within 120 s gets [LOGIN-DELAY]
+
+
+@pytest.fixture(scope="module")
+def gnu_policy() -> Iterator[GnuPop3d]:
+    """A second pop3d with an EXPIRE and a LOGIN-DELAY policy; each test logs in as its own
+    user, since a user's second login within LOGIN_DELAY seconds is refused."""
+    state = Path(tempfile.mkdtemp(prefix="pop3k-test-gnu-policy-"))
+    state.chmod(0o755)
+    server = GnuPop3d(state, expire=EXPIRE_DAYS, login_delay=LOGIN_DELAY)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_capa_policy_in_the_mailutils_form(gnu_policy: GnuPop3d) -> None:
+    # GNU Mailutils 3.15 prints EXPIRE without the space ("EXPIRE0") and LOGIN-DELAY as the bare
+    # number ("120"); the parser reads both forms and says so in its notes.
+    s = Pop3Session.connect(
+        "127.0.0.1", gnu_policy.pop3s_port, tls="implicit", ssl_context=make_tls_context(str(gnu_policy.cafile))
+    )
+    try:
+        caps = s.capabilities()
+        assert f"EXPIRE{EXPIRE_DAYS}" in caps and str(LOGIN_DELAY) in caps, caps
+        before = s.server_policy()
+        assert (before.expire_days, before.login_delay_seconds, before.per_user) == (EXPIRE_DAYS, LOGIN_DELAY, False)
+        assert len(before.notes) == 2
+        s.login_user_pass(gnu_policy.login_name("g1"), gnu_policy.users["g1"])
+        assert s.server_policy() == before  # no USER suffix: the values before login stand
+        after = s.capabilities()  # and the CAPA after login says the same
+        assert after["IMPLEMENTATION"][:2] == ["GNU", "Mailutils"] and f"EXPIRE{EXPIRE_DAYS}" in after, after
+    finally:
+        s.quit()
+
+
+def test_expire_and_login_delay_reach_the_cycle_result_and_the_scheduler(gnu_policy: GnuPop3d) -> None:
+    gnu_policy.clear("g2")
+    for i in range(2):
+        gnu_policy.put("g2", make_mail(i, seed=81)[0])
+    m = {
+        "id": "gnu-policy",
+        "host": "127.0.0.1",
+        "port": gnu_policy.pop3s_port,
+        "tls": "implicit",
+        "tls_ca_file": str(gnu_policy.cafile),
+        "username": gnu_policy.login_name("g2"),
+        "password": {"env": "PW_GNU"},
+        "poll_interval_seconds": 60,
+    }
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092"},
+            "topics": {"mail": "m"},
+            "delivery": {"mode": "at_least_once"},
+            "mailboxes": [m],
+        },
+        environ={"PW_GNU": gnu_policy.users["g2"]},
+    )
+    mb = cfg.mailboxes[0]
+    publisher = Publisher("mock:9092", {"test.mock.num.brokers": 1}, 5)
+    try:
+        ctx = CycleContext(config=cfg, publisher=publisher)
+        first = run_cycle(ctx, mb)
+        second = run_cycle(ctx, mb)  # at once: within the server's LOGIN-DELAY
+    finally:
+        publisher.close(timeout=5)
+    assert first.ok, first.error
+    assert (first.published, first.deleted, first.logged_in) == (2, 2, True)
+    assert (first.expire_days, first.login_delay_seconds) == (EXPIRE_DAYS, LOGIN_DELAY)
+
+    # RFC 2449 §8.1.2: the server refuses the early login with [LOGIN-DELAY]
+    assert isinstance(second.error, Pop3LoginDelayError) and "[LOGIN-DELAY]" in str(second.error)
+    assert not second.logged_in and second.login_delay_seconds == LOGIN_DELAY  # as announced before login
+
+    runner = Runner(cfg)
+    try:
+        assert runner.next_poll(mb, first, 1000.0) == 1000.0 + LOGIN_DELAY  # not after poll_interval (60)
+        assert runner.next_poll(mb, second, 1001.0) == 1001.0 + LOGIN_DELAY  # a whole delay from the refusal
+    finally:
+        runner.close()
+
+
+def test_keep_mode_warns_that_expire_0_deletes_retrieved_mail(  # type: ignore[no-untyped-def]
+    gnu_policy: GnuPop3d, services, topic: str, tmp_path: Path
+) -> None:
+    gnu_policy.clear("g3")
+    for i in range(2):
+        gnu_policy.put("g3", make_mail(i, seed=82)[0])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox_entry(
+                "gnu-keep", gnu_policy.login_name("g3"), gnu_policy.pop3s_port, str(gnu_policy.cafile), delete=False
+            )
+        ],
+        ledger={"topic": f"{topic}.ledger", "shards": 1},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector.cli.main", "--log-format", "json", "poll-once", "--config", str(cfg)],
+        env={**os.environ, "PW_GNU_KEEP": gnu_policy.users["g3"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gnu-keep: ok: 2 published, 0 deleted of 2 listed" in proc.stdout, proc.stdout
+    logs = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    warned = [r for r in logs if r["level"] == "warning" and "EXPIRE 0" in r["msg"]]
+    assert len(warned) == 1 and warned[0]["mailbox"] == "gnu-keep", proc.stderr
+    assert "keep mode (delete: false) cannot keep it" in warned[0]["msg"]
+    done = [r["msg"] for r in logs if r["msg"].startswith("cycle done")]
+    assert done and done[0].endswith(f"server: EXPIRE={EXPIRE_DAYS} LOGIN-DELAY={LOGIN_DELAY}s"), done
+    # and that is what happened: keep mode sent no DELE, the server removed the retrieved mail itself
+    assert gnu_policy.count("g3") == 0
+    assert len(consume_all(services.bootstrap, topic, expect=2)) == 2

@@ -24,7 +24,7 @@ def fetch_all(port: int, cafile: str, window: int | None) -> tuple[float, int]:
         nums = [n for n, _ in s.uidl()]
         assert s.pipelining
         t0 = time.monotonic()
-        got = sum(1 for _, body in s.retr_many(nums, window=window) if body)
+        got = sum(1 for _, mail in s.retr_many(nums, window=window) if mail.read())
         elapsed = time.monotonic() - t0
         s.dele_many(nums[:0])
         return elapsed, got

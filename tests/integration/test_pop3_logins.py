@@ -64,7 +64,8 @@ def test_password_logins(services, tls: str, mech: str) -> None:  # type: ignore
 
 
 def test_default_choice_is_the_strongest_offered(services) -> None:  # type: ignore[no-untyped-def]
-    assert log_in(mailbox(services)) == "CRAM-MD5"  # Dovecot offers PLAIN LOGIN CRAM-MD5 XOAUTH2 OAUTHBEARER
+    # Dovecot offers PLAIN LOGIN CRAM-MD5 XOAUTH2 OAUTHBEARER NTLM; NTLM is opt-in (needs a domain)
+    assert log_in(mailbox(services)) == "CRAM-MD5"
 
 
 @pytest.mark.parametrize("mech", ["XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER"])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connector.errors import Pop3ConnectError
+from connector.protocol import BodySink, MultilineReader, ServerPolicy, SpoolPolicy, dot_stuff, parse_server_policy
 
 
 @dataclass
@@ -42,16 +43,31 @@ class FakeSessionBase:
     def capabilities(self, *, refresh: bool = False) -> dict[str, list[str]]:
         return {}
 
+    def server_policy(self) -> ServerPolicy:
+        """EXPIRE / LOGIN-DELAY from :meth:`capabilities` (override that to advertise them)."""
+        return parse_server_policy(self.capabilities())
+
     def login_apop(self, username: str, secret: str) -> None:
         raise AssertionError("not used")
 
     def login_sasl(self, mechanism: Any, *, username: str) -> None:
         raise AssertionError("not used")
 
-    def retr_many(self, msg_nums: Any, *, limit: int | None = None) -> Any:
+    def retr_many(
+        self,
+        msg_nums: Any,
+        *,
+        limit: int | None = None,
+        spool: SpoolPolicy | None = None,
+        max_line: int | None = None,
+    ) -> Any:
+        # The real reader and sink, fed the mail as the server would send it, in pieces.
         for n in msg_nums:
-            data = self.retr(n)
-            yield n, (None if limit is not None and len(data) > limit else data)
+            wire = dot_stuff(self.retr(n))
+            reader, sink = MultilineReader(max_line), BodySink(limit, spool)
+            for piece in reader.feed_all(wire[i : i + 1000] for i in range(0, len(wire), 1000)):
+                sink(piece)
+            yield n, sink.finish(line_too_long=reader.line_too_long)
 
     def dele_many(self, msg_nums: Any) -> None:
         for n in msg_nums:

@@ -1,6 +1,9 @@
 """A TCP proxy the test controls: forwards bytes, counts them, and can cut every connection.
 
-TLS passes through untouched (the client still verifies the server's certificate).
+TLS passes through untouched (the client still verifies the server's certificate). With
+``proxy_v1_source`` it plays a load balancer that speaks the PROXY protocol: each upstream
+connection starts with a PROXY v1 header claiming that source address, so a server listening
+with PROXY protocol (Dovecot's ``haproxy = yes``) sees that address instead of 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -14,9 +17,20 @@ import time
 from collections.abc import Callable
 
 
+def proxy_v1_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """The human-readable PROXY protocol header (HAProxy's PROXY protocol specification,
+    version 1, section 2.1): ``PROXY TCP4 <src ip> <dst ip> <src port> <dst port> CRLF``."""
+    family = "TCP6" if ":" in source[0] else "TCP4"
+    return f"PROXY {family} {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode("ascii")
+
+
 class TcpProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", *, proxy_v1_source: tuple[str, int] | None = None
+    ) -> None:
         self.target = (target_host, target_port)
+        #: (ip, port) claimed in a PROXY v1 header sent first on every upstream connection
+        self.proxy_v1_source = proxy_v1_source
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.downstream_bytes = 0  # server -> client
@@ -44,6 +58,9 @@ class TcpProxy:
             try:
                 upstream.settimeout(10)
                 upstream.connect(self.target)
+                if self.proxy_v1_source is not None:
+                    # before any byte of the client's: the server reads the header first
+                    upstream.sendall(proxy_v1_header(self.proxy_v1_source, self.target))
                 upstream.settimeout(None)
             except OSError:
                 upstream.close()

@@ -235,7 +235,7 @@ def test_record_too_large_for_kafka_skips_only_that_mail() -> None:
 
 def test_mail_growing_past_the_limit_during_retr_is_left_and_session_goes_on(mock_publisher: Publisher) -> None:
     m = mails(2)
-    m["LIAR"] = b"Subject: liar\r\n\r\n" + b"y" * 9000 + b"\r\n"
+    m["LIAR"] = b"Subject: liar\r\n\r\n" + b"y" * 12000 + b"\r\n"
     m.update({"UID9": make_mail(9)[0]})
     s = FakeSession(m, list_sizes={"LIAR": 100})
     res = run(s, mock_publisher, max_message_bytes=8192)
@@ -341,5 +341,45 @@ def test_runner_repolls_at_once_only_when_a_bounded_cycle_made_progress() -> Non
     # progress each time (the fake refills, so the bound is always hit): polled again at once
     assert run_for(lambda: mails(3), 1.5) >= 3
     # nothing deletable (mail at the front that has to stay): no hot loop, one cycle per interval
-    big = {f"B{i}": b"Subject: b\r\n\r\n" + b"z" * 9000 for i in range(3)}
+    big = {f"B{i}": b"Subject: b\r\n\r\n" + b"z" * 12000 for i in range(3)}
     assert run_for(lambda: dict(big), 1.5, list_sizes=dict.fromkeys(big, 100)) == 1
+
+
+def test_mail_with_a_line_over_max_line_bytes_is_left_and_counted(mock_publisher: Publisher) -> None:
+    m = mails(2)
+    m["WIDE"] = b"Subject: wide\r\n\r\n" + b"w" * 3000 + b"\r\n"
+    m.update({"UID9": make_mail(9)[0]})
+    s = FakeSession(m)
+    res = run(s, mock_publisher, max_line_bytes=2000)
+    assert res.ok and res.long_lines == 1 and res.oversized == 0
+    assert res.deleted == 3 and 3 not in s.deleted
+
+
+def test_every_mail_spooled_is_published_and_every_spool_file_closed(mock_publisher: Publisher, tmp_path: Any) -> None:
+    import os
+
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
+            "topics": {"mail": "mail"},
+            "runtime": {"spool_threshold_bytes": 0, "spool_directory": str(tmp_path)},
+            "mailboxes": [{"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}],
+        },
+        environ={"PW": "pw"},
+    )
+    s = FakeSession(mails(6))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    res = run_cycle(CycleContext(config=cfg, publisher=mock_publisher, session_factory=lambda _m: s), cfg.mailboxes[0])
+    assert res.ok and res.published == res.deleted == 6
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # no spool file left open
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retr_a_little_larger_than_list_at_the_limit_is_still_taken(mock_publisher: Publisher) -> None:
+    # RFC 1939 §11: LIST sizes are estimates; a mail LISTed at the limit may arrive a few bytes
+    # larger (no final CRLF; a server-added header): not "grew past max_message_bytes".
+    raw = b"Subject: edge\r\nX-UIDL: 0123456789abcdef\r\n\r\n" + b"e" * 4060 + b"\r\n"
+    s = FakeSession({"EDGE": raw}, list_sizes={"EDGE": 4096})
+    res = run(s, mock_publisher, max_message_bytes=4096)
+    assert len(raw) > 4096
+    assert res.ok and res.oversized == 0 and res.published == res.deleted == 1

@@ -853,3 +853,127 @@ def test_hostname_mismatch(serve: list[ScriptedServer], pki: Pki) -> None:
         Pop3Session.connect(
             "127.0.0.2", server.port, tls="implicit", timeout=5, ssl_context=make_tls_context(str(pki.ca))
         )
+
+
+# ---------------------------------------------------------------------------- server policy (RFC 2449 §6.7, §6.8)
+
+
+def test_server_policy_per_user_values_are_re_read_after_login(serve: list[ScriptedServer]) -> None:
+    # RFC 2449 §6.7/§6.8: "USER" after the value in AUTHORIZATION state marks a per-user
+    # placeholder; the user's value comes with the CAPA in TRANSACTION state (§5).
+    server = start(
+        serve,
+        [
+            GREETING,
+            expect("CAPA"),
+            ("send", b"+OK\r\nUSER\r\nEXPIRE 30 USER\r\nLOGIN-DELAY 900 USER\r\n.\r\n"),
+            *LOGIN,
+            expect("CAPA"),
+            ("send", b"+OK\r\nEXPIRE 5\r\nLOGIN-DELAY 60\r\n.\r\n"),
+            expect("QUIT"),
+            send("+OK"),
+        ],
+    )
+    with plain(server) as s:
+        before = s.server_policy()
+        assert (before.expire_days, before.login_delay_seconds) == (30, 900)
+        assert before.expire_per_user and before.login_delay_per_user and before.per_user
+        s.login_user_pass("alice", "alice-pw")
+        after = s.server_policy()
+        assert (after.expire_days, after.login_delay_seconds, after.per_user) == (5, 60, False)
+        assert s.server_policy() == after  # the CAPA after login is cached: no third CAPA
+
+
+def test_server_policy_without_user_suffix_needs_no_second_capa(serve: list[ScriptedServer]) -> None:
+    server = start(
+        serve,
+        [
+            GREETING,
+            expect("CAPA"),
+            ("send", b"+OK\r\nUSER\r\nEXPIRE NEVER\r\nLOGIN-DELAY 300\r\n.\r\n"),
+            *LOGIN,
+            expect("QUIT"),  # a CAPA here would break the script
+            send("+OK"),
+        ],
+    )
+    with plain(server) as s:
+        assert "USER" in s.capabilities()
+        s.login_user_pass("alice", "alice-pw")
+        policy = s.server_policy()
+        assert policy.expire_never and policy.expire_days is None and policy.login_delay_seconds == 300
+        assert policy.describe() == "EXPIRE=NEVER LOGIN-DELAY=300s"
+
+
+def test_server_policy_after_login_without_an_earlier_capa(serve: list[ScriptedServer]) -> None:
+    server = start(
+        serve,
+        [GREETING, *LOGIN, expect("CAPA"), ("send", b"+OK\r\nEXPIRE 0\r\n.\r\n"), expect("QUIT"), send("+OK")],
+    )
+    with plain(server) as s:
+        s.login_user_pass("alice", "alice-pw")
+        policy = s.server_policy()
+        assert policy.expire_days == 0 and policy.expire_advertised and policy.login_delay_seconds is None
+
+
+def test_server_policy_of_a_server_without_capa(serve: list[ScriptedServer]) -> None:
+    server = start(
+        serve,
+        [GREETING, expect("CAPA"), send("-ERR unknown command"), *LOGIN, expect("QUIT"), send("+OK")],
+    )
+    with plain(server) as s:
+        assert s.capabilities() == {}
+        s.login_user_pass("alice", "alice-pw")
+        policy = s.server_policy()
+        assert not policy.expire_advertised and policy.login_delay_seconds is None and policy.describe() == ""
+
+
+def test_server_policy_learnt_before_stls_is_not_trusted(serve: list[ScriptedServer], pki: Pki) -> None:
+    # RFC 2595 §4: what CAPA said before STLS is discarded, the policy included.
+    server = start(
+        serve,
+        [
+            GREETING,
+            expect("CAPA"),
+            ("send", b"+OK\r\nUSER\r\nSTLS\r\nEXPIRE 0\r\n.\r\n"),
+            expect("STLS"),
+            send("+OK Begin TLS negotiation now."),
+            ("starttls",),
+            *LOGIN,
+            expect("CAPA"),
+            ("send", b"+OK\r\nUSER\r\nEXPIRE 30\r\n.\r\n"),
+            expect("QUIT"),
+            send("+OK"),
+        ],
+        starttls_context=pki.server_context(),
+    )
+    with Pop3Session.connect(
+        "127.0.0.1", server.port, tls="starttls", timeout=5, ssl_context=make_tls_context(str(pki.ca))
+    ) as s:
+        s.login_user_pass("alice", "alice-pw")
+        assert s.server_policy().expire_days == 30
+
+
+def test_plaintext_refusal_by_the_server_names_the_fix(serve: list[ScriptedServer]) -> None:
+    # Dovecot with disable_plaintext_auth refuses USER itself, so PASS is never sent.
+    refusal = "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+    server = start(serve, [GREETING, expect("USER alice"), send(refusal), expect("QUIT"), send("+OK")])
+    with plain(server) as s:
+        with pytest.raises(Pop3AuthError) as info:
+            s.login_user_pass("alice", "alice-pw")
+        message = str(info.value)
+        assert "Plaintext authentication disallowed" in message
+        assert "refuses logins over an unencrypted connection" in message
+        assert "set tls: starttls" in message and "tls: implicit" in message
+    assert server.received == [b"USER alice", b"QUIT"]  # no PASS on the wire
+
+
+def test_auth_refusal_on_a_plain_connection_mentions_tls_as_a_possible_cause(serve: list[ScriptedServer]) -> None:
+    server = start(
+        serve,
+        [GREETING, expect("USER alice"), send("+OK"), expect("PASS pw"), send("-ERR [AUTH] Authentication failed.")],
+    )
+    s = plain(server)
+    with pytest.raises(Pop3AuthError) as info:
+        s.login_user_pass("alice", "pw")
+    assert "many servers refuse logins without TLS: if so, set tls: starttls" in str(info.value)
+    s.close()
