@@ -263,9 +263,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def _shown_url(url: str) -> str:
-    """scheme://host[:port]/path: what messages name (no query string)."""
-    p = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((p.scheme, p.netloc, p.path, "", ""))
+    """scheme://host[:port]/path: what messages name (no user:password@, no query string)."""
+    try:
+        p = urllib.parse.urlsplit(url)
+        port = p.port
+    except ValueError:
+        return "?"
+    host = p.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "", ""))
 
 
 def _b64url(data: bytes) -> str:
@@ -449,7 +457,7 @@ class _EndpointSource:
             return self._token_of(data, secrets)
         if status in (408, 429) or status >= 500 or code in ("temporarily_unavailable", "server_error"):
             retry = reply.headers.get("retry-after")
-            after = f"; retry after {_clean(retry, secrets, 40)} s" if retry else ""
+            after = f" (Retry-After: {_clean(retry, secrets, 40)})" if retry else ""
             raise OAuthTokenUnavailableError(
                 f"{where}: HTTP {status}{': ' + said if said else ''}{after}", oauth_error=code, hint=_UNAVAILABLE_HINT
             )

@@ -587,7 +587,7 @@ def choose(offered: Sequence[str], allowed: Sequence[str], have_token: bool) -> 
     sasl_wanted = [a for a in wanted if a in SASL_MECHANISMS]
     hint = ""
     if not have_token and any(a in TOKEN_MECHANISMS for a in sasl_wanted):
-        hint = "; XOAUTH2/OAUTHBEARER need oauth2_token"
+        hint = "; XOAUTH2/OAUTHBEARER need oauth2_token or an oauth2 token source"
     raise Pop3AuthError(
         f"no usable SASL mechanism: server offers [{' '.join(sorted(on_server)) or 'none'}], "
         f"allowed [{' '.join(sasl_wanted) or 'none'}]{hint}"
@@ -613,7 +613,7 @@ def create(
     key = name.strip().upper()
     if key in TOKEN_MECHANISMS:
         if not token:
-            raise ConfigError(f"{key} needs an OAuth2 token (oauth2_token)")
+            raise ConfigError(f"{key} needs an OAuth2 token (oauth2_token, or an oauth2 token source)")
         if key == "OAUTHBEARER":
             return OAuthBearer(username, token, host=host, port=port)
         return XOAuth2(username, token, two_step=key == "XOAUTH2-TWO-STEP")

@@ -281,7 +281,13 @@ def test_concurrent_logins_share_one_failure(endpoint: TokenEndpoint, responses:
             OAuthTokenUnavailableError,
             "HTTP 503",
         ),
-        (429, {"error": "too_many_requests"}, {"Retry-After": "7"}, OAuthTokenUnavailableError, "retry after 7 s"),
+        (
+            429,
+            {"error": "too_many_requests"},
+            {"Retry-After": "7"},
+            OAuthTokenUnavailableError,
+            "HTTP 429: too_many_requests (Retry-After: 7)",
+        ),
         (400, {"error": "temporarily_unavailable"}, {}, OAuthTokenUnavailableError, "temporarily_unavailable"),
         (
             200,
@@ -297,7 +303,7 @@ def test_concurrent_logins_share_one_failure(endpoint: TokenEndpoint, responses:
         (
             302,
             "",
-            {"Location": "https://login.example.com/other?x=1"},
+            {"Location": "https://u:pw@login.example.com/other?x=1"},
             OAuthTokenError,
             "redirect to https://login.example.com/other",
         ),

@@ -471,7 +471,7 @@ def test_choose_nothing_fits_names_both_sides() -> None:
         choose(["PLAIN", "LOGIN"], ["CRAM-MD5", "SCRAM-SHA-256"], have_token=False)
     message = str(info.value)
     assert "server offers [LOGIN PLAIN]" in message and "allowed [CRAM-MD5 SCRAM-SHA-256]" in message
-    with pytest.raises(Pop3AuthError, match="need oauth2_token"):
+    with pytest.raises(Pop3AuthError, match="need oauth2_token or an oauth2 token source"):
         choose(["XOAUTH2"], ["XOAUTH2"], have_token=False)
     with pytest.raises(Pop3AuthError, match=r"offers \[none\]"):
         choose([], ["PLAIN"], have_token=False)
