@@ -30,19 +30,33 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import dataclasses
+import email.headerregistry
 import email.parser
 import email.policy
 import email.utils
 import functools
 import hashlib
 import re
+import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 
-from connector.decoding.model import Address, Attachment, DecodedMail, Header
-from connector.errors import DecodeError, MailTooLargeError
+from connector.decoding.model import (
+    Address,
+    AddressGroup,
+    Attachment,
+    DecodedMail,
+    Header,
+    MessageSummary,
+    Part,
+    SelectedBody,
+    SmimeFacts,
+)
+from connector.decoding.options import DEFAULT_OPTIONS, DecodeLimits, DecodeOptions
+from connector.errors import DecodeError, MailTooLargeError, SmimeError
 
 __all__ = ["decode_mail"]
 
@@ -287,17 +301,39 @@ def _part_name(path: tuple[int, ...]) -> str:
     return "part " + ".".join(map(str, path)) if path else "message"
 
 
-class _Decoder:
-    """State of one decode_mail call: the warnings collected so far."""
+_SMIME_SUBTYPES = frozenset({"pkcs7-mime", "x-pkcs7-mime"})
+_SIGNATURE_SUBTYPES = frozenset({"pkcs7-signature", "x-pkcs7-signature"})
+_TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+_UU_CTES = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+# A uuencoded block inside a text part (POSIX uuencode): "begin <octal mode> <name>" ... "end".
+_UU_BLOCK = re.compile(rb"(?m)^begin [0-7]{3,4} ([^\r\n]+)\r?\n(.*?)^end[ \t]*\r?$", re.S)
+_MESSAGE_ID = re.compile(r"<[^<>\s]*>")
 
-    def __init__(self, max_depth: int, max_parts: int) -> None:
-        self.max_depth = max_depth
-        self.max_parts = max_parts
+
+class _PassthroughSignal(Exception):  # noqa: N818 - a signal, not an error
+    """Internal: the mail is S/MIME encrypted and the mailbox publishes such mail as is."""
+
+
+class _Decoder:
+    """State of one decode_mail call: the warnings collected so far, the part tree, limits."""
+
+    def __init__(self, options: DecodeOptions) -> None:
+        self.options = options
+        self.limits: DecodeLimits = options.limits
+        self.max_depth = self.limits.max_depth
+        self.max_parts = self.limits.max_parts
+        self.deadline = time.monotonic() + self.limits.max_decode_seconds
         self._warnings: dict[str, None] = {}  # ordered set
         self.text_body: str | None = None
         self.html_body: str | None = None
         self.attachments: list[Attachment] = []
+        self.parts: list[Part] = []
+        #: every leaf in document order: (path, content type, charset, bytes) for body selection.
+        self.leaves: list[tuple[str, str, str | None, bytes]] = []
         self.linesep = "\r\n"
+        self.entities = 0
+        self.decoded_bytes = 0
+        self.smime: dict[str, object] = {}
 
     def warn(self, message: str) -> None:
         self._warnings[message] = None
@@ -473,7 +509,7 @@ class _Decoder:
 
     # ------------------------------------------------------------ top-level header fields
 
-    def headers(self, msg: Message) -> list[Header]:
+    def headers(self, msg: Message, prefix: str = "") -> list[Header]:
         result: list[Header] = []
         for field, value in msg.raw_items():
             name = clean_str(str(field))
@@ -481,7 +517,7 @@ class _Decoder:
             if raw.isascii() and "=?" not in raw:  # the common case, and cheap
                 result.append(Header(name=name, raw=raw, value=raw))
                 continue
-            where = f"header {_safe_label(name)}"
+            where = f"{prefix}header {_safe_label(name)}"
             raw = clean_str(self.recover_header(raw, where))
             result.append(Header(name=name, raw=raw, value=clean_str(self.decode_words(raw, where))))
         return result
@@ -525,21 +561,33 @@ class _Decoder:
 
     # ------------------------------------------------------------ structure
 
-    def survey(self, root: Message) -> None:
-        """Enforce the depth and part limits and turn parser defects into warnings.
+    def survey(self, root: Message, base: tuple[int, ...] = ()) -> None:
+        """Enforce the depth, part and header limits and turn parser defects into warnings.
 
         Iterative, so a hostile tree cannot exhaust the Python stack here; everything after
-        this runs on a tree known to be at most ``max_depth`` deep.
+        this runs on a tree known to be at most ``max_depth`` deep. ``base``: where an entity
+        unwrapped from S/MIME sits in the outer tree (its parts count toward the same limits).
         """
-        count = 0
-        stack: list[tuple[Message, tuple[int, ...]]] = [(root, ())]
+        limits = self.limits
+        stack: list[tuple[Message, tuple[int, ...]]] = [(root, base)]
         while stack:
             part, path = stack.pop()
-            count += 1
-            if count > self.max_parts:
-                raise MailTooLargeError(f"more than {self.max_parts} MIME parts")
+            self.entities += 1
+            if self.entities > self.max_parts:
+                raise MailTooLargeError(f"more than {self.max_parts} MIME parts", reason="max_parts")
             if len(path) > self.max_depth:
-                raise MailTooLargeError(f"MIME nesting deeper than {self.max_depth} levels")
+                raise MailTooLargeError(f"MIME nesting deeper than {self.max_depth} levels", reason="max_depth")
+            if len(part) > limits.max_headers:
+                raise MailTooLargeError(
+                    f"{_part_name(path)}: more than {limits.max_headers} header fields", reason="max_headers"
+                )
+            for name, value in part.raw_items():
+                if len(value) > limits.max_header_bytes:
+                    raise MailTooLargeError(
+                        f"{_part_name(path)}: header {_safe_label(str(name))} longer than "
+                        f"{limits.max_header_bytes} octets",
+                        reason="max_header_bytes",
+                    )
             for defect in part.defects:
                 self.warn(f"{_part_name(path)}: defect {type(defect).__name__}")
             children = _children(part)
@@ -556,11 +604,21 @@ class _Decoder:
         unknown subtypes per §5.1.7) is treated as mixed: the first child that yields a body
         ends body claiming, later text parts become attachments.
         """
+        if time.monotonic() > self.deadline:
+            raise MailTooLargeError(
+                f"decoding took longer than {self.limits.max_decode_seconds:g} s", reason="max_decode_seconds"
+            )
         where = _part_name(path)
         ctype = clean_str(part.get_content_type())
         maintype, _, subtype = ctype.partition("/")
         children = _children(part)
+        headers = self.part_headers(part, where)
+        ct = self.parse_params(headers.get("content-type"), where)
+        pstr = ".".join(map(str, path))
         if children is not None and maintype == "multipart":
+            self.add_part(pstr, path, ctype, ct, headers, None, b"", "container")
+            if subtype == "signed":
+                self.note_signed("detached")
             claimed = False
             if subtype == "alternative":
                 for i, child in enumerate(children, 1):
@@ -574,13 +632,22 @@ class _Decoder:
                     claimed = self.walk(child, (*path, i), can_claim and not claimed) or claimed
             return claimed
 
-        headers = self.part_headers(part, where)
         disposition = self.parse_params(headers.get("content-disposition"), where)
+        summary: MessageSummary | None = None
+        kind: str | None = None
         if children is not None:
             # message/rfc822 and other message/* (RFC 2046 §5.2): one attachment, the whole
             # embedded message as bytes. Bodies are never taken from inside it.
             data = self._serialise(children, headers, where, inside_multipart=bool(path))
+            if subtype in ("rfc822", "global") and children:
+                kind, summary = "message", self._summary(children[0], where)
+            elif subtype == "delivery-status":
+                kind = "delivery-status"  # RFC 3464 §2.1: parsed as header blocks by the stdlib
         else:
+            if maintype == "application" and subtype in _SMIME_SUBTYPES:
+                unwrapped = self._smime(part, path, ctype, ct, headers, can_claim)
+                if unwrapped is not None:
+                    return unwrapped
             data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
             if (
                 can_claim
@@ -588,16 +655,176 @@ class _Decoder:
                 and disposition.value != "attachment"
                 and (self.text_body if subtype == "plain" else self.html_body) is None
             ):
-                charset = self.parse_params(headers.get("content-type"), where).params.get("charset")
+                charset = ct.params.get("charset")
                 text = clean_str(self.decode_bytes(data, charset, where))
                 if subtype == "plain":
                     self.text_body = text
+                    self._uudecode_blocks(data, pstr, where)
                 else:
                     self.html_body = text
+                role = "text_body" if subtype == "plain" else "html_body"
+                self.add_part(pstr, path, ctype, ct, headers, disposition, data, role)
+                self.leaves.append((pstr, ctype, charset, data))
                 return True
+            kind = self._kind(ctype, headers, subtype)
 
-        self.attachments.append(self._attachment(ctype, headers, disposition, data, where))
+        att = self._attachment(ctype, headers, disposition, data, where, part=pstr, kind=kind, message=summary)
+        if att.filename and att.filename.lower() == "winmail.dat" and kind is None:
+            att = dataclasses.replace(att, kind="tnef")
+        self.attachments.append(att)
+        self.add_part(pstr, path, ctype, ct, headers, disposition, data, "attachment", kind=att.kind, att=att)
+        self.leaves.append((pstr, ctype, ct.params.get("charset"), data))
+        if maintype == "application" and subtype in _SIGNATURE_SUBTYPES:
+            self.note_signed("detached")
         return False
+
+    # ------------------------------------------------------------ part tree and kinds
+
+    def add_part(  # noqa: PLR0917 - one call per entity; keywords would only add noise
+        self,
+        pstr: str,
+        path: tuple[int, ...],
+        ctype: str,
+        ct: _Params,
+        headers: dict[str, str],
+        disposition: _Params | None,
+        data: bytes,
+        role: str,
+        *,
+        kind: str | None = None,
+        att: Attachment | None = None,
+    ) -> None:
+        leaf = role != "container"
+        if leaf:
+            self.decoded_bytes += len(data)
+            if self.decoded_bytes > self.limits.max_decoded_bytes:
+                raise MailTooLargeError(
+                    f"decoded parts exceed {self.limits.max_decoded_bytes} bytes", reason="max_decoded_bytes"
+                )
+        cte = headers.get("content-transfer-encoding")
+        self.parts.append(
+            Part(
+                path=pstr,
+                depth=len(path),
+                content_type=ctype,
+                params=tuple((clean_str(k), clean_str(v)) for k, v in ct.params.items()),
+                disposition=clean_str(disposition.value) if disposition is not None and disposition.value else None,
+                filename=att.filename if att is not None else None,
+                content_id=clean_str(headers["content-id"].strip()) if headers.get("content-id") else None,
+                transfer_encoding=clean_str(cte.split(";")[0].strip().strip('"').lower()) if cte else None,
+                size=len(data) if leaf else 0,
+                sha256=(att.sha256 if att is not None else hashlib.sha256(data).hexdigest()) if leaf else None,
+                role=role,
+                kind=kind,
+            )
+        )
+
+    @staticmethod
+    def _kind(ctype: str, headers: dict[str, str], subtype: str) -> str | None:
+        if ctype in _TNEF_TYPES:
+            return "tnef"
+        if ctype in {"text/calendar", "application/ics"}:
+            return "calendar"
+        cte = headers.get("content-transfer-encoding", "").split(";")[0].strip().strip('"').lower()
+        if cte in _UU_CTES:
+            return "uuencoded"
+        if subtype in _SIGNATURE_SUBTYPES:
+            return "smime-signature"
+        return None
+
+    def _uudecode_blocks(self, data: bytes, pstr: str, where: str) -> None:
+        """uuencoded files pasted into a plain-text body (old clients, some scanners) become
+        attachments of kind 'uuencoded'; the text body keeps them as text."""
+        if b"begin " not in data:
+            return
+        for m in _UU_BLOCK.finditer(data):
+            out = bytearray()
+            bad = False
+            for line in m[2].splitlines():  # only the block's lines, and only when one exists
+                if not line.strip() or line.strip() == b"`":
+                    continue
+                try:
+                    out += binascii.a2b_uu(line)
+                except binascii.Error:
+                    bad = True
+            if bad:
+                self.warn(f"{where}: malformed uuencoded line skipped")
+            content = bytes(out)
+            self.attachments.append(
+                Attachment(
+                    filename=clean_str(self.recover_header(m[1].decode("latin-1").strip(), where)),
+                    content_type="application/octet-stream",
+                    disposition=None,
+                    content_id=None,
+                    size=len(content),
+                    sha256=hashlib.sha256(content).hexdigest(),
+                    content=content,
+                    part=pstr,
+                    kind="uuencoded",
+                )
+            )
+
+    def _summary(self, inner: Message, where: str) -> MessageSummary:
+        heads = self.headers(inner, f"{where} ")
+
+        def first(name: str) -> Header | None:
+            return _first(heads, name)
+
+        def values(name: str) -> list[str]:
+            return [h.raw for h in heads if h.name.lower() == name]
+
+        date = first("date")
+        date_raw = date.raw.strip() if date is not None else None
+        mid, subject = first("message-id"), first("subject")
+        return MessageSummary(
+            message_id=mid.raw.strip() if mid is not None else None,
+            subject=subject.value if subject is not None else None,
+            from_=self.addresses(values("from"), f"{where} header 'From'"),
+            to=self.addresses(values("to"), f"{where} header 'To'"),
+            date_raw=date_raw,
+            date_millis=self.date_millis(date_raw) if date_raw else None,
+        )
+
+    # ------------------------------------------------------------ S/MIME (RFC 8551)
+
+    def note_signed(self, how: str) -> None:
+        self.smime.setdefault("signed", True)
+        self.smime.setdefault("signature_type", how)
+
+    def _smime(  # noqa: PLR0917
+        self, part: Message, path: tuple[int, ...], ctype: str, ct: _Params, headers: dict[str, str], can_claim: bool
+    ) -> bool | None:
+        """Unwrap an application/pkcs7-mime part: decrypt enveloped-data (RFC 8551 §3.3),
+        open opaque signed-data (§3.5.2, not verified here), then walk the inner entity in
+        its place. None: not something to unwrap (certs-only...), an ordinary attachment."""
+        from connector.decoding import smime  # noqa: PLC0415 - asn1crypto only for S/MIME mail
+
+        where = _part_name(path)
+        what = smime.smime_type(ctype, ct.params)
+        if what not in ("enveloped-data", "authEnveloped-data", "signed-data"):
+            return None
+        data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
+        pstr = ".".join(map(str, path))
+        if what == "signed-data":
+            self.note_signed("opaque")
+            inner = smime.unwrap_signed_data(data)
+            self.add_part(pstr, path, ctype, ct, headers, None, data, "smime", kind="smime-signed")
+        else:
+            self.smime["encrypted"] = True
+            if self.options.smime == "passthrough":
+                raise _PassthroughSignal
+            if self.options.keys is None:
+                raise SmimeError(
+                    f"{where}: S/MIME encrypted, but the mailbox has no decryption keys (smime.keys)", reason="no_key"
+                )
+            result = smime.decrypt(data, self.options.keys)
+            self.smime.update(decrypted=True, key=result.key_label, cipher=result.cipher)
+            inner = result.content
+            self.add_part(pstr, path, ctype, ct, headers, None, data, "smime", kind="smime-encrypted")
+        inner_msg = _PARSER.parsebytes(inner)
+        child = (*path, 1)
+        self.survey(inner_msg, child)
+        return self.walk(inner_msg, child, can_claim)
 
     def _related_root(self, part: Message, children: list[Message], where: str) -> int:
         ctype = self.part_headers(part, where).get("content-type")
@@ -610,7 +837,16 @@ class _Decoder:
         return 1
 
     def _attachment(
-        self, ctype: str, headers: dict[str, str], disposition: _Params, data: bytes, where: str
+        self,
+        ctype: str,
+        headers: dict[str, str],
+        disposition: _Params,
+        data: bytes,
+        where: str,
+        *,
+        part: str | None = None,
+        kind: str | None = None,
+        message: MessageSummary | None = None,
     ) -> Attachment:
         # RFC 2183 §2.3 filename, else the older Content-Type name (RFC 1341); RFC 2047 inside
         # a quoted parameter is illegal (RFC 2047 §5) but so common that it is decoded too.
@@ -629,6 +865,9 @@ class _Decoder:
             size=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
             content=data,
+            part=part,
+            kind=kind,
+            message=message,
         )
 
     def _transfer_decode(self, part: Message, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
@@ -719,14 +958,77 @@ def _first(headers: Iterable[Header], name: str) -> Header | None:
     return next((h for h in headers if h.name.lower() == name), None)
 
 
-def _decode(raw: bytes, max_depth: int, max_parts: int) -> DecodedMail:
-    dec = _Decoder(max_depth, max_parts)
+def _groups(dec: _Decoder, headers: list[Header]) -> tuple[AddressGroup, ...]:
+    """RFC 5322 §3.4 groups (``name: a, b;``) of the address fields; getaddresses() flattens
+    them, so fields that can hold one are read once more with the stdlib's structured parser."""
+    found: list[AddressGroup] = []
+    for h in headers:
+        key = h.name.lower()
+        if key not in _GROUP_FIELDS or ":" not in h.raw or ";" not in h.raw:
+            continue
+        try:
+            parsed = _HEADER_FACTORY(key, h.raw)
+            groups = getattr(parsed, "groups", ())
+        except Exception:  # noqa: BLE001 - a group we cannot read is a warning, not a failure
+            dec.warn(f"header {_safe_label(h.name)}: address group unreadable")
+            continue
+        for g in groups:
+            if g.display_name is None:
+                continue
+            members = tuple(
+                Address(name=clean_str(a.display_name or ""), address=clean_str(a.addr_spec))
+                for a in g.addresses
+                if a.addr_spec and a.addr_spec != "<>"
+            )
+            found.append(AddressGroup(field=key, name=clean_str(g.display_name), members=members))
+    return tuple(found)
+
+
+_GROUP_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+_HEADER_FACTORY = email.headerregistry.HeaderRegistry()
+
+
+def _select_body(dec: _Decoder, options: DecodeOptions) -> SelectedBody | None:
+    sel = options.body_part
+    if sel is None:
+        return None
+    wanted = sel.content_type.lower() if sel.content_type else None
+    candidates = [leaf for leaf in dec.leaves if wanted is None or leaf[1] == wanted]
+    if sel.index < len(candidates):
+        path, ctype, charset, data = candidates[sel.index]
+    elif sel.on_missing == "first_text":
+        texts = [leaf for leaf in dec.leaves if leaf[1].startswith("text/")]
+        if not texts:
+            raise DecodeError("body_part: no part matches and the mail has no text part", reason="body_part_missing")
+        path, ctype, charset, data = texts[0]
+        dec.warn("body_part: no part matches; the first text part was taken")
+    else:
+        shown = f" of type {_safe_label(wanted)}" if wanted else ""
+        raise DecodeError(
+            f"body_part: the mail has {len(candidates)} leaf parts{shown}; index {sel.index} does not exist",
+            reason="body_part_missing",
+        )
+    if ctype.startswith("text/"):
+        return SelectedBody(
+            path=path, content_type=ctype, text=clean_str(dec.decode_bytes(data, charset, "body_part")), data=None
+        )
+    return SelectedBody(path=path, content_type=ctype, text=None, data=data)
+
+
+def _empty(warnings: tuple[str, ...], **kw: object) -> DecodedMail:
+    return DecodedMail(
+        message_id=None, subject=None, date_raw=None, date_millis=None, from_=(), to=(), cc=(),
+        headers=(), text_body=None, html_body=None, attachments=(), warnings=warnings, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _decode(raw: bytes, options: DecodeOptions) -> DecodedMail:
+    dec = _Decoder(options)
+    if not options.mime_decoding:
+        return _empty((), mime_decoded=False, raw=raw)
     if not raw.strip():
         dec.warn("empty input: not a mail")
-        return DecodedMail(
-            message_id=None, subject=None, date_raw=None, date_millis=None, from_=(), to=(), cc=(),
-            headers=(), text_body=None, html_body=None, attachments=(), warnings=dec.warnings,
-        )  # fmt: skip
+        return _empty(dec.warnings)
     if b"\r\n" not in raw[:65536]:
         dec.linesep = "\n"
     msg = _PARSER.parsebytes(raw)
@@ -740,26 +1042,66 @@ def _decode(raw: bytes, max_depth: int, max_parts: int) -> DecodedMail:
 
     subject = _first(headers, "subject")
     message_id = _first(headers, "message-id")
+    in_reply_to = _first(headers, "in-reply-to")
+    references = " ".join(raw_values("references"))
     date = _first(headers, "date")
     date_raw = date.raw.strip() if date is not None else None
-    dec.walk(msg, (), True)
+    passthrough = False
+    try:
+        dec.walk(msg, (), True)
+    except _PassthroughSignal:
+        passthrough = True
+    sender = dec.addresses(raw_values("sender"), "header 'Sender'")
+    smime = None
+    if dec.smime or passthrough:
+        smime = SmimeFacts(
+            encrypted=bool(dec.smime.get("encrypted")),
+            decrypted=bool(dec.smime.get("decrypted")),
+            key=dec.smime.get("key"),  # type: ignore[arg-type]
+            cipher=dec.smime.get("cipher"),  # type: ignore[arg-type]
+            signed=bool(dec.smime.get("signed")),
+            signature_type=dec.smime.get("signature_type"),  # type: ignore[arg-type]
+            passthrough=passthrough,
+        )
+    common = {
+        "message_id": message_id.raw.strip() if message_id is not None else None,
+        "subject": subject.value if subject is not None else None,
+        "date_raw": date_raw,
+        "date_millis": dec.date_millis(date_raw) if date_raw is not None else None,
+        "from_": dec.addresses(raw_values("from"), "header 'From'"),
+        "to": dec.addresses(raw_values("to"), "header 'To'"),
+        "cc": dec.addresses(raw_values("cc"), "header 'Cc'"),
+        "headers": tuple(headers),
+        "in_reply_to": in_reply_to.raw.strip() if in_reply_to is not None else None,
+        "references": tuple(_MESSAGE_ID.findall(references)) or tuple(references.split()),
+        "sender": sender[0] if sender else None,
+        "reply_to": dec.addresses(raw_values("reply-to"), "header 'Reply-To'"),
+        "bcc": dec.addresses(raw_values("bcc"), "header 'Bcc'"),
+        "groups": _groups(dec, headers),
+        "smime": smime,
+    }
+    if passthrough:
+        # Still encrypted, published as is: the outer header fields were never secret; no part
+        # of the content is looked at (RFC 8551 §3.3 content stays with the consumer).
+        return DecodedMail(
+            **common, text_body=None, html_body=None, attachments=(), warnings=dec.warnings,  # type: ignore[arg-type]
+            mime_decoded=False, raw=raw,
+        )  # fmt: skip
+    body = _select_body(dec, options)
     return DecodedMail(
-        message_id=message_id.raw.strip() if message_id is not None else None,
-        subject=subject.value if subject is not None else None,
-        date_raw=date_raw,
-        date_millis=dec.date_millis(date_raw) if date_raw is not None else None,
-        from_=dec.addresses(raw_values("from"), "header 'From'"),
-        to=dec.addresses(raw_values("to"), "header 'To'"),
-        cc=dec.addresses(raw_values("cc"), "header 'Cc'"),
-        headers=tuple(headers),
+        **common,  # type: ignore[arg-type]
         text_body=dec.text_body,
         html_body=dec.html_body,
         attachments=tuple(dec.attachments),
         warnings=dec.warnings,
+        parts=tuple(dec.parts),
+        body=body,
     )
 
 
-def decode_mail(raw: bytes, *, max_depth: int = 32, max_parts: int = 2000) -> DecodedMail:
+def decode_mail(
+    raw: bytes, *, max_depth: int | None = None, max_parts: int | None = None, options: DecodeOptions | None = None
+) -> DecodedMail:
     """Decode one raw RFC 5322 message (as retrieved by POP3 RETR, dot-unstuffed).
 
     * ``max_depth``: deepest allowed MIME nesting (the top-level message is depth 0; each
@@ -774,12 +1116,20 @@ def decode_mail(raw: bytes, *, max_depth: int = 32, max_parts: int = 2000) -> De
     Raises only :class:`DecodeError` / :class:`MailTooLargeError`, chained to the cause; their
     messages and the warnings never contain mail content.
     """
+    options = options or DEFAULT_OPTIONS
+    if max_depth is not None or max_parts is not None:
+        limits = dataclasses.replace(
+            options.limits,
+            max_depth=options.limits.max_depth if max_depth is None else max_depth,
+            max_parts=options.limits.max_parts if max_parts is None else max_parts,
+        )
+        options = dataclasses.replace(options, limits=limits)
     try:
-        return _decode(bytes(raw), max_depth, max_parts)
+        return _decode(bytes(raw), options)
     except DecodeError:
         raise
     except RecursionError as exc:
         # The stdlib parser recurses once per nesting level; far past max_depth it overflows.
-        raise MailTooLargeError("MIME nesting too deep for the parser") from exc
+        raise MailTooLargeError("MIME nesting too deep for the parser", reason="max_depth") from exc
     except Exception as exc:  # the contract: nothing but DecodeError leaves here
-        raise DecodeError(f"unexpected {type(exc).__name__} while decoding the mail") from exc
+        raise DecodeError(f"unexpected {type(exc).__name__} while decoding the mail", reason="unknown") from exc

@@ -27,6 +27,27 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
+class AddressGroup:
+    """An RFC 5322 §3.4 group (``name: member, member;``) in one address field."""
+
+    field: str
+    name: str
+    members: tuple[Address, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSummary:
+    """The main headers of an embedded message/rfc822, decoded."""
+
+    message_id: str | None
+    subject: str | None
+    from_: tuple[Address, ...]
+    to: tuple[Address, ...]
+    date_raw: str | None
+    date_millis: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Attachment:
     """A non-body leaf part (or a nested message/rfc822) and its facts.
 
@@ -41,6 +62,52 @@ class Attachment:
     size: int
     sha256: str
     content: bytes = field(repr=False, default=b"")
+    #: path in the part tree ("1.2"); for content found inside a text part, that part's path.
+    part: str | None = None
+    #: "tnef", "uuencoded", "message", "delivery-status", "calendar", or None.
+    kind: str | None = None
+    message: MessageSummary | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One MIME entity of the tree, in document order (containers included)."""
+
+    path: str
+    depth: int
+    content_type: str
+    params: tuple[tuple[str, str], ...]
+    disposition: str | None
+    filename: str | None
+    content_id: str | None
+    transfer_encoding: str | None
+    size: int
+    sha256: str | None
+    role: str
+    kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SmimeFacts:
+    """What the S/MIME layers of the mail were and what we did with them."""
+
+    encrypted: bool = False
+    decrypted: bool = False
+    key: str | None = None
+    cipher: str | None = None
+    signed: bool = False
+    signature_type: str | None = None
+    passthrough: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedBody:
+    """The part picked by the mailbox's body_part option."""
+
+    path: str
+    content_type: str
+    text: str | None
+    data: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +128,15 @@ class DecodedMail:
     attachments: tuple[Attachment, ...]
     #: what was repaired or guessed (bad charset, missing boundary...), never mail content.
     warnings: tuple[str, ...] = ()
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    sender: Address | None = None
+    reply_to: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+    groups: tuple[AddressGroup, ...] = ()
+    parts: tuple[Part, ...] = ()
+    smime: SmimeFacts | None = None
+    body: SelectedBody | None = None
+    #: False: not MIME-decoded (mime_decoding off, S/MIME passthrough); ``raw`` is the mail.
+    mime_decoded: bool = True
+    raw: bytes | None = field(repr=False, default=None)

@@ -23,7 +23,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from connector import __version__
-from connector.decoding.model import Address, DecodedMail
+from connector.decoding.model import Address, Attachment, DecodedMail, MessageSummary
 from connector.errors import DecodeError
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -90,6 +90,33 @@ def _addresses(items: tuple[Address, ...]) -> list[dict[str, str]]:
     return [{"name": a.name, "address": a.address} for a in items]
 
 
+def _summary(m: MessageSummary | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {
+        "message_id": m.message_id,
+        "subject": m.subject,
+        "from": _addresses(m.from_),
+        "to": _addresses(m.to),
+        "date": m.date_millis,
+        "date_raw": m.date_raw,
+    }
+
+
+def _attachment(a: Attachment) -> dict[str, Any]:
+    return {
+        "filename": a.filename,
+        "content_type": a.content_type,
+        "disposition": a.disposition,
+        "content_id": a.content_id,
+        "size": a.size,
+        "sha256": a.sha256,
+        "part": a.part,
+        "kind": a.kind,
+        "message": _summary(a.message),
+    }
+
+
 def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
     """The MailRecord (schemas/mail_record.avsc) as a dict ready for fastavro."""
     return {
@@ -113,18 +140,56 @@ def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
         "headers": [{"name": h.name, "value": h.value, "raw": h.raw} for h in mail.headers],
         "text_body": mail.text_body,
         "html_body": mail.html_body,
-        "attachments": [
-            {
-                "filename": a.filename,
-                "content_type": a.content_type,
-                "disposition": a.disposition,
-                "content_id": a.content_id,
-                "size": a.size,
-                "sha256": a.sha256,
-            }
-            for a in mail.attachments
-        ],
+        "attachments": [_attachment(a) for a in mail.attachments],
         "decode_warnings": list(mail.warnings),
+        "in_reply_to": mail.in_reply_to,
+        "references": list(mail.references),
+        "sender": {"name": mail.sender.name, "address": mail.sender.address} if mail.sender else None,
+        "reply_to": _addresses(mail.reply_to),
+        "bcc": _addresses(mail.bcc),
+        "address_groups": [{"field": g.field, "name": g.name, "members": _addresses(g.members)} for g in mail.groups],
+        "parts": [
+            {
+                "path": p.path,
+                "depth": p.depth,
+                "content_type": p.content_type,
+                "params": dict(p.params),
+                "disposition": p.disposition,
+                "filename": p.filename,
+                "content_id": p.content_id,
+                "transfer_encoding": p.transfer_encoding,
+                "size": p.size,
+                "sha256": p.sha256,
+                "role": p.role,
+                "kind": p.kind,
+            }
+            for p in mail.parts
+        ],
+        "smime": (
+            None
+            if mail.smime is None
+            else {
+                "encrypted": mail.smime.encrypted,
+                "decrypted": mail.smime.decrypted,
+                "key": mail.smime.key,
+                "cipher": mail.smime.cipher,
+                "signed": mail.smime.signed,
+                "signature_type": mail.smime.signature_type,
+                "passthrough": mail.smime.passthrough,
+            }
+        ),
+        "body": (
+            None
+            if mail.body is None
+            else {
+                "path": mail.body.path,
+                "content_type": mail.body.content_type,
+                "text": mail.body.text,
+                "data": mail.body.data,
+            }
+        ),
+        "mime_decoded": mail.mime_decoded,
+        "raw": mail.raw,
     }
 
 
@@ -137,7 +202,9 @@ def encode_single_object(schema: Schema, record: dict[str, Any]) -> bytes:
     except (ValueError, TypeError, KeyError) as exc:
         # A decoded value that does not fit the schema is a decoding bug for this mail:
         # dead-letter material, never a crash of the cycle.
-        raise DecodeError(f"record does not match schema {schema.name}: {type(exc).__name__}") from exc
+        raise DecodeError(
+            f"record does not match schema {schema.name}: {type(exc).__name__}", stage="record", reason="schema"
+        ) from exc
     return buf.getvalue()
 
 
