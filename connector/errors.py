@@ -5,7 +5,8 @@ email parsing) are translated at the boundary with ``raise X from exc`` and neve
 upward. Each class says what the runtime does with it:
 
 * retry    - the cycle is abandoned without deleting anything and tried again later;
-* dead     - the mail goes to the dead-letter path (later issue) and the cycle goes on;
+* dead     - the mail goes to the dead-letter topic (or stays on the server with the mailbox's
+             ``on_undecodable: leave``) and the cycle goes on (docs/delivery.md, "Dead letters");
 * stop     - the mailbox (or the process, for config) stops with a message naming the fix.
 
 Messages never contain passwords, tokens, mail bodies or decrypted text.
@@ -103,11 +104,40 @@ class Pop3UnsupportedError(Pop3Error):
 
 
 class DecodeError(ConnectorError):
-    """The mail could not be turned into a record (dead letter; the original bytes are kept)."""
+    """The mail could not be turned into a record (dead letter; the original bytes are kept).
+
+    ``stage`` says where it failed and ``reason`` is a short, stable code for dashboards and
+    dead-letter headers. The message, like the codes, never carries mail content (and never
+    decrypted content): part numbers, header names, charset labels, limits only.
+    """
+
+    #: "parse" (MIME), "decrypt" (S/MIME), "limits" (a hostile-mail limit), "record" (Avro).
+    default_stage = "parse"
+    default_reason = "malformed"
+
+    def __init__(self, message: str, *, stage: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage or self.default_stage
+        self.reason = reason or self.default_reason
 
 
 class MailTooLargeError(DecodeError):
-    """The mail exceeds a configured limit (size, MIME depth, part count)."""
+    """The mail exceeds a configured limit (size, MIME depth, part count, header count...);
+    ``reason`` names the limit (e.g. "max_depth", "max_parts")."""
+
+    default_stage = "limits"
+    default_reason = "limit"
+
+
+class SmimeError(DecodeError):
+    """An S/MIME message could not be decrypted; ``reason`` says why: "no_key" (encrypted to a
+    key we do not hold), "unsupported_cipher" (3DES, AES-GCM AuthEnvelopedData...),
+    "unsupported_key_transport" (RSA-OAEP, EC key agreement...), "malformed", "decrypt_failed",
+    "not_enveloped" (valid CMS, but not EnvelopedData/AuthEnvelopedData, e.g. signed-data sent
+    as smime-type=enveloped-data)."""
+
+    default_stage = "decrypt"
+    default_reason = "decrypt_failed"
 
 
 # ---------------------------------------------------------------- Kafka side

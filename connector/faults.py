@@ -27,7 +27,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-POINTS = ("after_retr", "before_commit", "during_commit", "after_commit", "after_dele", "during_quit")
+POINTS = (
+    "after_retr",
+    "before_commit",
+    "during_commit",
+    "after_commit",
+    "after_dele",
+    "during_quit",
+    # dlq replay (connector/runtime/dlq_replay.py): records and offsets sent, not committed
+    "dlq_before_commit",
+    "dlq_during_commit",
+)
 
 _spec = os.environ.get("POP3K_FAULT", "")
 _point, _, _nth = _spec.partition("@")

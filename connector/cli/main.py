@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -70,6 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--getmail-oldmail", type=Path, help="getmail's oldmail-<server>-<port>-<user> file")
     imp.add_argument("--account", help="fetchmail account user@server, when the file holds several")
 
+    dlq = sub.add_parser("dlq", help="dead-letter topic commands")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_sub.add_parser(
+        "replay",
+        help="decode dead letters again and publish those that now succeed, exactly once (progress kept in Kafka)",
+    )
+    replay.add_argument("--config", "-c", required=True)
+    replay.add_argument(
+        "--since",
+        help="pass over dead letters written before this time: ISO 8601 (2026-11-01T00:00:00Z) or an age (7d, 12h)",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="decode and report; publish and record nothing")
+    replay.add_argument("--group", help="progress group (default '<transactional_id_prefix>-dlq-replay')")
+    replay.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (rerun resumes)")
+    replay.add_argument("--batch", type=int, default=200, help="dead letters per transaction")
+
     tail = sub.add_parser("tail", help="print decoded records from the mail topic as JSON lines")
     tail.add_argument("--config", "-c", required=True)
     tail.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
@@ -85,6 +102,48 @@ def _parser() -> argparse.ArgumentParser:
         help="json: one decoded record per line; summary: one short line per record",
     )
     return p
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """--since as epoch milliseconds: ISO 8601 (a naive time is UTC) or an age like 7d/12h/30m."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([dhms])", text.strip())
+    if m:
+        seconds = float(m[1]) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[m[2]]
+        return int((now - seconds) * 1000)
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since: {text!r} is neither an ISO 8601 time nor an age such as 7d, 12h, 30m") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _dlq_replay(cfg: Config, args: argparse.Namespace) -> int:
+    from connector.runtime.dlq_replay import replay
+
+    since = parse_since(args.since) if args.since else None
+    last = [0.0]
+
+    def report(s: Any) -> None:
+        if time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            print(f"dlq replay: {s.line()}", file=sys.stderr, flush=True)
+
+    if args.batch < 1:
+        raise ConfigError("--batch: must be at least 1")
+    summary = replay(
+        cfg,
+        since_millis=since,
+        dry_run=args.dry_run,
+        group=args.group,
+        report=report,
+        timeout_s=args.timeout,
+        batch_size=args.batch,
+    )
+    print(f"dlq replay{' (dry run)' if args.dry_run else ''}: {summary.line()}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(cfg, args.mailbox, kafka_only=args.kafka_only)
         if args.command == "ledger":
             return _ledger_import(cfg, args)
+        if args.command == "dlq":
+            return _dlq_replay(cfg, args)
         if args.command == "tail":
             try:
                 return _tail(cfg, args)
@@ -121,19 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ensure_topics(cfg: Config) -> None:
-    from connector.delivery.admin import ensure_topic
+    from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, ensure_topic
 
     t = cfg.topics
-    if ensure_topic(
-        cfg.kafka.bootstrap_servers,
-        cfg.kafka.client_conf(),
-        t.mail,
-        create=t.create,
-        partitions=t.partitions,
-        replication_factor=t.replication_factor,
-        timeout=min(15.0, cfg.kafka.delivery_timeout_seconds),
-    ):
-        log.info("created topic %s (%d partitions)", t.mail, t.partitions)
+    # The dead-letter topic may hold the only copy of a mail once the server copy is deleted,
+    # so the connector creates it without time or size retention (docs/delivery.md).
+    for topic, config in ((t.mail, None), (t.dead_letter, DEAD_LETTER_TOPIC_CONFIG)):
+        if ensure_topic(
+            cfg.kafka.bootstrap_servers,
+            cfg.kafka.client_conf(),
+            topic,
+            create=t.create,
+            partitions=t.partitions,
+            replication_factor=t.replication_factor,
+            timeout=min(15.0, cfg.kafka.delivery_timeout_seconds),
+            config=config,
+        ):
+            log.info("created topic %s (%d partitions)", topic, t.partitions)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -170,7 +235,8 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
             }
             note = "".join(f", {n} {what} left on server" for what, n in left.items() if n)
             note += ", more mail waiting" if r.more_pending else ""
-            print(f"{r.mailbox}: ok: {r.published} published, {r.deleted} deleted of {r.listed} listed{note}")
+            dead = f", {r.dead_lettered} dead-lettered" if r.dead_lettered else ""
+            print(f"{r.mailbox}: ok: {r.published} published{dead}, {r.deleted} deleted of {r.listed} listed{note}")
         else:
             failed += 1
             err = r.error
@@ -218,12 +284,15 @@ def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
             findings += check_mailbox(mb)
     findings += check_kafka(cfg)
     for f in findings:
-        line = f"{'ok  ' if f.ok else 'FAIL'} {f.check}: {f.detail}"
-        if not f.ok and f.fix:
+        # WARN: works, but something deserves the operator's attention; does not fail doctor.
+        line = f"{'FAIL' if not f.ok else 'WARN' if f.warning else 'ok  '} {f.check}: {f.detail}"
+        if (not f.ok or f.warning) and f.fix:
             line += f"\n     fix: {f.fix}"
         print(line)
     failed = sum(1 for f in findings if not f.ok)
-    print(f"{len(findings) - failed} ok, {failed} failed")
+    warned = sum(1 for f in findings if f.ok and f.warning)
+    also = f" ({warned} with a warning)" if warned else ""
+    print(f"{len(findings) - failed} ok{also}, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_FAILED
 
 

@@ -25,12 +25,14 @@ from connector.auth.oauth2 import (
     token_url_problem,
 )
 from connector.config.schema import Field, validate
+from connector.decoding.options import DEFAULT_OPTIONS, BodySelection, DecodeLimits, DecodeOptions
 from connector.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
 KeyMode = Literal["mailbox", "record_id"]
 DeliveryMode = Literal["exactly_once", "at_least_once"]
 StartFrom = Literal["all", "now"]
+OnUndecodable = Literal["dead_letter", "leave"]
 #: "TLSv1" only results from tls_legacy: true without an explicit tls_min_version.
 TlsVersion = Literal["TLSv1", "TLSv1.2", "TLSv1.3"]
 
@@ -42,6 +44,8 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 FINGERPRINT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
+#: topics.dead_letter defaults to topics.mail plus this.
+DEAD_LETTER_SUFFIX = ".dlq"
 
 
 class Secret:
@@ -132,6 +136,8 @@ class MailboxConfig:
     #: login mechanisms allowed, strongest first when the server offers several; None = every
     #: one we support that the credentials allow (USER/PASS, APOP, SASL; docs/pop3.md).
     auth_mechanisms: tuple[str, ...] | None = None
+    #: how mail is decoded: limits, body selection, S/MIME (docs/configuration.md).
+    decode: DecodeOptions = DEFAULT_OPTIONS
     #: OAuth2 bearer token for XOAUTH2/OAUTHBEARER; a file is re-read at every login.
     oauth2_token: Secret | None = None
     #: ``oauth2:``: the connector fetches tokens itself (client credentials or JWT bearer grant,
@@ -141,6 +147,9 @@ class MailboxConfig:
     #: "uidl" (RFC 1939 unique-id) or the opt-in fallback "headers" for servers without UIDL
     #: or with duplicate UIDLs: identity = hash of TOP n 0 + LIST size (docs/delivery.md, limits).
     identity: Literal["uidl", "headers"] = "uidl"
+    #: mail that cannot be decoded: "dead_letter" (its original bytes go to topics.dead_letter,
+    #: then it is deleted like delivered mail) or "leave" (left on the server, counted, logged).
+    on_undecodable: OnUndecodable = "dead_letter"
 
     @property
     def server(self) -> str:
@@ -181,6 +190,12 @@ class TopicsConfig:
     partitions: int = 3
     #: -1 = the broker's default.replication.factor
     replication_factor: int = -1
+    #: where mail that cannot be decoded goes (schemas/dead_letter.avsc); "" = "<mail>.dlq".
+    dead_letter: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dead_letter:
+            object.__setattr__(self, "dead_letter", f"{self.mail}{DEAD_LETTER_SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -363,6 +378,12 @@ _OAUTH2_ONLY_FOR = {
 #: SASL mechanisms that need a bearer token (connector/protocol/sasl.py TOKEN_MECHANISMS).
 _TOKEN_MECHANISMS = frozenset({"XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER"})
 
+
+def _check_content_type(value: Any, path: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+", value):
+        raise ConfigError(f"{path}: {value!r} is not a content type such as text/plain")
+
+
 MAILBOX_SCHEMA: dict[str, Field] = {
     "id": Field("str", required=True, check=_check_mailbox_id, help="a short label such as 'orders'"),
     "host": Field("str", required=True),
@@ -403,11 +424,50 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "absent_grace_days": Field("float", default=7.0, minimum=0, maximum=36500),
     "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
     "identity": Field("str", default="uidl", choices=("uidl", "headers")),
+    "on_undecodable": Field("str", default="dead_letter", choices=("dead_letter", "leave")),
     "auth_mechanisms": Field("list", items="str", check=_check_mechanisms),
     "oauth2_token": Field(
         "map", schema=SECRET_SCHEMA, secret=True, help="{file: PATH} (re-read at each login) or {env: NAME}"
     ),
     "oauth2": Field("map", schema=OAUTH2_SCHEMA, help="grant: client_credentials or jwt_bearer, and its settings"),
+    "mime_decoding": Field("bool", default=True, help="false: publish the raw mail with provenance only"),
+    "body_part": Field(
+        "map",
+        schema={
+            "index": Field("int", default=0, minimum=0, maximum=10_000, help="0-based, leaf parts in document order"),
+            "content_type": Field("str", check=_check_content_type, help="e.g. text/plain"),
+            "on_missing": Field("str", default="dead_letter", choices=("dead_letter", "first_text")),
+        },
+    ),
+    "smime": Field(
+        "map",
+        schema={
+            "mode": Field("str", default="decrypt", choices=("decrypt", "passthrough")),
+            "keys": Field(
+                "list",
+                default=list,
+                schema={
+                    "file": Field("str", required=True, help="PEM (key and certificate) or PKCS#12 (.p12/.pfx)"),
+                    "password": Field(
+                        "map", schema=SECRET_SCHEMA, secret=True, help="{env: VAR} or {file: /path}; for PKCS#12"
+                    ),
+                    "label": Field("str", help="name shown in records and logs; default: the file name"),
+                },
+            ),
+        },
+    ),
+    "decode_limits": Field(
+        "map",
+        default=dict,
+        schema={
+            "max_depth": Field("int", default=32, minimum=1, maximum=400),
+            "max_parts": Field("int", default=2000, minimum=1, maximum=100_000),
+            "max_headers": Field("int", default=1000, minimum=10, maximum=100_000),
+            "max_header_bytes": Field("int", default=64 * 1024, minimum=1000),
+            "max_decoded_bytes": Field("int", default=512 * 1024 * 1024, minimum=1024),
+            "max_decode_seconds": Field("float", default=10.0, minimum=0.1, maximum=3600),
+        },
+    ),
 }
 
 ROOT_SCHEMA: dict[str, Field] = {
@@ -429,6 +489,7 @@ ROOT_SCHEMA: dict[str, Field] = {
             "create": Field("bool", default=True),
             "partitions": Field("int", default=3, minimum=1, maximum=10_000),
             "replication_factor": Field("int", default=-1, minimum=-1, maximum=100),
+            "dead_letter": Field("str", check=_check_topic, help="default: '<mail>.dlq'"),
         },
     ),
     "record": Field(
@@ -592,6 +653,35 @@ def _runtime(r: dict[str, Any], base: Path) -> RuntimeConfig:
     return RuntimeConfig(**r)
 
 
+def _decode_options(m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> DecodeOptions:
+    body = m["body_part"]
+    smime = m["smime"] or {"mode": "decrypt", "keys": []}
+    keys = None
+    if smime["keys"]:
+        if smime["mode"] == "passthrough":
+            raise ConfigError(f"{path}.smime.keys: passthrough never decrypts; remove the keys or use mode: decrypt")
+        from connector.decoding.smime import load_keys  # noqa: PLC0415 - asn1crypto only when keys are set
+
+        specs = []
+        for i, k in enumerate(smime["keys"]):
+            kpath = f"{path}.smime.keys[{i}]"
+            file = _existing_file(k["file"], "file", kpath, base)
+            password = _resolve_secret(k["password"], f"{kpath}.password", base, environ) if k["password"] else None
+            specs.append((file, password.reveal() if password else None, k["label"] or Path(file).name))
+        keys = load_keys(specs)
+    return DecodeOptions(
+        limits=DecodeLimits(**m["decode_limits"]),
+        body_part=(
+            BodySelection(index=body["index"], content_type=body["content_type"], on_missing=body["on_missing"])
+            if body
+            else None
+        ),
+        mime_decoding=m["mime_decoding"],
+        smime=smime["mode"],
+        keys=keys,
+    )
+
+
 def _existing_file(value: str, key: str, path: str, base: Path) -> str:
     p = Path(value) if Path(value).is_absolute() else base / value
     if not p.is_file():
@@ -677,6 +767,25 @@ def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConf
         )
 
 
+def _topics(t: dict[str, Any], ledger: LedgerConfig, delivery: DeliveryConfig) -> TopicsConfig:
+    """topics.*, with the dead-letter topic's default and the clashes that would mix records."""
+    topics = TopicsConfig(**{**t, "dead_letter": t["dead_letter"] or ""})
+    dlq = topics.dead_letter
+    if t["dead_letter"] is None and not TOPIC_RE.match(dlq):
+        raise ConfigError(
+            f"topics.dead_letter: the default {dlq!r} (topics.mail + {DEAD_LETTER_SUFFIX!r}) is longer than Kafka's "
+            "249 characters; set topics.dead_letter"
+        )
+    if dlq == topics.mail:
+        raise ConfigError(
+            f"topics.dead_letter: {dlq!r} is also topics.mail; dead letters need their own topic (default: "
+            f"'<mail>{DEAD_LETTER_SUFFIX}')"
+        )
+    if delivery.mode == "exactly_once" and dlq == ledger.topic:
+        raise ConfigError(f"topics.dead_letter: {dlq!r} is also ledger.topic; give it a topic of its own")
+    return topics
+
+
 def parse_config(
     data: Any, *, source: str = "<memory>", base: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -747,9 +856,13 @@ def parse_config(
                 absent_grace_days=m["absent_grace_days"],
                 abort_with=m["abort_with"],
                 identity=m["identity"],
+                on_undecodable=m["on_undecodable"],
+                decode=_decode_options(m, path, base, env),
             )
         )
     k = v["kafka"]
+    ledger = LedgerConfig(**v["ledger"])
+    topics = _topics(v["topics"], ledger, delivery)
     return Config(
         kafka=KafkaConfig(
             bootstrap_servers=k["bootstrap_servers"],
@@ -757,12 +870,12 @@ def parse_config(
             delivery_timeout_seconds=k["delivery_timeout_seconds"],
             client_secrets=_client_secrets(k["client_secrets"], base, env),
         ),
-        topics=TopicsConfig(**v["topics"]),
+        topics=topics,
         record=RecordConfig(key=v["record"]["key"]),
         runtime=_runtime(v["runtime"], base),
         mailboxes=tuple(mailboxes),
         delivery=delivery,
-        ledger=LedgerConfig(**v["ledger"]),
+        ledger=ledger,
         source=source,
     )
 

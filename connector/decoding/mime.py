@@ -137,6 +137,14 @@ _DENIED_CODECS = frozenset({"undefined", "unicode-escape", "raw-unicode-escape",
 _CP_LABEL = re.compile(r"(?:cp|windows|win|ibm)[-_ ]?(\d{3,4})")
 
 
+def _codec_known(label: str) -> bool:
+    try:
+        codecs.lookup(label)
+    except (LookupError, ValueError, TypeError):
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=512)
 def _resolve_charset(label: str | None) -> tuple[str, str | None]:
     """Classify a charset label (RFC 2045 §5.1 ``charset`` parameter, RFC 2047 §2 charset).
@@ -153,7 +161,9 @@ def _resolve_charset(label: str | None) -> tuple[str, str | None]:
     if norm in _GUESS_LABELS:
         return ("guess", None)
     alias = _CHARSET_ALIASES.get(norm)
-    if alias is None and (m := _CP_LABEL.fullmatch(norm)) and norm != f"cp{m[1]}":
+    if alias is None and (m := _CP_LABEL.fullmatch(norm)) and norm != f"cp{m[1]}" and not _codec_known(norm):
+        # Only labels Python does not know are repaired: 'windows-1252' and 'ibm850' are IANA
+        # registered names (RFC 2978 §2.3) for exactly that codec, not a guess worth a warning.
         alias = f"cp{m[1]}"  # 'cp-850', 'win-1252', 'ibm-437' -> 'cp850', ...
     try:
         info = codecs.lookup(alias or norm)
@@ -308,6 +318,14 @@ _UU_CTES = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
 # A uuencoded block inside a text part (POSIX uuencode): "begin <octal mode> <name>" ... "end".
 _UU_BLOCK = re.compile(rb"(?m)^begin [0-7]{3,4} ([^\r\n]+)\r?\n(.*?)^end[ \t]*\r?$", re.S)
 _MESSAGE_ID = re.compile(r"<[^<>\s]*>")
+# One or more empty groups (RFC 5322 §3.4 group with no group-list), comments allowed as CFWS.
+_EMPTY_GROUPS = re.compile(r"(?:\s*[^:;,<>\"]+:(?:\s|\([^()]*\))*;\s*,?)+\s*")
+
+
+def _p7m_name(ct: _Params, disposition: _Params) -> bool:
+    """An octet-stream part named *.p7m: how some clients label S/MIME (RFC 8551 §3.2.1)."""
+    name = disposition.params.get("filename") or ct.params.get("name") or ""
+    return name.lower().endswith(".p7m")
 
 
 class _PassthroughSignal(Exception):  # noqa: N818 - a signal, not an error
@@ -535,7 +553,9 @@ class _Decoder:
             if addr:
                 decoded = self.decode_words(name, where) if name else ""
                 result.append(Address(name=clean_str(decoded), address=clean_str(addr)))
-        if not result and any(v.strip() and not v.strip().endswith(":;") for v in values):
+        # RFC 5322 §3.4: a group may be empty and CFWS may precede its ';' ("Hidden: ;",
+        # "undisclosed-recipients: (none) ;"): nothing to parse there, nothing to warn about.
+        if not result and any(v.strip() and not _EMPTY_GROUPS.fullmatch(v) for v in values):
             self.warn(f"{where}: no address could be parsed")
         return tuple(result)
 
@@ -583,9 +603,10 @@ class _Decoder:
                 )
             for name, value in part.raw_items():
                 if len(value) > limits.max_header_bytes:
+                    # Inside decrypted content even a field name may be secret: not named then.
+                    shown = "a header field" if self.smime.get("decrypted") else f"header {_safe_label(str(name))}"
                     raise MailTooLargeError(
-                        f"{_part_name(path)}: header {_safe_label(str(name))} longer than "
-                        f"{limits.max_header_bytes} octets",
+                        f"{_part_name(path)}: {shown} longer than {limits.max_header_bytes} octets",
                         reason="max_header_bytes",
                     )
             for defect in part.defects:
@@ -644,7 +665,9 @@ class _Decoder:
             elif subtype == "delivery-status":
                 kind = "delivery-status"  # RFC 3464 §2.1: parsed as header blocks by the stdlib
         else:
-            if maintype == "application" and subtype in _SMIME_SUBTYPES:
+            if (maintype == "application" and subtype in _SMIME_SUBTYPES) or (
+                ctype == "application/octet-stream" and _p7m_name(ct, disposition)
+            ):
                 unwrapped = self._smime(part, path, ctype, ct, headers, can_claim)
                 if unwrapped is not None:
                     return unwrapped
@@ -800,10 +823,12 @@ class _Decoder:
         from connector.decoding import smime  # noqa: PLC0415 - asn1crypto only for S/MIME mail
 
         where = _part_name(path)
-        what = smime.smime_type(ctype, ct.params)
+        data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
+        # Without a smime-type parameter (RFC 8551 §3.2.2 makes it optional) the CMS content
+        # type inside tells what it is.
+        what = smime.smime_type(ctype, ct.params, body=data)
         if what not in ("enveloped-data", "authEnveloped-data", "signed-data"):
             return None
-        data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
         pstr = ".".join(map(str, path))
         if what == "signed-data":
             self.note_signed("opaque")

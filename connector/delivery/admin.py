@@ -40,6 +40,13 @@ def admin_client(bootstrap: str, client: Mapping[str, Any]) -> AdminClient:
         raise client_config_error(exc) from exc
 
 
+#: Topic settings of a dead-letter topic the connector creates: once a dead letter is in
+#: Kafka the mail is deleted from the server, so the dead letter may be its only copy, and
+#: neither time (retention.ms) nor size (retention.bytes; -1 is also the broker default)
+#: may remove it. Doctor warns about an existing one with other settings.
+DEAD_LETTER_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
 def ensure_topic(
     bootstrap: str,
     client: Mapping[str, Any],
@@ -49,8 +56,10 @@ def ensure_topic(
     partitions: int,
     replication_factor: int,
     timeout: float = 15.0,
+    config: Mapping[str, str] | None = None,
 ) -> bool:
-    """Make sure ``topic`` exists; returns True when it was created now.
+    """Make sure ``topic`` exists; returns True when it was created now (with ``config`` as
+    its topic settings; an existing topic is left as it is).
 
     Raises DeliveryError naming the topic and the fix when it is missing and ``create`` is off,
     or when the cluster cannot be reached.
@@ -70,7 +79,8 @@ def ensure_topic(
             f"topic {topic!r} does not exist on {bootstrap} (or this principal lacks Describe on it); "
             "create it, or set topics.create: true to let the connector create it"
         )
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)])
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor, config=dict(config or {}))
+    futures = admin.create_topics([new])
     try:
         futures[topic].result(timeout=timeout)
     except concurrent.futures.TimeoutError as exc:

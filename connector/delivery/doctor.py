@@ -47,7 +47,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from connector.config.model import Config
-from connector.delivery.admin import DEFAULT_SHARDS
+from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, DEFAULT_SHARDS
 
 log = logging.getLogger("pop3kafka.doctor")
 
@@ -76,6 +76,8 @@ class Finding:
     ok: bool
     detail: str
     fix: str | None = None
+    #: ok, but the operator should look at it (printed as WARN with the fix; doctor still passes).
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,11 @@ class _Doctor:
             return [reach]
         out = [reach]
         eos = self.config.delivery.mode == "exactly_once"
-        topics = [self.config.topics.mail] + ([self.config.ledger.topic] if eos else [])
+        dlq = self.config.topics.dead_letter
+        topics = [self.config.topics.mail, dlq] + ([self.config.ledger.topic] if eos else [])
         described = self._describe_topics(admin, topics)
         out += self.check_mail(admin, described[self.config.topics.mail])
+        out += self.check_dead_letter(admin, described[dlq])
         if eos:
             out += self.check_ledger(admin, described[self.config.ledger.topic])
             out.append(self.check_group(admin))
@@ -283,6 +287,83 @@ class _Doctor:
             Finding("kafka.mail_topic", True, f"topic {t.mail!r} exists ({len(answer.partitions)} partitions)"),
             self._op("kafka.mail_topic.write", t.mail, answer, "Write", "produce mail records"),
         ]
+
+    def check_dead_letter(self, admin: AdminClient, answer: Any) -> list[Finding]:
+        """The dead-letter topic: exists (or will be created), Write, and retention (WARN)."""
+        t = self.config.topics
+        topic, check = t.dead_letter, "kafka.dead_letter_topic"
+        write = _Acl("Topic", topic, "Write")
+        if isinstance(answer, KafkaError) and answer.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            new = NewTopic(
+                topic,
+                num_partitions=t.partitions,
+                replication_factor=t.replication_factor,
+                config=dict(DEAD_LETTER_TOPIC_CONFIG),
+            )
+            f = self._topic_missing(admin, check, topic, create=t.create, new=new, setting="topics.create")
+            if f.ok and "does not exist yet" in f.detail:
+                f = Finding(check, True, f"{f.detail} It is created with retention.ms=-1 (dead letters are kept).")
+            return [f]
+        if answer is None or isinstance(answer, KafkaError):
+            f = self._not_visible(check, topic, answer, [write], create="topics.create: true" if t.create else None)
+            return [f, Finding(f"{check}.write", False, f"{self.missing(write)} (see {check})", f.fix)]
+        return [
+            Finding(check, True, f"topic {topic!r} exists ({len(answer.partitions)} partitions)"),
+            self._op(f"{check}.write", topic, answer, "Write", "produce dead letters"),
+            self.check_dead_letter_retention(admin),
+        ]
+
+    def check_dead_letter_retention(self, admin: AdminClient) -> Finding:
+        """WARN unless dead letters are kept for good: once one is in Kafka its mail is deleted
+        from the server, so the dead letter may be the only copy of that mail."""
+        topic, check = self.config.topics.dead_letter, "kafka.dead_letter_topic.retention"
+        acl = _Acl("Topic", topic, "DescribeConfigs")
+        res = ConfigResource(ResourceType.TOPIC, topic)
+        try:
+            entries = admin.describe_configs([res], request_timeout=self.timeout)[res].result(timeout=self.timeout + 5)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                return Finding(
+                    check,
+                    True,
+                    f"retention of {topic!r} not checked: {self.missing(acl)} (optional; only this check needs it)",
+                    self.grant(acl),
+                    warning=True,
+                )
+            return Finding(check, True, f"retention of {topic!r} not checked: {err.str()}", warning=True)
+        except concurrent.futures.TimeoutError:
+            return Finding(check, True, f"retention of {topic!r} not checked: no DescribeConfigs answer", warning=True)
+
+        def value(name: str, default: str) -> str:
+            entry = entries.get(name)
+            return str(entry.value) if entry is not None and entry.value is not None else default
+
+        settings = {
+            "retention.ms": value("retention.ms", "604800000"),
+            "retention.bytes": value("retention.bytes", "-1"),
+            "cleanup.policy": value("cleanup.policy", "delete"),
+        }
+        wanted = {**DEAD_LETTER_TOPIC_CONFIG, "cleanup.policy": "delete"}
+        wrong = {k: v for k, v in settings.items() if v != wanted[k]}
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+        if not wrong:
+            return Finding(check, True, f"{shown}: dead letters are kept until an operator removes them")
+        why = []
+        if "retention.ms" in wrong or "retention.bytes" in wrong:
+            why.append("retention deletes dead letters")
+        if "cleanup.policy" in wrong:
+            why.append("compaction keeps only the last dead letter per key")
+        alter = ",".join(f"{k}={v}" for k, v in wanted.items() if k in wrong)
+        return Finding(
+            check,
+            True,
+            f"topic {topic!r} has {shown}: {' and '.join(why)}, and a dead-lettered mail is already deleted from "
+            "the server, so the dead letter may be its only copy",
+            f"kafka-configs.sh --bootstrap-server {self.bootstrap} --alter --entity-type topics --entity-name {topic} "
+            f"--add-config {alter}",
+            warning=True,
+        )
 
     def check_ledger(self, admin: AdminClient, answer: Any) -> list[Finding]:
         lc = self.config.ledger

@@ -51,6 +51,7 @@ from connector.records import (
     mail_schema,
     record_id,
 )
+from connector.records.dead_letter import DeadLetter
 from connector.runtime.login import LoginSession, login
 
 log = logging.getLogger("pop3kafka.cycle")
@@ -70,7 +71,10 @@ class CycleResult:
     fetched: int = 0
     published: int = 0
     deleted: int = 0
-    #: mails left on the server because they could not be decoded (dead-letter topic: later issue).
+    #: mails that could not be decoded and whose original bytes Kafka confirmed on the
+    #: dead-letter topic (committed, in exactly_once mode); deleted like published mail.
+    dead_lettered: int = 0
+    #: mails left on the server because they could not be decoded (mailbox on_undecodable: leave).
     undecodable: int = 0
     #: mails left on the server because they exceed max_message_bytes.
     oversized: int = 0
@@ -110,6 +114,7 @@ class CycleHooks:
 
     on_retrieved: Callable[[str, int], None] | None = None  # (uidl, size)
     on_published: Callable[[str], None] | None = None  # (uidl) after the broker confirmed it
+    on_dead_lettered: Callable[[str], None] | None = None  # (uidl) after its dead letter was confirmed
     on_deleted: Callable[[str], None] | None = None  # (uidl) after DELE was acknowledged
 
 
@@ -279,6 +284,8 @@ class _Pending:
     msg_num: int
     uidl: str
     delivery: Delivery
+    #: the record is a dead letter (topics.dead_letter), not a mail record.
+    dead: bool = False
 
 
 @dataclass
@@ -293,12 +300,9 @@ class CycleContext:
     session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
 
 
-def encode_mail(
-    mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema, *, sha256: str | None = None
-) -> bytes:
-    """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be.
-    ``sha256``: the digest computed while the mail was received, if known."""
-    prov = Provenance(
+def provenance(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, sha256: str | None = None) -> Provenance:
+    """Where and when ``raw`` was fetched; ``sha256``: the digest computed while it was received."""
+    return Provenance(
         mailbox_id=mailbox.id,
         uidl=uidl,
         server=mailbox.server,
@@ -306,7 +310,15 @@ def encode_mail(
         raw_size=len(raw),
         raw_sha256=sha256 or hashlib.sha256(raw).hexdigest(),
     )
-    return encode_single_object(schema, build_mail_record(decode_mail(raw), prov))
+
+
+def encode_mail(
+    mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema, *, sha256: str | None = None
+) -> bytes:
+    """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be.
+    ``sha256``: the digest computed while the mail was received, if known."""
+    prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
+    return encode_single_object(schema, build_mail_record(decode_mail(raw, options=mailbox.decode), prov))
 
 
 def spool_policy(config: Config) -> SpoolPolicy:
@@ -402,7 +414,8 @@ def select_for_retrieval(
 
 
 class EncodedMail(NamedTuple):
-    """One retrieved and decoded mail, ready to produce."""
+    """One retrieved mail, ready to produce: its mail record, or (``dead_letter`` set) the
+    dead letter that replaces it when it could not be decoded."""
 
     msg_num: int
     uidl: str
@@ -410,6 +423,7 @@ class EncodedMail(NamedTuple):
     sha256: str
     value: bytes
     fetched_at: int
+    dead_letter: DeadLetter | None = None
 
 
 def encode_retrieved(
@@ -421,12 +435,14 @@ def encode_retrieved(
     hooks: CycleHooks,
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-) -> tuple[bytes, str, bytes, int] | None:
+) -> tuple[bytes, str, bytes, int, DeadLetter | None] | None:
     """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
-    Returns (raw, sha256, value, fetched_at), or None when the mail has to stay on the server
-    (over max_message_bytes or max_line_bytes, undecodable), counted in ``res`` and logged
-    with its UIDL only.
+    Returns (raw, sha256, value, fetched_at, dead_letter): ``value`` is the mail record, or,
+    for mail that cannot be decoded in a mailbox with ``on_undecodable: dead_letter``, the
+    framed dead letter (then also returned as ``dead_letter``). None when the mail has to stay
+    on the server (over max_message_bytes or max_line_bytes, undecodable with
+    ``on_undecodable: leave``), counted in ``res`` and logged with its UIDL only.
     """
     res.fetched += 1
     if mail.refused == "size":
@@ -457,12 +473,30 @@ def encode_retrieved(
     try:
         value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256)
     except DecodeError as exc:
-        # Dead-letter topic comes with the decoding issue; until then the mail stays on the
-        # server (nothing lost) and the cycle goes on with the next one.
-        res.undecodable += 1
-        log.error("mail could not be decoded, left on the server: %s", exc, extra={**extra, "uidl": uidl})
-        return None
-    return raw, mail.sha256, value, fetched_at
+        # Never the body in a log line: DecodeError's message carries no mail content
+        # (connector/errors.py), and stage/reason/class are codes.
+        what = f"stage={exc.stage} reason={exc.reason} error={type(exc).__name__}"
+        if mailbox.on_undecodable == "leave":
+            # The mail stays on the server (nothing lost); the cycle goes on with the next one.
+            res.undecodable += 1
+            log.error(
+                "mail could not be decoded (%s), left on the server (on_undecodable: leave): %s",
+                what,
+                exc,
+                extra={**extra, "uidl": uidl},
+            )
+            return None
+        # ``raw`` is the mail as RETR gave it (an S/MIME mail still encrypted), never what a
+        # decoder made of it. Its DELE waits for Kafka, like a mail record's.
+        dead = DeadLetter.of(exc, provenance(mailbox, uidl, raw, fetched_at, mail.sha256), raw, clock_ms())
+        log.error(
+            "mail could not be decoded (%s): %s; its original bytes go to the dead-letter topic",
+            what,
+            exc,
+            extra={**extra, "uidl": uidl},
+        )
+        return raw, mail.sha256, dead.encode(), fetched_at, dead
+    return raw, mail.sha256, value, fetched_at, None
 
 
 def send_record(
@@ -474,27 +508,41 @@ def send_record(
     *,
     res: CycleResult,
     extra: dict[str, str],
+    dead_letter: DeadLetter | None = None,
 ) -> Delivery | None:
-    """Produce one mail record with its key and headers; None (counted) when Kafka refuses its size."""
+    """Produce one mail record (or, with ``dead_letter``, that dead letter to the dead-letter
+    topic) with its key and headers; None (counted) when Kafka refuses its size."""
     rid = record_id(mailbox.id, uidl)
     # Default key "mailbox": every mail of a mailbox lands in one partition, in server order,
-    # and later attachment chunks with the same key follow their mail (docs/record.md).
+    # and later attachment chunks with the same key follow their mail (docs/record.md). A dead
+    # letter has the key its mail record would have had.
     key = (mailbox.id if config.record.key == "mailbox" else rid).encode()
-    headers = [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
+    if dead_letter is not None:
+        topic, headers = config.topics.dead_letter, dead_letter.headers()
+    else:
+        topic, headers = config.topics.mail, [(HEADER_RECORD_ID, rid.encode()), (HEADER_MAILBOX, mailbox.id.encode())]
     try:
-        return sender.send(config.topics.mail, key, value, headers)
+        return sender.send(topic, key, value, headers)
     except RecordTooLargeError as exc:
         res.too_large += 1
-        log.error("record too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl})
+        if dead_letter is not None:
+            # A dead letter holds the whole raw mail, so it can exceed message.max.bytes. Until
+            # raw bytes are chunked or offloaded (a later issue), such mail stays on the server.
+            log.error(
+                "dead letter too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl}
+            )
+        else:
+            log.error("record too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl})
         return None
 
 
 def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     """Run one cycle; never raises for expected failures (they are in ``result.error``).
 
-    Two phases. Fetch: RETR, decode and produce each new mail; a problem with one mail
-    (undecodable, too large for Kafka, over max_message_bytes) leaves that mail on the server
-    and goes on with the next. Settle: wait for the delivery reports, DELE exactly the
+    Two phases. Fetch: RETR, decode and produce each new mail; mail that cannot be decoded is
+    produced as a dead letter instead (or left, with ``on_undecodable: leave``); a problem with
+    one mail (too large for Kafka, over max_message_bytes) leaves that mail on the server and
+    goes on with the next. Settle: wait for the delivery reports, DELE exactly the
     confirmed mails, QUIT. A POP3 failure (the session is then unusable) skips the settle
     phase: abort() drops pending deletes (RFC 1939 §6); what was already queued still reaches
     Kafka and is published again next cycle with the same record id (at-least-once).
@@ -537,16 +585,25 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 spool=spool_policy(ctx.config),
             )
         ) as mails:
-            for msg_num, uidl, _raw, _sha, value, _at in mails:
+            for got in mails:
                 step = "produce"
                 try:
-                    d = send_record(ctx.publisher, ctx.config, mailbox, uidl, value, res=res, extra=extra)
+                    d = send_record(
+                        ctx.publisher,
+                        ctx.config,
+                        mailbox,
+                        got.uidl,
+                        got.value,
+                        res=res,
+                        extra=extra,
+                        dead_letter=got.dead_letter,
+                    )
                 except DeliveryError as exc:
                     failure = exc  # stop fetching, but settle what is already queued
                     res.more_pending = True
                     break
                 if d is not None:
-                    pending.append(_Pending(msg_num, uidl, d))
+                    pending.append(_Pending(got.msg_num, got.uidl, d, dead=got.dead_letter is not None))
                 step = "retr"
 
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
@@ -554,11 +611,14 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         deliveries = [p.delivery for p in pending]
         ctx.publisher.wait(deliveries, stop=ctx.stop, stop_grace=grace / 2)
         failure = failure or ctx.publisher.check(deliveries)
-        res.published = sum(1 for d in deliveries if d.ok)
-        if ctx.hooks.on_published:
-            for p in pending:
-                if p.delivery.ok:
-                    ctx.hooks.on_published(p.uidl)
+        res.published = sum(1 for p in pending if p.delivery.ok and not p.dead)
+        # A confirmed dead letter counts as delivered for the DELE rule: Kafka holds the
+        # original bytes, so the server copy may go (docs/delivery.md, "Dead letters").
+        res.dead_lettered = sum(1 for p in pending if p.delivery.ok and p.dead)
+        for p in pending:
+            hook = ctx.hooks.on_dead_lettered if p.dead else ctx.hooks.on_published
+            if hook and p.delivery.ok:
+                hook(p.uidl)
         step = "dele"
         confirmed = [p for p in pending if p.delivery.ok]
         faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
@@ -592,11 +652,12 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         res.duration_s = time.monotonic() - t0
     if res.ok:
         log.info(
-            "cycle done: listed=%d fetched=%d published=%d deleted=%d left: undecodable=%d oversized=%d "
-            "too_large=%d in %.2fs%s",
+            "cycle done: listed=%d fetched=%d published=%d dead_lettered=%d deleted=%d left: undecodable=%d "
+            "oversized=%d too_large=%d in %.2fs%s",
             res.listed,
             res.fetched,
             res.published,
+            res.dead_lettered,
             res.deleted,
             res.undecodable,
             res.oversized,

@@ -8,7 +8,9 @@ docs/decisions/0002):
       + for each due mailbox, concurrently (one POP3 session each):
             UIDL/LIST -> UIDLs in the ledger: nothing to fetch (delete them, in delete mode)
                       -> new UIDLs: RETR -> record -> produce; after the delivery reports,
-                         one ledger entry per record (topic, partition, offset, sha256...)
+                         one ledger entry per record (topic, partition, offset, sha256...);
+                         undecodable mail: its dead letter instead of the record, and an
+                         entry in state dead_lettered
     commit_transaction                  <- the only point where mail becomes visible
     then, per session: DELE (the ledger says it is in Kafka) -> QUIT
 
@@ -85,6 +87,8 @@ class _Produced:
     list_size: int
     header_sha256: str
     fetched_at: int
+    #: the record is the mail's dead letter (topics.dead_letter), not its mail record.
+    dead: bool = False
 
 
 @dataclass
@@ -162,6 +166,7 @@ class ShardWorker:
                 p.result.error = err.with_context(mailbox=p.mailbox.id, step=step)
             p.result.deleted = 0
             p.result.published = 0
+            p.result.dead_lettered = 0
             p.result.duration_s = time.monotonic() - p.t0
         return [p.result for p in preps]
 
@@ -217,10 +222,11 @@ class ShardWorker:
             for u in p.forgotten:
                 self.ledger.forget(p.mailbox.id, u)
             p.result.published = sum(1 for e in p.entries if e.state == "delivered")
-            if self.hooks.on_published:
-                for e in p.entries:
-                    if e.state == "delivered":
-                        self.hooks.on_published(e.uidl)
+            p.result.dead_lettered = sum(1 for e in p.entries if e.state == "dead_lettered")
+            for e in p.entries:
+                hook = {"delivered": self.hooks.on_published, "dead_lettered": self.hooks.on_dead_lettered}.get(e.state)
+                if hook:
+                    hook(e.uidl)
         # DELE + QUIT per session in parallel: each DELE is a round trip, and a slow server
         # must not delay the others' QUIT (their locks, their deletes).
         list(sessions.map(self._settle, preps))
@@ -257,10 +263,11 @@ class ShardWorker:
         res.duration_s = time.monotonic() - p.t0
         if res.ok:
             log.info(
-                "cycle done: listed=%d fetched=%d published=%d deleted=%d in %.2fs%s",
+                "cycle done: listed=%d fetched=%d published=%d dead_lettered=%d deleted=%d in %.2fs%s",
                 res.listed,
                 res.fetched,
                 res.published,
+                res.dead_lettered,
                 res.deleted,
                 res.duration_s,
                 policy_text(res),
@@ -331,7 +338,7 @@ class ShardWorker:
                     p.to_delete.append((msg_num, uidl))
             chosen = select_for_retrieval(m, new, sizes, res, extra)
             step = "retr"
-            for msg_num, uidl, body, sha256, value, fetched_at in retrieve_encoded(
+            for got in retrieve_encoded(
                 session,
                 m,
                 chosen,
@@ -343,17 +350,29 @@ class ShardWorker:
                 spool=spool_policy(self.config),
             ):
                 step = "produce"
-                d = send_record(self.producer, self.config, m, uidl, value, res=res, extra=extra)
+                # A dead letter goes into the same transaction as a mail record would, and gets
+                # its ledger entry there too (state dead_lettered): both commit or neither.
+                d = send_record(
+                    self.producer,
+                    self.config,
+                    m,
+                    got.uidl,
+                    got.value,
+                    res=res,
+                    extra=extra,
+                    dead_letter=got.dead_letter,
+                )
                 if d is not None:
                     produced.append(
                         _Produced(
-                            msg_num,
-                            uidl,
+                            got.msg_num,
+                            got.uidl,
                             d,
-                            sha256,
-                            sizes[msg_num],
-                            header_sha256(body),
-                            fetched_at,
+                            got.sha256,
+                            sizes[got.msg_num],
+                            header_sha256(got.raw),
+                            got.fetched_at,
+                            dead=got.dead_letter is not None,
                         )
                     )
                 step = "retr"
@@ -388,10 +407,13 @@ class ShardWorker:
             return
         m = p.mailbox
         for x in produced:
+            # dead_lettered: topic/partition/offset name the dead letter, which holds the
+            # original bytes. For DELE it counts like delivered (the next round deletes a
+            # known UIDL of either state), and it is never fetched again while it is known.
             entry = LedgerEntry(
                 mailbox_id=m.id,
                 uidl=x.uidl,
-                state="delivered",
+                state="dead_lettered" if x.dead else "delivered",
                 recorded_at=self.clock_ms(),
                 topic=x.delivery.topic,
                 partition=x.delivery.partition,

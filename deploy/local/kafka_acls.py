@@ -54,21 +54,29 @@ def connector_acls(
     create_topics: bool = True,
     tail: bool = False,
     exactly_once: bool = True,
+    dead_letter_topic: str | None = None,
 ) -> list[Acl]:
     """The minimal ACLs for ``poll-once``/``run`` (see docs/kafka-security.md).
 
     ``create_topics=False``: the topics are created by an administrator beforehand (then set
     ``topics.create: false`` and ``ledger.create: false``). ``tail=True`` adds what
     ``pop3-kafka tail`` needs on top. ``exactly_once=False`` (delivery.mode: at_least_once):
-    no ledger, no transactions, so only the mail topic.
+    no ledger, no transactions, so only the mail and dead-letter topics.
+    ``dead_letter_topic``: topics.dead_letter (default ``<mail_topic>.dlq``).
     """
+    dlq = dead_letter_topic or f"{mail_topic}.dlq"
     if not exactly_once:
-        acls = [Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (idempotent); implies DESCRIBE")]
+        acls = [
+            Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (idempotent); implies DESCRIBE"),
+            Acl("TOPIC", dlq, "LITERAL", "WRITE", "produce dead letters (mail that cannot be decoded)"),
+        ]
         if create_topics:
             acls.append(Acl("TOPIC", mail_topic, "LITERAL", "CREATE", "topics.create: true (default)"))
+            acls.append(Acl("TOPIC", dlq, "LITERAL", "CREATE", "topics.create: true (default), retention.ms=-1"))
         return acls + _tail_acls(mail_topic) if tail else acls
     acls = [
         Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (transactional); implies DESCRIBE"),
+        Acl("TOPIC", dlq, "LITERAL", "WRITE", "produce dead letters in the shard transaction"),
         Acl("TOPIC", ledger_topic, "LITERAL", "WRITE", "produce ledger entries in the same transaction"),
         Acl("TOPIC", ledger_topic, "LITERAL", "READ", "rebuild a shard's ledger at start (read_committed)"),
         Acl("TOPIC", ledger_topic, "LITERAL", "DESCRIBE_CONFIGS", "check that the ledger is compacted"),
@@ -90,6 +98,7 @@ def connector_acls(
     if create_topics:
         acls += [
             Acl("TOPIC", mail_topic, "LITERAL", "CREATE", "topics.create: true (default)"),
+            Acl("TOPIC", dlq, "LITERAL", "CREATE", "topics.create: true (default), retention.ms=-1"),
             Acl("TOPIC", ledger_topic, "LITERAL", "CREATE", "ledger.create: true (default), compacted"),
         ]
     return acls + _tail_acls(mail_topic) if tail else acls
@@ -155,6 +164,7 @@ def grant_connector_acls(
     create_topics: bool = True,
     tail: bool = False,
     exactly_once: bool = True,
+    dead_letter_topic: str | None = None,
     admin_conf: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Grant ``principal`` exactly :func:`connector_acls`; returns the created AclBindings."""
@@ -166,6 +176,7 @@ def grant_connector_acls(
         create_topics=create_topics,
         tail=tail,
         exactly_once=exactly_once,
+        dead_letter_topic=dead_letter_topic,
     )
     return grant_acls(bootstrap, principal, acls, admin_conf=admin_conf)
 
@@ -209,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--principal", required=True, help="e.g. User:pop3kafka")
     ap.add_argument("--mail-topic", required=True)
     ap.add_argument("--ledger-topic", default=DEFAULT_LEDGER_TOPIC)
+    ap.add_argument("--dead-letter-topic", help="topics.dead_letter; default: <mail-topic>.dlq")
     ap.add_argument("--txn-prefix", default=DEFAULT_TXN_PREFIX, help="delivery.transactional_id_prefix")
     ap.add_argument("--group-prefix", default=DEFAULT_GROUP_PREFIX)
     ap.add_argument("--no-create", action="store_true", help="topics are pre-created by an administrator")
@@ -225,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         create_topics=not args.no_create,
         tail=args.tail,
         exactly_once=not args.at_least_once,
+        dead_letter_topic=args.dead_letter_topic,
     )
     if args.action == "print":
         for line in kafka_acls_commands(

@@ -21,7 +21,7 @@ from localstack import KafkaNode
 from support.securekafka import Names, secure_kafka
 
 from connector.config.model import Config, parse_config
-from connector.delivery.admin import ensure_ledger_topic, ensure_topic
+from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, ensure_ledger_topic, ensure_topic
 from connector.delivery.doctor import Finding, check_kafka
 
 pytestmark = pytest.mark.integration
@@ -32,6 +32,9 @@ ALL_CHECKS = {
     "kafka.broker",
     "kafka.mail_topic",
     "kafka.mail_topic.write",
+    "kafka.dead_letter_topic",
+    "kafka.dead_letter_topic.write",
+    "kafka.dead_letter_topic.retention",
     "kafka.ledger",
     "kafka.ledger.shards",
     "kafka.ledger.compacted",
@@ -126,6 +129,9 @@ def test_documented_acls_all_ok_nothing_written_no_shard_fenced(kafka: KafkaNode
     assert "no records read" in got["kafka.ledger.read"].detail
     assert f"{names.txn_prefix}-shard-doctor" in got["kafka.transactional_id"].detail
     assert kafka.scram_password_file(SCRAM_USER).read_text() not in repr(findings)
+    # DescribeConfigs on the dead-letter topic is optional: without it the retention check warns.
+    retention = got["kafka.dead_letter_topic.retention"]
+    assert retention.warning and "not checked" in retention.detail and "DescribeConfigs" in (retention.fix or "")
 
     shard0.commit_transaction(30)  # not fenced by the doctor
     # Only the shard's record + its commit marker: the doctor produced nothing, aborted or not.
@@ -144,11 +150,13 @@ def test_principal_without_acls_gets_each_missing_acl(kafka: KafkaNode, auth: st
         config = make_config(kafka.ssl_bootstrap, names, kafka.mtls_client(TLS_NOACL))
 
     got = by_check(check_kafka(config, timeout=5))
-    assert set(got) == ALL_CHECKS - {"kafka.ledger.shards"}
+    assert set(got) == ALL_CHECKS - {"kafka.ledger.shards", "kafka.dead_letter_topic.retention"}
     assert failed(list(got.values())) == set(got) - {"kafka.broker"}
     expected = {
         "kafka.mail_topic": f"Topic '{names.mail}' (literal) Write",
         "kafka.mail_topic.write": f"Topic '{names.mail}' (literal) Write",
+        "kafka.dead_letter_topic": f"Topic '{names.dead_letter}' (literal) Write",
+        "kafka.dead_letter_topic.write": f"Topic '{names.dead_letter}' (literal) Write",
         "kafka.ledger": f"Topic '{names.ledger}' (literal) Read",
         "kafka.ledger.write": f"Topic '{names.ledger}' (literal) Write",
         "kafka.ledger.read": f"Topic '{names.ledger}' (literal) Read",
@@ -168,6 +176,7 @@ def test_principal_without_acls_gets_each_missing_acl(kafka: KafkaNode, auth: st
 # even Describe it (Create does not imply Describe), so the topic check fails as well.
 WITHHELD = [
     (("mail", "WRITE"), {"kafka.mail_topic", "kafka.mail_topic.write"}),
+    (("dlq", "WRITE"), {"kafka.dead_letter_topic", "kafka.dead_letter_topic.write"}),
     (("ledger", "WRITE"), {"kafka.ledger.write"}),
     (("ledger", "READ"), {"kafka.ledger.read"}),
     (("ledger", "DESCRIBE_CONFIGS"), {"kafka.ledger.compacted"}),
@@ -185,6 +194,7 @@ def test_withholding_one_acl_fails_exactly_its_check(
     resource, operation = rule
     target = {
         "mail": names.mail,
+        "dlq": names.dead_letter,
         "ledger": names.ledger,
         "txn": f"{names.txn_prefix}-shard-",
         "group": "pop3-kafka-ledger-loader-",
@@ -215,9 +225,11 @@ def test_missing_topics_with_create_rights_are_ok_and_not_created(kafka: KafkaNo
     assert failed(findings) == set(), findings
     assert "does not exist yet" in got["kafka.mail_topic"].detail
     assert "does not exist yet" in got["kafka.ledger"].detail
+    assert "does not exist yet" in got["kafka.dead_letter_topic"].detail
+    assert "retention.ms=-1" in got["kafka.dead_letter_topic"].detail
     assert "kafka.mail_topic.write" not in got  # cannot be checked before the topic exists (said in detail)
     topics = AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics
-    assert names.mail not in topics and names.ledger not in topics
+    assert names.mail not in topics and names.ledger not in topics and names.dead_letter not in topics
 
     # Without Create (and create: false), a missing topic is a failure naming the fix.
     cfg = make_config(kafka.ssl_bootstrap, names, client, topics={"create": False}, ledger={"create": False})
@@ -247,16 +259,41 @@ def test_plaintext_session_broker(services: Any) -> None:
     assert failed(before) == set(), before
 
     ensure_topic(services.bootstrap, {}, names.mail, create=True, partitions=1, replication_factor=-1)
+    ensure_topic(
+        services.bootstrap,
+        {},
+        names.dead_letter,
+        create=True,
+        partitions=1,
+        replication_factor=-1,
+        config=DEAD_LETTER_TOPIC_CONFIG,
+    )
     ensure_ledger_topic(services.bootstrap, {}, names.ledger, shards=3, create=True, replication_factor=-1)
     findings = check_kafka(config, timeout=10)
     assert {f.check for f in findings} == ALL_CHECKS
     assert failed(findings) == set(), findings
+    assert not any(f.warning for f in findings), findings
     assert "3 shards" in by_check(findings)["kafka.ledger.shards"].detail
+    assert "retention.ms=-1" in by_check(findings)["kafka.dead_letter_topic.retention"].detail
 
     wrong = check_kafka(make_config(services.bootstrap, names, ledger={"shards": 5}), timeout=10)
     assert failed(wrong) == {"kafka.ledger.shards"}, wrong
     shards = by_check(wrong)["kafka.ledger.shards"]
     assert "5" in shards.detail and "3 partitions" in shards.detail and "set it to 3" in (shards.fix or "")
+
+
+def test_dead_letter_topic_with_time_retention_warns_with_the_fix(services: Any) -> None:
+    names = Names.fresh()
+    ensure_topic(services.bootstrap, {}, names.mail, create=True, partitions=1, replication_factor=-1)
+    # created by someone else, with the broker's default retention (7 days)
+    ensure_topic(services.bootstrap, {}, names.dead_letter, create=True, partitions=1, replication_factor=-1)
+    findings = check_kafka(make_config(services.bootstrap, names), timeout=10)
+    assert failed(findings) == set(), findings  # a warning, not a failure
+    retention = by_check(findings)["kafka.dead_letter_topic.retention"]
+    assert retention.ok and retention.warning
+    assert "retention.ms=604800000" in retention.detail and "only copy" in retention.detail
+    assert retention.fix is not None and f"--entity-name {names.dead_letter}" in retention.fix
+    assert "--alter" in retention.fix and retention.fix.endswith("--add-config retention.ms=-1")
 
 
 def test_ledger_not_compacted_fails(services: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,17 @@ class Consumed:
 
 
 def consume_all(
-    bootstrap: str, topic: str, *, expect: int, timeout: float = 60.0, settle: float = 2.0
+    bootstrap: str,
+    topic: str,
+    *,
+    expect: int,
+    timeout: float = 60.0,
+    settle: float = 2.0,
+    decode: Callable[[bytes], dict[str, Any]] = decode_single_object,
 ) -> list[Consumed]:
     """Every committed record of ``topic``; waits for ``expect`` records, then ``settle`` more
-    seconds so that duplicates beyond the expected count are seen too."""
+    seconds so that duplicates beyond the expected count are seen too. ``decode``: how a value
+    becomes a record (mail records by default; connector.records.dead_letter.decode_dead_letter)."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -57,9 +65,7 @@ def consume_all(
             m = c.poll(0.2)
             if m is None or m.error():
                 continue
-            out.append(
-                Consumed(m.key(), dict(m.headers() or []), m.partition(), m.offset(), decode_single_object(m.value()))
-            )
+            out.append(Consumed(m.key(), dict(m.headers() or []), m.partition(), m.offset(), decode(m.value())))
         return out
     finally:
         c.close()

@@ -30,6 +30,11 @@ class Names:
     ledger: str
     txn_prefix: str
 
+    @property
+    def dead_letter(self) -> str:
+        """topics.dead_letter's default."""
+        return f"{self.mail}.dlq"
+
     @classmethod
     def fresh(cls) -> Names:
         tag = uuid.uuid4().hex[:8]
@@ -41,7 +46,11 @@ class Names:
     def create_topics(self, bootstrap: str, *, ledger_partitions: int = 2, policy: str = "compact") -> None:
         admin = AdminClient({"bootstrap.servers": bootstrap})
         futs = admin.create_topics(
-            [NewTopic(self.mail, 2, 1), NewTopic(self.ledger, ledger_partitions, 1, config={"cleanup.policy": policy})]
+            [
+                NewTopic(self.mail, 2, 1),
+                NewTopic(self.dead_letter, 2, 1, config={"retention.ms": "-1"}),
+                NewTopic(self.ledger, ledger_partitions, 1, config={"cleanup.policy": policy}),
+            ]
         )
         for f in futs.values():
             f.result(timeout=15)

@@ -1,0 +1,273 @@
+"""`pop3-kafka dlq replay`: decode dead letters again and publish the ones that now succeed.
+
+After a decoder fix or a new S/MIME key, the mail in the dead-letter topic can become records.
+Replay is a consume-transform-produce loop with Kafka transactions (KIP-98/KIP-447):
+
+    read a batch of dead letters (read_committed) -> decode each raw mail with the mailbox's
+    current options -> in one transaction: produce the records that decode now, and commit the
+    consumer group's offsets past the batch (send_offsets_to_transaction)
+
+so the progress lives in Kafka, not in a local file, and a replay killed at any moment (kill -9
+included) resumes where its last transaction ended: the aborted transaction's records are never
+visible to read_committed consumers and its offsets were never committed. Each dead letter is
+therefore published at most once per progress group, and exactly once when it decodes.
+
+Dead letters that still fail stay in the dead-letter topic (they are not written again); the
+summary counts them by reason. ``--since`` passes over dead letters written before a time
+(counted as skipped; progress moves past them). ``--dry-run`` decodes and reports, and writes
+nothing: no records, no progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from connector import faults
+from connector.config.model import Config
+from connector.decoding import decode_mail
+from connector.decoding.options import DEFAULT_OPTIONS
+from connector.delivery.kafka import client_config_error
+from connector.errors import DecodeError, DeliveryError
+from connector.records import (
+    HEADER_MAILBOX,
+    HEADER_RECORD_ID,
+    Provenance,
+    build_mail_record,
+    decode_single_object,
+    encode_single_object,
+    mail_schema,
+)
+from connector.records.dead_letter import dead_letter_schema
+
+log = logging.getLogger("pop3kafka.dlq")
+
+#: header on a replayed record: where its dead letter was ("topic/partition/offset").
+HEADER_REPLAYED_FROM = "pop3kafka.replayed_from"
+BATCH = 200
+POLL_S = 0.5
+
+
+@dataclass
+class ReplaySummary:
+    read: int = 0
+    replayed: int = 0
+    still_failing: Counter[str] = field(default_factory=Counter)
+    skipped_before_since: int = 0
+    #: dead letters of mailboxes no longer configured: decoded with the default options.
+    unknown_mailbox: int = 0
+    not_dead_letters: int = 0
+    dry_run: bool = False
+
+    def line(self) -> str:
+        failing = sum(self.still_failing.values())
+        by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(self.still_failing.items()))
+        verb = "would be replayed" if self.dry_run else "replayed"
+        text = f"{self.read} dead letters read, {self.replayed} {verb}, {failing} still failing"
+        if by_reason:
+            text += f" ({by_reason})"
+        if self.skipped_before_since:
+            text += f", {self.skipped_before_since} before --since passed over"
+        if self.unknown_mailbox:
+            text += f", {self.unknown_mailbox} of mailboxes no longer configured (default decoding)"
+        if self.not_dead_letters:
+            text += f", {self.not_dead_letters} records that are not dead letters ignored"
+        return text
+
+
+def progress_group(config: Config) -> str:
+    return f"{config.delivery.transactional_id_prefix}-dlq-replay"
+
+
+def _client(config: Config) -> dict[str, Any]:
+    conf = config.kafka.client_conf()
+    conf["bootstrap.servers"] = config.kafka.bootstrap_servers
+    return conf
+
+
+def replay(
+    config: Config,
+    *,
+    since_millis: int | None = None,
+    dry_run: bool = False,
+    group: str | None = None,
+    report: Callable[[ReplaySummary], None] | None = None,
+    timeout_s: float = 300.0,
+    batch_size: int = BATCH,
+) -> ReplaySummary:
+    """Replay the dead-letter topic from the group's progress to its end as of now."""
+    topic = config.topics.dead_letter
+    group = group or progress_group(config)
+    summary = ReplaySummary(dry_run=dry_run)
+    consumer_conf = {
+        **_client(config),
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+        "logger": logging.getLogger("pop3kafka.rdkafka.dlq"),
+    }
+    try:
+        consumer = Consumer(consumer_conf)
+    except KafkaException as exc:
+        raise client_config_error(exc) from exc
+    producer: Producer | None = None
+    try:
+        meta = consumer.list_topics(topic, timeout=30)
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            raise DeliveryError(f"dead-letter topic {topic!r} not found: nothing to replay (topics.dead_letter)")
+        parts = [TopicPartition(topic, p) for p in sorted(tmeta.partitions)]
+        if not dry_run:
+            producer = Producer(
+                {
+                    **_client(config),
+                    "transactional.id": f"{group}-{topic}",
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "transaction.timeout.ms": int(config.delivery.transaction_timeout_seconds * 1000),
+                    "logger": logging.getLogger("pop3kafka.rdkafka.dlq"),
+                }
+            )
+            # First: fence an older replay with the same id and abort its open transaction. Its
+            # offsets are pending in the group until then, and committed() below would wait for
+            # them (KIP-447 require_stable) until the transaction timed out.
+            producer.init_transactions(60)
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in parts}
+        start = consumer.committed(parts, timeout=30)
+        if since_millis is not None:
+            by_time = consumer.offsets_for_times(
+                [TopicPartition(topic, tp.partition, since_millis) for tp in parts], 30
+            )
+            since_at = {tp.partition: (tp.offset if tp.offset >= 0 else ends[tp.partition]) for tp in by_time}
+        else:
+            since_at = {}
+        assign = [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else -2) for tp in start]
+        consumer.assign(assign)
+        remaining = {tp.partition for tp in assign if _next(tp) < ends[tp.partition]}
+        deadline = time.monotonic() + timeout_s
+        by_id = {m.id: m for m in config.mailboxes}
+        while remaining:
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"dlq replay: not finished within {timeout_s:.0f} s; run it again to continue")
+            batch = _read_batch(consumer, remaining, ends, batch_size)
+            if not batch:
+                continue
+            outputs: list[tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]]] = []
+            for msg in batch:
+                summary.read += 1
+                out = _transform(msg, since_at, by_id, config, summary)
+                if out is not None:
+                    outputs.append(out)
+            summary.replayed += len(outputs)
+            if producer is not None:
+                producer.begin_transaction()
+                for key, value, headers in outputs:
+                    producer.produce(config.topics.mail, value=value, key=key, headers=headers)
+                touched = sorted({_partition(m) for m in batch})
+                positions = consumer.position([TopicPartition(topic, p) for p in touched])
+                producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 60)
+                faults.point("dlq_before_commit")
+                with faults.during("dlq_during_commit"):
+                    producer.commit_transaction(60)
+            if report is not None:
+                report(summary)
+        return summary
+    except KafkaException as exc:
+        err: KafkaError = exc.args[0]
+        raise DeliveryError(f"dlq replay: {err.str()}") from exc
+    finally:
+        consumer.close()
+        if producer is not None:
+            producer.flush(10)
+
+
+def _partition(msg: Message) -> int:
+    p = msg.partition()
+    assert p is not None  # consumed messages always have one
+    return p
+
+
+def _next(tp: TopicPartition) -> int:
+    return 0 if tp.offset < 0 else tp.offset
+
+
+def _read_batch(consumer: Consumer, remaining: set[int], ends: dict[int, int], size: int) -> list[Message]:
+    batch: list[Message] = []
+    for msg in consumer.consume(size, POLL_S):
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                remaining.discard(_partition(msg))
+                continue
+            if err.retriable() or not err.fatal():
+                log.warning("dlq replay: %s", err.str())
+                continue
+            raise KafkaException(err)
+        offset, partition = msg.offset() or 0, _partition(msg)
+        if offset >= ends[partition]:
+            remaining.discard(partition)  # written after the replay started: next run
+            continue
+        batch.append(msg)
+        if offset + 1 >= ends[partition]:
+            remaining.discard(partition)
+    return batch
+
+
+def _transform(
+    msg: Message,
+    since_at: dict[int, int],
+    by_id: dict[str, Any],
+    config: Config,
+    summary: ReplaySummary,
+) -> tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]] | None:
+    """The mail record for one dead letter, or None (counted) when it does not decode now."""
+    if (msg.offset() or 0) < since_at.get(_partition(msg), 0):
+        summary.skipped_before_since += 1
+        return None
+    value = msg.value()
+    if value is None or value[2:10] != dead_letter_schema().fingerprint:
+        summary.not_dead_letters += 1
+        return None
+    dl = decode_single_object(value, {dead_letter_schema().fingerprint: dead_letter_schema()})
+    p = dl["provenance"]
+    mailbox = by_id.get(p["mailbox_id"])
+    if mailbox is None:
+        summary.unknown_mailbox += 1
+    options = mailbox.decode if mailbox is not None else DEFAULT_OPTIONS
+    prov = Provenance(
+        mailbox_id=p["mailbox_id"],
+        uidl=p["uidl"],
+        server=p["server"],
+        fetched_at_millis=_millis(p["fetched_at"]),
+        raw_size=p["raw_size"],
+        raw_sha256=p["raw_sha256"],
+    )
+    try:
+        record = build_mail_record(decode_mail(dl["raw"], options=options), prov)
+        out = encode_single_object(mail_schema(), record)
+    except DecodeError as exc:
+        summary.still_failing[exc.reason] += 1
+        return None
+    headers: list[tuple[str, str | bytes | None]] = [
+        (HEADER_RECORD_ID, dl["record_id"].encode()),
+        (HEADER_MAILBOX, p["mailbox_id"].encode()),
+        (HEADER_REPLAYED_FROM, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
+    ]
+    # The key the mail record would have had (docs/record.md): same partition as its mailbox.
+    key = msg.key() if msg.key() is not None else p["mailbox_id"].encode()
+    return key, out, headers
+
+
+def _millis(value: Any) -> int:
+    """fastavro returns timestamp-millis as an aware datetime."""
+    if isinstance(value, int):
+        return value
+    return int(value.timestamp() * 1000)
