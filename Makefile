@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean crash-matrix
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean crash-matrix fuzz
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -68,6 +68,12 @@ stack-down:
 # bench/results/crash-matrix.md. CI runs a reduced one (tests/integration/test_crash_matrix.py).
 crash-matrix: deps venv
 	$(BIN)/python tests/crash_matrix.py --runs-per-point 10 --random-kills 200
+
+# Mutation fuzzing of decoding: 10,000 seeded mutants of tests/fixtures/mail, each decoded, built
+# and Avro-encoded in a child process (1 GiB address space, 5 s per mail); writes
+# bench/results/fuzz.md. CI runs 600 (tests/unit/test_fuzz_decode.py).
+fuzz: venv
+	$(BIN)/python tests/fuzz_decode.py --mails 10000 --out bench/results/fuzz.md
 
 bench: venv
 	$(BIN)/python bench/parsers.py

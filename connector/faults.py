@@ -12,7 +12,7 @@ cut or an OOM kill would: no finally blocks, no QUIT, no abort):
 
 Named points, in cycle order: after_retr, before_commit (records produced, not committed),
 during_commit, after_commit (before any DELE), after_dele (before QUIT), during_quit
-(QUIT sent, reply not read).
+(QUIT sent, reply not read); and dlq_before_commit, dlq_during_commit in `dlq replay`.
 
 This module has no dependencies so that any layer may call it; with the variable unset,
 each call is one dictionary lookup.
@@ -27,17 +27,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-POINTS = (
-    "after_retr",
-    "before_commit",
-    "during_commit",
-    "after_commit",
-    "after_dele",
-    "during_quit",
-    # dlq replay (connector/runtime/dlq_replay.py): records and offsets sent, not committed
-    "dlq_before_commit",
-    "dlq_during_commit",
-)
+#: the poll cycle's points (the crash matrix kills at each).
+POINTS = ("after_retr", "before_commit", "during_commit", "after_commit", "after_dele", "during_quit")
+#: dlq replay (connector/runtime/dlq_replay.py): records and offsets sent, not yet committed;
+#: and while the commit runs (tests/integration/test_dlq_replay.py).
+REPLAY_POINTS = ("dlq_before_commit", "dlq_during_commit")
 
 _spec = os.environ.get("POP3K_FAULT", "")
 _point, _, _nth = _spec.partition("@")

@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 
+from connector.decoding import fastmime
+from connector.decoding.fastmime import Entity, Splitter
 from connector.decoding.model import (
     Address,
     AddressGroup,
@@ -61,8 +63,12 @@ from connector.errors import DecodeError, MailTooLargeError, SmimeError
 __all__ = ["decode_mail"]
 
 _POLICY = email.policy.compat32
-# Stateless between calls (each parsebytes builds its own FeedParser), so one instance serves all threads.
-_PARSER = email.parser.BytesParser(policy=_POLICY)
+# The MIME splitter. fastmime builds the same tree as the stdlib's compat32 feed parser, several
+# times faster; compat32 stays selectable (assign _PARSER) for the differential test
+# (tests/unit/test_fastmime.py) and bench/parsers.py. Both are stateless between calls, so one
+# instance serves all threads.
+SPLITTERS: dict[str, Splitter] = {"fast": fastmime.PARSER, "compat32": email.parser.BytesParser(policy=_POLICY)}
+_PARSER: Splitter = SPLITTERS["fast"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLI = timedelta(milliseconds=1)
 
@@ -282,15 +288,15 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s*]*)(?:\*[^?\s]*)?\?([QqBb])\?([^?]*)\?=")
 _PART_FIELDS = frozenset({"content-type", "content-disposition", "content-transfer-encoding", "content-id"})
 
 
-def _children(part: Message) -> list[Message] | None:
+def _children(part: Entity) -> list[Entity] | None:
     """Sub-entities of a multipart or message/* part, None for a leaf."""
     if not part.is_multipart():
         return None
     payload = part.get_payload()
-    return [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else None
+    return [p for p in payload if isinstance(p, (Message, fastmime.Node))] if isinstance(payload, list) else None
 
 
-def _kept_boundary_eol(part: Message) -> bool:
+def _kept_boundary_eol(part: Entity) -> bool:
     """Whether compat32 left the line break that belongs to the next boundary on ``part``.
 
     RFC 2046 §5.1.1: the CRLF before a boundary delimiter belongs to the delimiter. compat32
@@ -313,13 +319,21 @@ def _part_name(path: tuple[int, ...]) -> str:
 
 _SMIME_SUBTYPES = frozenset({"pkcs7-mime", "x-pkcs7-mime"})
 _SIGNATURE_SUBTYPES = frozenset({"pkcs7-signature", "x-pkcs7-signature"})
+_SMIME_PROTOCOLS = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature"})
 _TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+# message/* whose body is blocks of header-like fields, not a message (RFC 3464, RFC 6533, RFC 8098, RFC 5965).
+_FIELD_BLOCK_SUBTYPES = frozenset(
+    {"delivery-status", "global-delivery-status", "disposition-notification", "global-disposition-notification",
+     "feedback-report"}
+)  # fmt: skip
 _UU_CTES = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
 # A uuencoded block inside a text part (POSIX uuencode): "begin <octal mode> <name>" ... "end".
-_UU_BLOCK = re.compile(rb"(?m)^begin [0-7]{3,4} ([^\r\n]+)\r?\n(.*?)^end[ \t]*\r?$", re.S)
+_UU_BEGIN = re.compile(rb"(?m)^begin [0-7]{3,4} ([^\r\n]+)\r?\n")
+_UU_END = re.compile(rb"(?m)^end[ \t]*\r?$")
 _MESSAGE_ID = re.compile(r"<[^<>\s]*>")
 # One or more empty groups (RFC 5322 §3.4 group with no group-list), comments allowed as CFWS.
-_EMPTY_GROUPS = re.compile(r"(?:\s*[^:;,<>\"]+:(?:\s|\([^()]*\))*;\s*,?)+\s*")
+# Possessive quantifiers: linear on hostile input (header values may be 64 KiB of blanks).
+_EMPTY_GROUPS = re.compile(r"(?:[^:;]*+:(?:\s|\([^()]*+\))*+;[\s,]*+)++")
 
 
 def _p7m_name(ct: _Params, disposition: _Params) -> bool:
@@ -456,7 +470,7 @@ class _Decoder:
 
     # ------------------------------------------------------------ headers of a part
 
-    def part_headers(self, part: Message, where: str) -> dict[str, str]:
+    def part_headers(self, part: Entity, where: str) -> dict[str, str]:
         """First occurrence of each MIME header field (RFC 2045 §3) of ``part``.
 
         Lower-cased name -> unfolded Unicode value; other fields are not looked at.
@@ -527,7 +541,7 @@ class _Decoder:
 
     # ------------------------------------------------------------ top-level header fields
 
-    def headers(self, msg: Message, prefix: str = "") -> list[Header]:
+    def headers(self, msg: Entity, prefix: str = "") -> list[Header]:
         result: list[Header] = []
         for field, value in msg.raw_items():
             name = clean_str(str(field))
@@ -581,7 +595,7 @@ class _Decoder:
 
     # ------------------------------------------------------------ structure
 
-    def survey(self, root: Message, base: tuple[int, ...] = ()) -> None:
+    def survey(self, root: Entity, base: tuple[int, ...] = ()) -> None:
         """Enforce the depth, part and header limits and turn parser defects into warnings.
 
         Iterative, so a hostile tree cannot exhaust the Python stack here; everything after
@@ -589,7 +603,7 @@ class _Decoder:
         unwrapped from S/MIME sits in the outer tree (its parts count toward the same limits).
         """
         limits = self.limits
-        stack: list[tuple[Message, tuple[int, ...]]] = [(root, base)]
+        stack: list[tuple[Entity, tuple[int, ...]]] = [(root, base)]
         while stack:
             part, path = stack.pop()
             self.entities += 1
@@ -615,7 +629,7 @@ class _Decoder:
             if children is not None:
                 stack.extend((child, (*path, i)) for i, child in reversed(list(enumerate(children, 1))))
 
-    def walk(self, part: Message, path: tuple[int, ...], can_claim: bool) -> bool:
+    def walk(self, part: Entity, path: tuple[int, ...], can_claim: bool) -> bool:
         """Assign ``part`` and its descendants to the bodies or the attachments.
 
         Returns whether a body was claimed below ``part``. RFC 2046 §5.1.4: the children of
@@ -638,7 +652,10 @@ class _Decoder:
         pstr = ".".join(map(str, path))
         if children is not None and maintype == "multipart":
             self.add_part(pstr, path, ctype, ct, headers, None, b"", "container")
-            if subtype == "signed":
+            # RFC 1847 §2.1: 'protocol' says which signature this is; PGP/MIME (RFC 3156 §5,
+            # application/pgp-signature) is no S/MIME layer. An S/MIME signature part without the
+            # parameter is still noted below, as a leaf.
+            if subtype == "signed" and ct.params.get("protocol", "").strip().lower() in _SMIME_PROTOCOLS:
                 self.note_signed("detached")
             claimed = False
             if subtype == "alternative":
@@ -660,6 +677,19 @@ class _Decoder:
             # message/rfc822 and other message/* (RFC 2046 §5.2): one attachment, the whole
             # embedded message as bytes. Bodies are never taken from inside it.
             data = self._serialise(children, headers, where, inside_multipart=bool(path))
+            nl = self.linesep.encode("ascii")
+            if (
+                subtype in _FIELD_BLOCK_SUBTYPES
+                and children
+                and getattr(children[-1], "_payload", None) == ""
+                and data.endswith(nl + nl)
+                and headers.get("content-transfer-encoding", "").strip().lower() not in ("base64", "quoted-printable")
+            ):
+                # RFC 3464 §2.1 (RFC 8098 §3.1, RFC 5965 §3.1 alike): the body is blocks of fields
+                # separated by blank lines, the last block ending with its last field's CRLF. The
+                # parser keeps no trace of a blank line after it, _flatten writes one: drop it, so
+                # size and sha256 are those of the octets sent.
+                data = data[: -len(nl)]
             if subtype in ("rfc822", "global") and children:
                 kind, summary = "message", self._summary(children[0], where)
             elif subtype == "delivery-status":
@@ -760,10 +790,17 @@ class _Decoder:
         attachments of kind 'uuencoded'; the text body keeps them as text."""
         if b"begin " not in data:
             return
-        for m in _UU_BLOCK.finditer(data):
+        # Found with two searches per block, not one lazy regex: that one rescanned the rest of
+        # the text for every 'begin' line without an 'end' (quadratic; found by fuzzing).
+        pos = 0
+        while (m := _UU_BEGIN.search(data, pos)) is not None:
+            end = _UU_END.search(data, m.end())
+            if end is None:
+                break  # no 'end' after this 'begin', so none after any later one either
+            pos = end.end()
             out = bytearray()
             bad = False
-            for line in m[2].splitlines():  # only the block's lines, and only when one exists
+            for line in data[m.end() : end.start()].splitlines():  # only the block's lines
                 if not line.strip() or line.strip() == b"`":
                     continue
                 try:
@@ -787,7 +824,7 @@ class _Decoder:
                 )
             )
 
-    def _summary(self, inner: Message, where: str) -> MessageSummary:
+    def _summary(self, inner: Entity, where: str) -> MessageSummary:
         heads = self.headers(inner, f"{where} ")
 
         def first(name: str) -> Header | None:
@@ -815,7 +852,7 @@ class _Decoder:
         self.smime.setdefault("signature_type", how)
 
     def _smime(  # noqa: PLR0917
-        self, part: Message, path: tuple[int, ...], ctype: str, ct: _Params, headers: dict[str, str], can_claim: bool
+        self, part: Entity, path: tuple[int, ...], ctype: str, ct: _Params, headers: dict[str, str], can_claim: bool
     ) -> bool | None:
         """Unwrap an application/pkcs7-mime part: decrypt enveloped-data (RFC 8551 §3.3),
         open opaque signed-data (§3.5.2, not verified here), then walk the inner entity in
@@ -851,7 +888,7 @@ class _Decoder:
         self.survey(inner_msg, child)
         return self.walk(inner_msg, child, can_claim)
 
-    def _related_root(self, part: Message, children: list[Message], where: str) -> int:
+    def _related_root(self, part: Entity, children: list[Entity], where: str) -> int:
         ctype = self.part_headers(part, where).get("content-type")
         start = self.parse_params(ctype, where).params.get("start")
         if start:
@@ -895,7 +932,7 @@ class _Decoder:
             message=message,
         )
 
-    def _transfer_decode(self, part: Message, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
+    def _transfer_decode(self, part: Entity, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
         """The part's body with its Content-Transfer-Encoding (RFC 2045 §6) removed."""
         # The stored payload, not get_payload(): that one decodes 8-bit bodies with the declared
         # charset and errors='replace' before we could see the bytes.
@@ -923,7 +960,7 @@ class _Decoder:
         return data
 
     def _serialise(
-        self, children: list[Message], headers: dict[str, str], where: str, *, inside_multipart: bool
+        self, children: list[Entity], headers: dict[str, str], where: str, *, inside_multipart: bool
     ) -> bytes:
         out = bytearray()
         for child in children:
@@ -943,7 +980,7 @@ class _Decoder:
             data = _b64decode(data)[0] if cte == "base64" else _qpdecode(data)[0]
         return data
 
-    def _flatten(self, msg: Message, out: bytearray) -> None:
+    def _flatten(self, msg: Entity, out: bytearray) -> None:
         """Write ``msg`` back as bytes, as close to the original as compat32 allows.
 
         Not email.generator: it re-derives boundaries through lossy Header objects and fails on
@@ -1047,6 +1084,37 @@ def _empty(warnings: tuple[str, ...], **kw: object) -> DecodedMail:
     )  # fmt: skip
 
 
+# RFC 5322 §4.1/§4.5: obsolete syntax allows WSP between a field name and its colon
+# ("Subject : x"), and §4 says parsers MUST accept it; compat32 takes such a line for the first
+# body line and loses every field after it. Possessive quantifiers keep the search linear.
+_OBS_COLON = re.compile(rb"(?m)^([!-9;-~]++)[ \t]++:")
+_HEADER_LINE = re.compile(rb"[!-9;-~]++:|[ \t]|From ")
+_HEADER_END = re.compile(rb"\n\r?\n")
+
+
+def _repair_obs_colons(raw: bytes) -> bytes:
+    """``raw`` with ``Name<WSP>:`` turned into ``Name:`` in the top-level header block.
+
+    Only lines up to where the parser ends the header block anyway (a blank line, or a line
+    that is neither a field, a continuation nor an obsolete field) are looked at: nothing that
+    the parser would treat as body is ever changed. Part headers are left as they are.
+    """
+    m = _HEADER_END.search(raw)
+    end = m.end() if m else len(raw)
+    if not _OBS_COLON.search(raw, 0, end):
+        return raw
+    lines = raw[:end].splitlines(keepends=True)
+    out: list[bytes] = []
+    for i, line in enumerate(lines):
+        if (obs := _OBS_COLON.match(line)) is not None:
+            out.append(obs[1] + b":" + line[obs.end() :])
+        elif line.strip(b"\r\n") and _HEADER_LINE.match(line):
+            out.append(line)
+        else:
+            return b"".join(out) + b"".join(lines[i:]) + raw[end:]
+    return b"".join(out) + raw[end:]
+
+
 def _decode(raw: bytes, options: DecodeOptions) -> DecodedMail:
     dec = _Decoder(options)
     if not options.mime_decoding:
@@ -1056,7 +1124,7 @@ def _decode(raw: bytes, options: DecodeOptions) -> DecodedMail:
         return _empty(dec.warnings)
     if b"\r\n" not in raw[:65536]:
         dec.linesep = "\n"
-    msg = _PARSER.parsebytes(raw)
+    msg = _PARSER.parsebytes(_repair_obs_colons(raw))
     dec.survey(msg)
     headers = dec.headers(msg)
     if not headers:

@@ -44,9 +44,10 @@ class SpoolPolicy:
 
 class Retrieved:
     """One retrieved mail: its size and SHA-256 (of the unstuffed bytes, CRLF line endings as
-    received), and its content in memory or in a spool file. ``refused`` says why the content
-    was not kept ("size": over the limit; "line": a line over the line-length limit); the size
-    still counts every byte received.
+    received), and its content in memory or in a spool file. ``refused`` says why the mail may
+    not be decoded: "size" (over the limit: the content was not kept; the size still counts
+    every byte received) or "line" (a line over the line-length limit: the content is kept,
+    so the mail can go to the dead-letter topic as it was received).
 
     Close it (or use it as a context manager) to release a spool file promptly.
     """
@@ -87,7 +88,7 @@ class Retrieved:
 
     def read(self) -> bytes:
         """The whole mail as bytes (reads the spool file back when spooled)."""
-        if self.refused is not None:
+        if self.refused == "size":
             raise ValueError(f"the mail was refused ({self.refused}); its content was not kept")
         if self._file is not None:
             self._file.seek(0)
@@ -97,7 +98,7 @@ class Retrieved:
 
     def open(self) -> IO[bytes]:
         """A binary stream over the mail from its start (for streaming consumers)."""
-        if self.refused is not None:
+        if self.refused == "size":
             raise ValueError(f"the mail was refused ({self.refused}); its content was not kept")
         if self._file is not None:
             self._file.seek(0)
@@ -173,10 +174,12 @@ class BodySink:
     def finish(self, *, line_too_long: int | None = None) -> Retrieved:
         if self._over:
             return Retrieved(self._size, b"", refused="size")
-        if line_too_long is not None:
-            self._release()
-            return Retrieved(self._size, b"", refused="line", longest_line=line_too_long)
+        refused: Refusal | None = "line" if line_too_long is not None else None
         if self._file is not None:
             self._file.flush()
-            return Retrieved(self._size, self._hash.digest(), file=self._file)
-        return Retrieved(self._size, self._hash.digest(), data=b"".join(self._pieces))
+            return Retrieved(
+                self._size, self._hash.digest(), file=self._file, refused=refused, longest_line=line_too_long
+            )
+        return Retrieved(
+            self._size, self._hash.digest(), data=b"".join(self._pieces), refused=refused, longest_line=line_too_long
+        )

@@ -35,6 +35,7 @@ from connector.errors import (
     DecodeError,
     DeliveryError,
     DeliveryFatalError,
+    MailTooLargeError,
     Pop3LoginDelayError,
     Pop3ProtocolError,
     Pop3UnsupportedError,
@@ -453,16 +454,6 @@ def encode_retrieved(
             extra={**extra, "uidl": uidl},
         )
         return None
-    if mail.refused == "line":
-        res.long_lines += 1
-        log.error(
-            "mail has a line of at least %d octets, over max_line_bytes (%d); left on the server (raise the "
-            "limit if such mail is expected)",
-            mail.longest_line or 0,
-            mailbox.max_line_bytes,
-            extra={**extra, "uidl": uidl},
-        )
-        return None
     # Decoding still needs the whole mail in memory; the spool bounds memory while receiving.
     raw = mail.read()
     fetched_at = clock_ms()
@@ -471,6 +462,14 @@ def encode_retrieved(
     if hooks.on_retrieved:
         hooks.on_retrieved(uidl, len(raw))
     try:
+        if mail.refused == "line":
+            # A hostile-mail limit like the decoder's: the mail was read whole (the session stayed
+            # in step) and is handled like any mail that cannot be decoded.
+            raise MailTooLargeError(
+                f"a line of at least {mail.longest_line or 0} octets exceeds max_line_bytes "
+                f"({mailbox.max_line_bytes}); raise the limit if such mail is expected",
+                reason="max_line_bytes",
+            )
         value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256)
     except DecodeError as exc:
         # Never the body in a log line: DecodeError's message carries no mail content
@@ -478,8 +477,14 @@ def encode_retrieved(
         what = f"stage={exc.stage} reason={exc.reason} error={type(exc).__name__}"
         if mailbox.on_undecodable == "leave":
             # The mail stays on the server (nothing lost); the cycle goes on with the next one.
-            res.undecodable += 1
-            log.error(
+            if exc.reason == "max_line_bytes":
+                res.long_lines += 1
+            else:
+                res.undecodable += 1
+            # Tried again every cycle: reported once per mail at ERROR, then at DEBUG.
+            level = logging.ERROR if _first_time(mailbox.id, f"undecodable {uidl}") else logging.DEBUG
+            log.log(
+                level,
                 "mail could not be decoded (%s), left on the server (on_undecodable: leave): %s",
                 what,
                 exc,

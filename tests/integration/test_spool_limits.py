@@ -1,6 +1,6 @@
 """Spooled retrieval and the line-length limit against the real Dovecot and Kafka.
 
-t13: the whole path with every mail spooled (threshold 0), one mail refused for a long line;
+t13: the whole path with every mail spooled (threshold 0), one mail dead-lettered for a long line;
 t14: one 8 MB mail received into a spool file over POP3S, byte-exact and hashed.
 """
 
@@ -18,6 +18,7 @@ from support.kafkautil import consume_all
 from support.mailgen import make_mail
 
 from connector.protocol import Pop3Session, SpoolPolicy, make_tls_context
+from connector.records.dead_letter import decode_dead_letter
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +55,18 @@ def test_spooled_mail_reaches_kafka_and_a_long_line_stays_on_the_server(services
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "spool: ok: 20 published, 20 deleted of 21 listed" in proc.stdout, proc.stdout
-    assert "1 with a line over max_line_bytes left on server" in proc.stdout, proc.stdout
-    assert "over max_line_bytes (100000)" in proc.stderr
+    # The wide mail is a dead letter (reason max_line_bytes) holding it as received.
+    assert "spool: ok: 20 published, 1 dead-lettered, 21 deleted of 21 listed" in proc.stdout, proc.stdout
+    assert "exceeds max_line_bytes (100000)" in proc.stderr
     got = consume_all(services.bootstrap, topic, expect=20)
     assert len(got) == 20
     for c in got:
         raw = sent[c.record["message_id"]]
         assert c.record["provenance"]["raw_size"] == len(raw)
         assert c.record["provenance"]["raw_sha256"] == hashlib.sha256(raw).hexdigest()
-    assert services.dovecot.count("t13") == 1  # the wide mail, left for an operator
+    [dead] = consume_all(services.bootstrap, f"{topic}.dlq", expect=1, decode=decode_dead_letter)
+    assert dead.record["reason"] == "max_line_bytes" and dead.record["raw"] == crlf(wide)
+    assert services.dovecot.count("t13") == 0
     assert list(spool.iterdir()) == []
     services.dovecot.clear("t13")
 

@@ -349,10 +349,14 @@ def test_mail_with_a_line_over_max_line_bytes_is_left_and_counted(mock_publisher
     m = mails(2)
     m["WIDE"] = b"Subject: wide\r\n\r\n" + b"w" * 3000 + b"\r\n"
     m.update({"UID9": make_mail(9)[0]})
-    s = FakeSession(m)
-    res = run(s, mock_publisher, max_line_bytes=2000)
-    assert res.ok and res.long_lines == 1 and res.oversized == 0
+    s = FakeSession(dict(m))
+    res = run(s, mock_publisher, max_line_bytes=2000, on_undecodable="leave")
+    assert res.ok and res.long_lines == 1 and res.oversized == 0 and res.undecodable == 0
     assert res.deleted == 3 and 3 not in s.deleted
+    # By default such mail is a dead letter (reason max_line_bytes), then deleted like the rest.
+    s = FakeSession(dict(m))
+    res = run(s, mock_publisher, max_line_bytes=2000)
+    assert res.ok and res.dead_lettered == 1 and res.long_lines == 0 and res.deleted == 4
 
 
 def test_every_mail_spooled_is_published_and_every_spool_file_closed(mock_publisher: Publisher, tmp_path: Any) -> None:
@@ -383,3 +387,18 @@ def test_retr_a_little_larger_than_list_at_the_limit_is_still_taken(mock_publish
     res = run(s, mock_publisher, max_message_bytes=4096)
     assert len(raw) > 4096
     assert res.ok and res.oversized == 0 and res.published == res.deleted == 1
+
+
+def test_leave_policy_reports_each_undecodable_mail_once(
+    mock_publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    from support.badmail import nested_mail
+
+    caplog.set_level("DEBUG", logger="pop3kafka.cycle")
+    m = mails(1)
+    m["DEEP1"] = nested_mail(1)
+    for _ in range(2):  # two cycles: the mail stays and is tried again
+        res = run(FakeSession(dict(m)), mock_publisher, id="leaveonce", on_undecodable="leave")
+        assert res.ok and res.undecodable == 1
+    errors = [r for r in caplog.records if "left on the server (on_undecodable: leave)" in r.getMessage()]
+    assert [r.levelname for r in errors] == ["ERROR", "DEBUG"]

@@ -160,6 +160,7 @@ def test_retr_many_refuses_a_long_line_and_stays_in_step(serve: list[ScriptedSer
     (n1, m1), (n2, m2) = got
     assert (n1, m1.refused, m1.size) == (1, "line", len(long_body))
     assert m1.longest_line is not None and 1000 < m1.longest_line <= 5002
+    assert m1.read() == long_body  # kept: such mail goes to the dead-letter topic as received
     assert n2 == 2 and m2.refused is None and m2.spooled and m2.read() == big_body
     assert m2.sha256 == hashlib.sha256(big_body).hexdigest()
     m2.close()
