@@ -512,7 +512,7 @@ def report(result: FuzzResult, command: str) -> str:
     lines = [
         "# Decoder fuzzing",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` (`make fuzz` runs `--mails 10000 --out bench/results/fuzz.md`).",
         "",
         f"Seed {result.seed}, {result.mails} mutated mails from {sum(result.corpus_outcomes.values())} corpus mails "
         f"(tests/fixtures/mail), {result.jobs} worker processes, RLIMIT_AS {result.memory_limit // (1 << 20)} MiB and "

@@ -37,6 +37,9 @@ some of them (``mime._kept_boundary_eol``) and because the differential test
   message/delivery-status (RFC 3464 §2.1) holds blocks of header fields separated by empty lines,
   each one entity.
 
+Work is linear in the size of the mail times the nesting depth (compat32: lines times depth),
+also for hostile input: every search is bounded by where the current entity ends.
+
 Known difference from compat32, on purpose: CPython 3.11 raises ``TypeError`` while decoding a
 boundary given both as ``boundary*=`` and ``boundary*0=`` (RFC 2231 forms that contradict each
 other); here that multipart has no usable boundary (``NoBoundaryInMultipartDefect``) instead of
@@ -48,6 +51,7 @@ from __future__ import annotations
 import email.errors
 import email.message
 import email.policy
+import email.utils
 import re
 from collections.abc import Iterator
 from typing import Any, Literal, Protocol, overload
@@ -157,12 +161,14 @@ class Node:
 
 # A field line (RFC 5322 §3.6.8: name of printable ASCII except ':'), followed by its
 # continuation lines (§2.2.3). Lines end in CRLF, LF or a bare CR, like compat32's lines.
-_NAME = rb"[\x21-\x39\x3b-\x7e]+"
-_REST = rb"[^\r\n]*(?:\r\n|\r|\n|\Z)"
-_FIELD = re.compile(rb"(" + _NAME + rb"):(" + _REST + rb"(?:[ \t]" + _REST + rb")*)")
-_FIELDS = re.compile(rb"(?:" + _NAME + rb":" + _REST + rb"(?:[ \t]" + _REST + rb")*)*")
+# _FIELD only starts at a line start (the lookbehind fails at once elsewhere), so findall over a
+# long line that is not a field stays linear; possessive quantifiers: nothing to backtrack into.
+_NAME = rb"[\x21-\x39\x3b-\x7e]++"
+_REST = rb"[^\r\n]*+(?:\r\n|\r|\n|\Z)"
+_FIELD = re.compile(rb"(?<![^\r\n])(" + _NAME + rb"):(" + _REST + rb"(?:[ \t]" + _REST + rb")*+)")
+_FIELDS = re.compile(rb"(?:" + _NAME + rb":" + _REST + rb"(?:[ \t]" + _REST + rb")*+)*+")
 # What compat32 takes for a line of the header section: a field, an mbox "From " line, a
-# continuation; also a line starting with ':' (kept as a defect).
+# continuation; also a line starting with ':' (dropped, with a defect).
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 _EOL = re.compile(rb"\r\n?|\n")
 _EOL_CHAR = re.compile(rb"[\r\n]")
@@ -172,6 +178,9 @@ _DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?:[\r\n]|\Z)")
 _BLANK_AFTER = re.compile(rb"\n[\r\n]|\r\r")
 # First search window of _Split.scan; most parts end within it.
 _WINDOW = 16384
+# Up to this many open multiparts, each delimiter is searched on its own (long needles: fast);
+# deeper, the lines that start with "--" are visited once and looked up among all delimiters.
+_FEW_ENDS = 8
 
 
 def _fetch(value: str) -> str:
@@ -198,41 +207,58 @@ def _strip_quotes(value: str) -> str:
     return value
 
 
-def _boundary(value: str) -> str | None:
-    """The ``boundary`` parameter of a Content-Type value, as compat32's ``get_boundary`` reads it.
-
-    Parameters are separated by ';' outside double quotes (an odd number of '"' before a ';'
-    means it is quoted); the first parameter named ``boundary`` wins; its value loses quotes
-    twice (compat32 unquotes it once while decoding parameters and once more when collapsing
-    RFC 2231 values) and trailing white space (RFC 2046 §5.1.1: a boundary may not end in it).
-    Values with RFC 2231 '*' forms, backslashes or 8-bit bytes go to the stdlib itself.
-    """
-    if not value.isascii() or "*" in value or "\\" in value:
-        return _stdlib_boundary(value)
+def _param_segments(value: str) -> list[str]:
+    """Split a Content-Type value at ';' as compat32 does: a ';' after an odd number of '"'
+    (not counting '\\"') since the segment's start is inside a quoted string."""
+    segments: list[str] = []
     start, size = 0, len(value)
     while True:
         end = value.find(";", start)
-        while end > start and value.count('"', start, end) % 2:
-            end = value.find(";", end + 1)
+        quotes = value.count('"', start, end) - value.count('\\"', start, end) if end > start else 0
+        while end > start and quotes % 2:  # counted on as ';' are skipped: linear, not quadratic
+            nxt = value.find(";", end + 1)
+            if nxt >= 0:
+                quotes += value.count('"', end, nxt) - value.count('\\"', end, nxt)
+            end = nxt
         if end < 0:
             end = size
-        name, eq, param = value[start:end].partition("=")
-        if (name.strip().lower() if eq else value[start:end].strip().lower()) == "boundary":
-            return _strip_quotes(_strip_quotes(param.strip())).rstrip()
+        segments.append(value[start:end])
         if end >= size:
-            return None
+            return segments
         start = end + 1
 
 
-def _stdlib_boundary(value: str) -> str | None:
-    msg = email.message.Message(policy=_COMPAT32)
-    msg.set_raw("Content-Type", value)
-    try:
-        return msg.get_boundary()
-    except (TypeError, ValueError):
-        # CPython 3.11 fails on 'boundary*=x; boundary*0=y' (RFC 2231 forms that contradict each
-        # other): no usable boundary, where compat32 would fail the whole mail (module docstring).
+def _boundary(value: str) -> str | None:
+    """The ``boundary`` parameter of a Content-Type value, as compat32's ``get_boundary`` reads it.
+
+    The first parameter named ``boundary`` wins (RFC 2231 §3/§4 forms decoded by the stdlib's
+    public helpers); its value loses quotes twice (compat32 unquotes it once while decoding
+    parameters and once more when collapsing RFC 2231 values) and trailing white space (RFC 2046
+    §5.1.1: a boundary may not end in it).
+    """
+    params: list[tuple[str, Any]] = []
+    for segment in _param_segments(_fetch(value)):
+        name, eq, param = segment.partition("=")
+        params.append((name.strip().lower(), param.strip()) if eq else (segment.strip(), ""))
+    if "*" in value:
+        try:
+            params = email.utils.decode_params(params)
+        except (TypeError, ValueError):
+            # CPython 3.11 fails on 'boundary*=x; boundary*0=y' (RFC 2231 forms that contradict
+            # each other): no usable boundary, where compat32 fails the whole mail (module docstring).
+            return None
+        for key, decoded in params:
+            if key.lower() == "boundary":
+                if isinstance(decoded, tuple):  # (charset, language, text) from an RFC 2231 value
+                    unquoted: Any = (decoded[0], decoded[1], _strip_quotes(decoded[2]))
+                else:
+                    unquoted = _strip_quotes(decoded)
+                return email.utils.collapse_rfc2231_value(unquoted).rstrip()
         return None
+    for name, param in params:
+        if name.lower() == "boundary":
+            return _strip_quotes(_strip_quotes(param)).rstrip()
+    return None
 
 
 def _strip_eol(text: str) -> str:
@@ -257,7 +283,7 @@ class _Split:
     message/delivery-status block. A line matching any of them is the end of the current entity
     for every reader below it (RFC 2046 §5.1.2), exactly like compat32's false-EOF stack."""
 
-    __slots__ = ("blank_ends", "colon_ends", "data", "ends", "last", "pending", "pos", "size")
+    __slots__ = ("blank_ends", "colon_ends", "data", "end_counts", "ends", "last", "pending", "pos", "size")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -268,6 +294,8 @@ class _Split:
         self.colon_ends = 0
         #: how many entries of ``ends`` are None (empty lines end the entity).
         self.blank_ends = 0
+        #: the delimiters in ``ends``, counted (a boundary may be reused by a nested multipart).
+        self.end_counts: dict[bytes, int] = {}
         #: the entity created last; compat32 strips the delimiter's line break from it.
         self.last: Node | None = None
         #: an mbox "From " line taken back from the end of a header section (see _headers_slow).
@@ -292,15 +320,39 @@ class _Split:
         if p >= self.size:
             return True
         data = self.data
-        if not (data.startswith(b"--", p) or (self.blank_ends and data[p] in b"\r\n")):
-            return False  # the common case: neither a delimiter nor an empty line
-        for end in self.ends:
-            if end is None:
-                if data[p] in b"\r\n":
-                    return True
-            elif self.own(p, end) is not None:
+        if self.blank_ends and data[p] in b"\r\n":
+            return True
+        if not data.startswith(b"--", p):
+            return False  # the common case: not a delimiter
+        if len(self.ends) > _FEW_ENDS:
+            return self.core_is_end(self.line_core(p))
+        for end in self.ends:  # noqa: SIM110 - a loop, not any(<generator>): runs several times per entity
+            if end is not None and self.own(p, end) is not None:
                 return True
         return False
+
+    def line_core(self, p: int) -> bytes:
+        """The line at ``p`` without its line break and trailing blanks. A delimiter line is
+        ``sep`` or ``sep + "--"`` in this form (boundaries never end in blanks: compat32 strips them)."""
+        eol = _EOL_CHAR.search(self.data, p)
+        return self.data[p : eol.start() if eol else self.size].rstrip(b" \t")
+
+    def core_is_end(self, core: bytes) -> bool:
+        counts = self.end_counts
+        return core in counts or (core.endswith(b"--") and core[:-2] in counts)
+
+    def push_end(self, sep: bytes) -> None:
+        self.ends.append(sep)
+        self.end_counts[sep] = self.end_counts.get(sep, 0) + 1
+        self.colon_ends += b":" in sep
+
+    def pop_end(self, sep: bytes) -> None:
+        self.ends.pop()
+        if self.end_counts[sep] == 1:
+            del self.end_counts[sep]
+        else:
+            self.end_counts[sep] -= 1
+        self.colon_ends -= b":" in sep
 
     def find_delimiter(self, sep: bytes, p: int, limit: int) -> tuple[int, bool]:
         """First line starting in [p, limit) that is the delimiter ``sep``: (position, close), or (-1, False)."""
@@ -321,6 +373,30 @@ class _Split:
             i = data.find(sep, nxt, stop)
         return -1, False
 
+    def first_blank(self, p: int) -> int:
+        """Start of the first empty line at or after the line start ``p``, or the end of input.
+
+        An empty line follows LF or a bare CR, so it starts with the second byte of LF CR, LF LF
+        or CR CR: three ``bytes.find`` in a growing window, much cheaper than a regex over the
+        header section, and never a scan of the whole mail.
+        """
+        data, size = self.data, self.size
+        if p < size and data[p] in b"\r\n":
+            return p
+        width = 4096
+        while True:
+            limit = min(size, p + width)
+            best, end = -1, min(size, limit + 1)
+            for pair in (b"\n\r", b"\n\n", b"\r\r"):
+                i = data.find(pair, p, end)
+                if i >= 0:
+                    best, end = i, i + 1  # the next pairs must start before this one
+            if best >= 0:
+                return best + 1
+            if limit >= size:
+                return size
+            width *= 8
+
     def find_blank(self, p: int, limit: int) -> int:
         if p < limit and self.data[p] in b"\r\n":
             return p
@@ -336,6 +412,8 @@ class _Split:
         innermost first: the work is proportional to the distance actually read times the
         nesting depth, even when the enclosing delimiters are far away or missing.
         """
+        if len(self.ends) > _FEW_ENDS:
+            return self.scan_lines(p, sep)
         size = self.size
         width = _WINDOW
         while True:
@@ -356,6 +434,46 @@ class _Split:
             if limit >= size:
                 return size, None
             width *= 8
+
+    def scan_lines(self, p: int, sep: bytes | None) -> tuple[int, bool | None]:
+        """scan() under deep nesting: only lines that can end something are visited (starting
+        with "--", or empty inside a delivery-status block), each compared once with all the
+        delimiters, so the work no longer grows with the depth."""
+        data, size = self.data, self.size
+        examined, line, width = p - 1, p, _WINDOW
+        while True:
+            limit = min(size, p + width)
+            while line < limit:
+                if line > examined:
+                    examined = line
+                    if data.startswith(b"--", line):
+                        core = self.line_core(line)
+                        if self.core_is_end(core):
+                            return line, None
+                        if core == sep:
+                            return line, False
+                        if sep is not None and core.endswith(b"--") and core[:-2] == sep:
+                            return line, True
+                    elif self.blank_ends and data[line] in b"\r\n":
+                        return line, None
+                line = self.next_candidate(line, limit)
+            if limit >= size:
+                return size, None
+            line, width = examined, width * 8
+
+    def next_candidate(self, line: int, limit: int) -> int:
+        """The first line start in (line, limit) that scan_lines must look at, else ``limit``."""
+        data, size = self.data, self.size
+        best = limit
+        for pattern in (b"\n--", b"\r--"):  # a line break, then a line starting with "--"
+            i = data.find(pattern, line, min(size, best + 1))
+            if i >= 0:
+                best = i + 1
+        if self.blank_ends:
+            m = _BLANK_AFTER.search(data, line, min(size, best))
+            if m is not None:
+                best = m.start() + 1
+        return best
 
     def rest(self) -> str:
         """Everything up to where reading stops: a leaf's payload."""
@@ -400,7 +518,6 @@ class _Split:
             sep = self.open_multipart(node, ct_value)
             if sep is not None:
                 closed = False
-                colon = b":" in sep
                 while not self.at_end(self.pos):
                     kind = self.own(self.pos, sep)
                     # Every reader below stops at a delimiter or where the enclosing entity ends.
@@ -412,11 +529,9 @@ class _Split:
                     # Delimiter lines in a row delimit no empty parts (compat32's reading).
                     while not self.at_end(self.pos) and self.own(self.pos, sep) is not None:
                         self.pos = self.line_end(self.pos)
-                    self.ends.append(sep)
-                    self.colon_ends += colon
+                    self.push_end(sep)
                     self.entity(node)
-                    self.ends.pop()
-                    self.colon_ends -= colon
+                    self.pop_end(sep)
                     self._strip_delimiter_eol()
                     self.last = node
                 self.close_multipart(node, closed)
@@ -427,22 +542,26 @@ class _Split:
     def headers(self, node: Node) -> str | None:
         """Read the header section into ``node``; returns the raw first Content-Type value."""
         data, p = self.data, self.pos
-        if self.pending is None and not self.colon_ends:
+        if self.pending is not None or self.colon_ends:
+            return self._headers_slow(node)
+        # Usual case, one regex pass: the section ends at the first empty line (or the end of
+        # input), and the fields found before it cover every byte up to there.
+        q = self.first_blank(p)
+        fields = _FIELD.findall(data, p, q)
+        if sum([len(name) + len(value) for name, value in fields]) + len(fields) != q - p:
+            # Something else comes first: the fields end at the first line that is not one.
             q = _FIELDS.match(data, p).end()  # type: ignore[union-attr]  # '*' always matches
-            stopped = self.at_end(q)
-            if stopped or not _HEADER_LINE.match(data, q):
-                node._headers = [
-                    (name.decode("ascii"), _text(value.lstrip(b" \t").rstrip(b"\r\n")))
-                    for name, value in _FIELD.findall(data, p, q)
-                ]
-                if not stopped:
-                    if data[q] in b"\r\n":
-                        q = self.line_end(q)  # the empty line ending the header section
-                    else:
-                        node.defects.append(email.errors.MissingHeaderBodySeparatorDefect())
-                self.pos = q
-                return self._content_type(node)
-        return self._headers_slow(node)
+            if not self.at_end(q) and _HEADER_LINE.match(data, q):
+                return self._headers_slow(node)
+            fields = _FIELD.findall(data, p, q)
+        node._headers = [(name.decode("ascii"), _text(value.lstrip(b" \t").rstrip(b"\r\n"))) for name, value in fields]
+        if not self.at_end(q):
+            if data[q] in b"\r\n":
+                q = self.line_end(q)  # the empty line ending the header section
+            else:
+                node.defects.append(email.errors.MissingHeaderBodySeparatorDefect())
+        self.pos = q
+        return self._content_type(node)
 
     def _headers_slow(self, node: Node) -> str | None:
         """compat32's reading of an unusual header section, line by line: an mbox ``From `` line

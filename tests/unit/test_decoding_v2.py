@@ -199,3 +199,54 @@ def test_depth_and_part_limits_carry_their_reason() -> None:
     with pytest.raises(MailTooLargeError) as exc:
         decode_mail(MIXED, options=limited(max_parts=3))
     assert exc.value.reason == "max_parts"
+
+
+# ------------------------------------------------------------------ mailbox configuration
+
+
+def box_config(**mailbox: object) -> DecodeOptions:
+    from connector.config import parse_config
+
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "k:9092"},
+            "topics": {"mail": "m"},
+            "mailboxes": [{"id": "a", "host": "pop.test", "username": "u", "password": {"env": "PW"}, **mailbox}],
+        },
+        environ={"PW": "pw"},
+    )
+    return cfg.mailboxes[0].decode
+
+
+def test_decode_options_from_the_mailbox_config() -> None:
+    d = box_config()
+    assert d.mime_decoding and d.smime == "decrypt" and d.keys is None and d.body_part is None
+    assert d.limits == DecodeLimits()
+    d = box_config(
+        mime_decoding=False,
+        body_part={"index": 2, "content_type": "application/pdf", "on_missing": "first_text"},
+        smime={"mode": "passthrough"},
+        decode_limits={"max_depth": 10, "max_decode_seconds": 2.5},
+    )
+    assert not d.mime_decoding and d.smime == "passthrough"
+    assert d.body_part == BodySelection(index=2, content_type="application/pdf", on_missing="first_text")
+    assert (d.limits.max_depth, d.limits.max_decode_seconds, d.limits.max_parts) == (10, 2.5, 2000)
+
+
+@pytest.mark.parametrize(
+    ("mailbox", "match"),
+    [
+        ({"body_part": {"content_type": "pdf"}}, "body_part.content_type: 'pdf' is not a content type"),
+        ({"body_part": {"index": -1}}, "body_part.index"),
+        ({"body_part": {"on_missing": "skip"}}, "body_part.on_missing"),
+        ({"smime": {"mode": "decrypt-all"}}, "smime.mode"),
+        ({"decode_limits": {"max_depth": 0}}, "decode_limits.max_depth"),
+        ({"decode_limits": {"max_headers": 1}}, "decode_limits.max_headers"),
+        ({"decode_limits": {"max_size": 1}}, "decode_limits.max_size"),
+    ],
+)
+def test_bad_decode_settings_name_the_key(mailbox: dict[str, object], match: str) -> None:
+    from connector.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        box_config(**mailbox)

@@ -16,10 +16,12 @@ decoding before it is compared, so every corpus mail also proves that the record
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 import json
 from datetime import UTC, datetime
-from email.message import Message
+from email.message import EmailMessage, Message
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,7 @@ def test_corpus_shape() -> None:
 def test_differences_helper() -> None:
     assert differences({"a": 1, "_note": "x"}, {"a": 1, "b": 2}) == []
     assert differences({"l": [{"k": 1}]}, {"l": [{"k": 1, "z": 0}]}) == []
-    assert differences({"l": [1]}, {"l": [1, 2]}) == ["l: expected 1 items, got 2: [1, 2]".replace("l:", ".l:")]
+    assert differences({"l": [1]}, {"l": [1, 2]}) == [".l: expected 1 items, got 2: [1, 2]"]
     assert differences({"a": None}, {"a": 0}) == [".a: expected None, got 0"]
     assert differences({"a": True}, {"a": 1}) == [".a: expected True, got 1"]
     assert differences({"m": {"x": 1}}, {}) == [".m: missing from the record"]
@@ -171,10 +173,6 @@ ADDRESS_FIELDS = {"from": "from", "to": "to", "cc": "cc", "reply_to": "reply-to"
 
 def _stdlib_fields(raw: bytes) -> dict[str, Any]:
     """The compared fields as ``email.policy.default`` sees them; an exception becomes a value."""
-    import email
-    import email.policy
-    from email.message import EmailMessage
-
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     out: dict[str, Any] = {}
@@ -270,6 +268,9 @@ def test_agrees_with_stdlib_where_it_is_right(name: str) -> None:
     * to: a mail with two To fields (forbidden by RFC 5322 §3.6) gives both fields' addresses in our
       record, only the first field's in the stdlib's: cpython-msg25.
 
+    The modern API is right where decision 0001 found ``email.header.decode_header`` wrong:
+    adjacent encoded words with a UTF-8 character split between them (rfc2047-split-utf8) and raw
+    UTF-8 in unstructured fields (rfc6532-raw-utf8, subject) agree with ours.
     """
     raw = (CORPUS / f"{name}.eml").read_bytes()
     ours = record_of(name)
