@@ -213,3 +213,11 @@ class OAuthTokenError(OAuthError, Pop3AuthError):
 class OAuthTokenUnavailableError(OAuthError, Pop3TempError):
     """The token endpoint could not be asked: unreachable, timed out, HTTP 5xx or 429, or a
     token file not written yet (retry later; nothing is wrong with the credentials)."""
+
+
+# ---------------------------------------------------------------- appended: spool
+
+
+class SpoolError(ConnectorError):
+    """A retrieved mail could not be written to its spool file (disk full, directory gone):
+    the cycle ends without deletes and is retried; the fix is on the spool directory."""

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", "-c", required=True)
     replay.add_argument(
         "--since",
-        help="pass over dead letters written before this time: ISO 8601 (2026-11-01T00:00:00Z) or an age (7d, 12h)",
+        help="pass over, for good in this progress group, dead letters written before: ISO 8601 or an age (7d, 12h)",
     )
     replay.add_argument("--dry-run", action="store_true", help="decode and report; publish and record nothing")
     replay.add_argument("--group", help="progress group (default '<transactional_id_prefix>-dlq-replay')")
@@ -117,6 +117,8 @@ def parse_since(text: str, now: float | None = None) -> int:
         raise ConfigError(f"--since: {text!r} is neither an ISO 8601 time nor an age such as 7d, 12h, 30m") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
+    if when.timestamp() > now:
+        raise ConfigError(f"--since: {text!r} is in the future; it would pass over every dead letter")
     return int(when.timestamp() * 1000)
 
 

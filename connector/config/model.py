@@ -765,6 +765,14 @@ def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConf
             f"delivery.transaction_timeout_seconds ({delivery.transaction_timeout_seconds:g}); lower it or raise the "
             "transaction timeout"
         )
+    # The cycle checks its deadline between mails, so one mail's decode time can come on top.
+    decode_s = (m["decode_limits"] or {}).get("max_decode_seconds", 10.0)
+    if m["max_seconds_per_cycle"] + decode_s > delivery.transaction_timeout_seconds * 0.75:
+        raise ConfigError(
+            f"{path}.decode_limits.max_decode_seconds: {decode_s:g} plus max_seconds_per_cycle "
+            f"({m['max_seconds_per_cycle']:g}) is more than 3/4 of delivery.transaction_timeout_seconds "
+            f"({delivery.transaction_timeout_seconds:g}); lower them or raise the transaction timeout"
+        )
 
 
 def _topics(t: dict[str, Any], ledger: LedgerConfig, delivery: DeliveryConfig) -> TopicsConfig:

@@ -342,6 +342,10 @@ _MESSAGE_ID = re.compile(r"<[^<>\s]*>")
 _EMPTY_GROUPS = re.compile(r"(?:[^:;]*+:(?:\s|\([^()]*+\))*+;[\s,]*+)++")
 
 
+#: S/MIME layers unwrapped in one mail at most (RFC 8551 §3.7 triple wrapping).
+MAX_SMIME_LAYERS = 3
+
+
 def _p7m_name(ct: _Params, disposition: _Params) -> bool:
     """An octet-stream part named *.p7m: how some clients label S/MIME (RFC 8551 §3.2.1)."""
     name = disposition.params.get("filename") or ct.params.get("name") or ""
@@ -372,6 +376,11 @@ class _Decoder:
         self.entities = 0
         self.decoded_bytes = 0
         self.smime: dict[str, object] = {}
+        #: where an S/MIME layer is the message content (RFC 8551 §3.1) and gets unwrapped: the
+        #: top-level entity, what an unwrap produced, the content of a top-level multipart/signed.
+        #: A .p7m anywhere else is an attachment someone sent, kept as is (kind smime-*).
+        self.smime_body_paths: set[tuple[int, ...]] = {()}
+        self.smime_layers = 0
 
     def warn(self, message: str) -> None:
         self._warnings[message] = None
@@ -666,8 +675,14 @@ class _Decoder:
             # RFC 1847 §2.1: 'protocol' says which signature this is; PGP/MIME (RFC 3156 §5,
             # application/pgp-signature) is no S/MIME layer. An S/MIME signature part without the
             # parameter is still noted below, as a leaf.
-            if subtype == "signed" and ct.params.get("protocol", "").strip().lower() in _SMIME_PROTOCOLS:
+            if (
+                subtype == "signed"
+                and path in self.smime_body_paths
+                and ct.params.get("protocol", "").strip().lower() in _SMIME_PROTOCOLS
+            ):
                 self.note_signed("detached")
+                # RFC 8551 §3.5.3: the first part is the signed content, still the message body.
+                self.smime_body_paths.add((*path, 1))
             claimed = False
             if subtype == "alternative":
                 for i, child in enumerate(children, 1):
@@ -706,8 +721,9 @@ class _Decoder:
             elif subtype == "delivery-status":
                 kind = "delivery-status"  # RFC 3464 §2.1: parsed as header blocks by the stdlib
         else:
-            if (maintype == "application" and subtype in _SMIME_SUBTYPES) or (
-                ctype == "application/octet-stream" and _p7m_name(ct, disposition)
+            if path in self.smime_body_paths and (
+                (maintype == "application" and subtype in _SMIME_SUBTYPES)
+                or (ctype == "application/octet-stream" and _p7m_name(ct, disposition))
             ):
                 unwrapped = self._smime(part, path, ctype, ct, headers, can_claim)
                 if unwrapped is not None:
@@ -738,7 +754,7 @@ class _Decoder:
         self.attachments.append(att)
         self.add_part(pstr, path, ctype, ct, headers, disposition, data, "attachment", kind=att.kind, att=att)
         self.leaves.append((pstr, ctype, ct.params.get("charset"), data))
-        if maintype == "application" and subtype in _SIGNATURE_SUBTYPES:
+        if maintype == "application" and subtype in _SIGNATURE_SUBTYPES and path[:-1] in self.smime_body_paths:
             self.note_signed("detached")
         return False
 
@@ -794,6 +810,8 @@ class _Decoder:
             return "uuencoded"
         if subtype in _SIGNATURE_SUBTYPES:
             return "smime-signature"
+        if subtype in _SMIME_SUBTYPES:
+            return "smime-signed" if "signed" in headers.get("content-type", "").lower() else "smime-encrypted"
         return None
 
     def _uudecode_blocks(self, data: bytes, pstr: str, where: str) -> None:
@@ -877,6 +895,11 @@ class _Decoder:
         what = smime.smime_type(ctype, ct.params, body=data)
         if what not in ("enveloped-data", "authEnveloped-data", "signed-data"):
             return None
+        self.smime_layers += 1
+        if self.smime_layers > MAX_SMIME_LAYERS:
+            # RFC 8551 §3.7 triple wrapping (sign, encrypt, sign) is the deepest real use; more
+            # layers only multiply memory (each keeps its bytes while the next is decoded).
+            raise MailTooLargeError(f"{where}: more than {MAX_SMIME_LAYERS} S/MIME layers", reason="max_smime_layers")
         pstr = ".".join(map(str, path))
         if what == "signed-data":
             self.note_signed("opaque")
@@ -894,8 +917,11 @@ class _Decoder:
             self.smime.update(decrypted=True, key=result.key_label, cipher=result.cipher)
             inner = result.content
             self.add_part(pstr, path, ctype, ct, headers, None, data, "smime", kind="smime-encrypted")
+        del data  # the outer layer is not needed while the inner one is walked
         inner_msg = _PARSER.parsebytes(inner)
+        del inner
         child = (*path, 1)
+        self.smime_body_paths.add(child)
         self.survey(inner_msg, child)
         return self.walk(inner_msg, child, can_claim)
 
@@ -1264,8 +1290,10 @@ def decode_mail(
         return _decode(bytes(raw), options)
     except DecodeError:
         raise
-    except RecursionError as exc:
+    except RecursionError:
         # The stdlib parser recurses once per nesting level; far past max_depth it overflows.
-        raise MailTooLargeError("MIME nesting too deep for the parser", reason="max_depth") from exc
-    except Exception as exc:  # the contract: nothing but DecodeError leaves here
-        raise DecodeError(f"unexpected {type(exc).__name__} while decoding the mail", reason="unknown") from exc
+        raise MailTooLargeError("MIME nesting too deep for the parser", reason="max_depth") from None
+    except Exception as exc:  # noqa: BLE001 - the contract: nothing but DecodeError leaves here
+        # Not chained: the cause's message and frames may hold mail text (decrypted text, too),
+        # and a traceback logged anywhere up the stack would print them. The type is enough.
+        raise DecodeError(f"unexpected {type(exc).__name__} while decoding the mail", reason="unknown") from None

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Literal
 
+from connector.errors import SpoolError
+
 #: Why a retrieved mail was not kept: over the message-size limit, or a line over the limit.
 Refusal = Literal["size", "line"]
 
@@ -150,16 +152,24 @@ class BodySink:
             self._release()
             return
         self._hash.update(piece)
-        if self._file is not None:
-            self._file.write(piece)
-            return
-        self._pieces.append(piece)
-        if self._policy is not None and self._size > self._policy.threshold:
-            # Past the threshold: everything so far goes to the file, and so does the rest.
-            # The file outlives this call: Retrieved.close() (or finish/abandon) closes it.
-            self._file = tempfile.TemporaryFile(prefix="pop3k-spool-", dir=self._policy.directory)  # noqa: SIM115
-            self._file.writelines(self._pieces)
-            self._pieces = []
+        try:
+            if self._file is not None:
+                self._file.write(piece)
+                return
+            self._pieces.append(piece)
+            if self._policy is not None and self._size > self._policy.threshold:
+                # Past the threshold: everything so far goes to the file, and so does the rest.
+                # The file outlives this call: Retrieved.close() (or finish/abandon) closes it.
+                self._file = tempfile.TemporaryFile(prefix="pop3k-spool-", dir=self._policy.directory)  # noqa: SIM115
+                self._file.writelines(self._pieces)
+                self._pieces = []
+        except OSError as exc:
+            self._release()
+            where = self._policy.directory if self._policy and self._policy.directory else tempfile.gettempdir()
+            raise SpoolError(
+                f"cannot spool a retrieved mail in {where!r} (runtime.spool_directory): {exc.strerror or exc}; "
+                "free space or fix the directory (the cycle is retried, nothing was deleted)"
+            ) from None
 
     def _release(self) -> None:
         self._pieces = []
@@ -176,7 +186,11 @@ class BodySink:
             return Retrieved(self._size, b"", refused="size")
         refused: Refusal | None = "line" if line_too_long is not None else None
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._release()
+                raise SpoolError(f"cannot spool a retrieved mail: {exc.strerror or exc}; free space") from None
             return Retrieved(
                 self._size, self._hash.digest(), file=self._file, refused=refused, longest_line=line_too_long
             )

@@ -58,7 +58,9 @@ from connector.runtime.login import LoginSession, login
 log = logging.getLogger("pop3kafka.cycle")
 
 #: RFC 1939 §11: LIST sizes may be estimates. A mail chosen by its LIST size may arrive a little
-#: larger (no final CRLF: +2; GNU pop3d adds an X-UIDL header); that is not "grew past the limit".
+#: larger (no final CRLF: +2; GNU pop3d adds an X-UIDL header; some servers count LF line ends in
+#: LIST and send CRLF): RETR may bring max(1 KiB, 1/16 of the limit) more before it counts as
+#: "grew past the limit".
 RETR_SLACK = 1024
 
 
@@ -367,7 +369,10 @@ def retrieve_encoded(
     to_fetch = [] if stop.is_set() else [n for n, _ in chosen]  # nothing is asked once shutdown began
     res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
     retrieval = session.retr_many(
-        to_fetch, limit=mailbox.max_message_bytes + RETR_SLACK, spool=spool, max_line=mailbox.max_line_bytes
+        to_fetch,
+        limit=mailbox.max_message_bytes + max(RETR_SLACK, mailbox.max_message_bytes // 16),
+        spool=spool,
+        max_line=mailbox.max_line_bytes,
     )
     try:
         for msg_num, mail in retrieval:

@@ -63,6 +63,8 @@ class ReplaySummary:
     #: dead letters of mailboxes no longer configured: decoded with the default options.
     unknown_mailbox: int = 0
     not_dead_letters: int = 0
+    #: records with the dead-letter fingerprint that do not decode (damaged): passed over.
+    unreadable: int = 0
     dry_run: bool = False
 
     def line(self) -> str:
@@ -78,6 +80,8 @@ class ReplaySummary:
             text += f", {self.unknown_mailbox} of mailboxes no longer configured (default decoding)"
         if self.not_dead_letters:
             text += f", {self.not_dead_letters} records that are not dead letters ignored"
+        if self.unreadable:
+            text += f", {self.unreadable} unreadable dead letters passed over"
         return text
 
 
@@ -141,7 +145,16 @@ def replay(
             # them (KIP-447 require_stable) until the transaction timed out.
             producer.init_transactions(60)
         ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in parts}
-        start = consumer.committed(parts, timeout=30)
+        try:
+            start = consumer.committed(parts, timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].code() in (KafkaError._TIMED_OUT, KafkaError.UNSTABLE_OFFSET_COMMIT) and dry_run:
+                raise DeliveryError(
+                    f"dlq replay: group {group!r} has a replay transaction pending (a replay was killed); run "
+                    "dlq replay without --dry-run (it aborts that transaction first) or wait "
+                    f"delivery.transaction_timeout_seconds ({config.delivery.transaction_timeout_seconds:g} s)"
+                ) from exc
+            raise
         if since_millis is not None:
             by_time = consumer.offsets_for_times(
                 [TopicPartition(topic, tp.partition, since_millis) for tp in parts], 30
@@ -161,22 +174,22 @@ def replay(
             if not batch:
                 continue
             outputs: list[tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]]] = []
+            # Progress = one past the last dead letter this batch handled, per partition; never
+            # position(), which is past messages fetched but left for the next run.
+            commit_to: dict[int, int] = {}
             for msg in batch:
                 summary.read += 1
+                commit_to[_partition(msg)] = max(commit_to.get(_partition(msg), 0), (msg.offset() or 0) + 1)
                 out = _transform(msg, since_at, by_id, config, summary)
                 if out is not None:
                     outputs.append(out)
-            summary.replayed += len(outputs)
-            if producer is not None:
-                producer.begin_transaction()
-                for key, value, headers in outputs:
-                    producer.produce(config.topics.mail, value=value, key=key, headers=headers)
-                touched = sorted({_partition(m) for m in batch})
-                positions = consumer.position([TopicPartition(topic, p) for p in touched])
-                producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 60)
-                faults.point("dlq_before_commit")
-                with faults.during("dlq_during_commit"):
-                    producer.commit_transaction(60)
+            if producer is None:
+                summary.replayed += len(outputs)
+            else:
+                offsets = [TopicPartition(topic, p, o) for p, o in sorted(commit_to.items())]
+                summary.replayed += _transact(
+                    producer, consumer, mail_topic=config.topics.mail, outputs=outputs, offsets=offsets, summary=summary
+                )
             if report is not None:
                 report(summary)
         return summary
@@ -187,6 +200,61 @@ def replay(
         consumer.close()
         if producer is not None:
             producer.flush(10)
+
+
+def _transact(
+    producer: Producer,
+    consumer: Consumer,
+    *,
+    mail_topic: str,
+    outputs: list[tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]]],
+    offsets: list[TopicPartition],
+    summary: ReplaySummary,
+) -> int:
+    """One batch in one transaction: its records and the group's progress past it. Any failure
+    aborts the transaction (so read_committed consumers of the mail topic are not held up
+    until it times out) and ends the run; the next run repeats the batch."""
+    sent = 0
+    try:
+        producer.begin_transaction()
+        for key, value, headers in outputs:
+            if _produce(producer, mail_topic, key, value, headers):
+                sent += 1
+            else:
+                summary.still_failing["too_large"] += 1
+        producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60)
+        faults.point("dlq_before_commit")
+        with faults.during("dlq_during_commit"):
+            producer.commit_transaction(60)
+    except KafkaException as exc:
+        err: KafkaError = exc.args[0]
+        if not err.fatal():
+            try:
+                producer.abort_transaction(30)
+            except KafkaException:
+                log.warning("dlq replay: abort_transaction failed; the broker aborts it after the timeout")
+        raise DeliveryError(f"dlq replay: the batch failed and was rolled back ({err.str()}); run again") from exc
+    return sent
+
+
+def _produce(
+    producer: Producer, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, str | bytes | None]]
+) -> bool:
+    """Queue one record, waiting while librdkafka's queue is full; False when the record is
+    larger than the producer's message.max.bytes (counted, left in the dead-letter topic)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers)
+            return True
+        except BufferError:
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._QUEUE_FULL)) from None
+            producer.poll(0.5)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                return False
+            raise
 
 
 def _partition(msg: Message) -> int:
@@ -207,10 +275,10 @@ def _read_batch(consumer: Consumer, remaining: set[int], ends: dict[int, int], s
             if err.code() == KafkaError._PARTITION_EOF:
                 remaining.discard(_partition(msg))
                 continue
-            if err.retriable() or not err.fatal():
+            if err.retriable():
                 log.warning("dlq replay: %s", err.str())
                 continue
-            raise KafkaException(err)
+            raise KafkaException(err)  # e.g. TOPIC/GROUP_AUTHORIZATION_FAILED: say so now
         offset, partition = msg.offset() or 0, _partition(msg)
         if offset >= ends[partition]:
             remaining.discard(partition)  # written after the replay started: next run
@@ -236,7 +304,17 @@ def _transform(
     if value is None or value[2:10] != dead_letter_schema().fingerprint:
         summary.not_dead_letters += 1
         return None
-    dl = decode_single_object(value, {dead_letter_schema().fingerprint: dead_letter_schema()})
+    try:
+        dl = decode_single_object(value, {dead_letter_schema().fingerprint: dead_letter_schema()})
+    except Exception:  # noqa: BLE001 - one damaged record must not block every later one
+        summary.unreadable += 1
+        log.warning(
+            "dlq replay: %s[%s]@%s is not a readable dead letter; passed over",
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+        )
+        return None
     p = dl["provenance"]
     mailbox = by_id.get(p["mailbox_id"])
     if mailbox is None:

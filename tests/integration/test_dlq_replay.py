@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,15 @@ def nested(depth: int, tag: str) -> bytes:
     return head + opening + b"Content-Type: text/plain\r\n\r\n" + tag.encode() + closing
 
 
+#: the first dead letters are written with a timestamp two days old (for --since).
+OLD_MS = int((time.time() - 2 * 86400) * 1000)
+N_OLD = 6
+
+
 def seed_dead_letters(bootstrap: str, topic: str) -> dict[str, bytes]:
     """Dead letters as the connector writes them: mail that failed the default max_depth (32);
-    the good ones nest 40 deep (fine with max_depth 64), the bad ones 80."""
+    the good ones nest 40 deep (fine with max_depth 64), the bad ones 80. Plus one damaged record
+    (right fingerprint, truncated), which replay must pass over without being stuck on it."""
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     raws: dict[str, bytes] = {}
     for i in range(N_GOOD + N_BAD):
@@ -48,8 +55,10 @@ def seed_dead_letters(bootstrap: str, topic: str) -> dict[str, bytes]:
             "replay", uidl, "pop.test:995", 1_700_000_000_000 + i, len(raw), hashlib.sha256(raw).hexdigest()
         )
         dl = DeadLetter.of(exc.value, prov, raw, 1_700_000_000_000 + i)
-        p.produce(topic, key=b"replay", value=dl.encode(), headers=dl.headers())
+        stamp = {"timestamp": OLD_MS} if i < N_OLD else {}
+        p.produce(topic, key=b"replay", value=dl.encode(), headers=dl.headers(), **stamp)
         raws[uidl] = raw
+    p.produce(topic, key=b"replay", value=dl.encode()[:40])  # damaged
     assert p.flush(30) == 0
     return raws
 
@@ -99,8 +108,9 @@ def test_dry_run_reports_and_writes_nothing(services, replay_setup) -> None:  # 
     proc = cli(cfg, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert (
-        f"18 dead letters read, {N_GOOD} would be replayed, {N_BAD} still failing (max_depth: {N_BAD})" in proc.stdout
-    )
+        f"19 dead letters read, {N_GOOD} would be replayed, {N_BAD} still failing (max_depth: {N_BAD}), "
+        "1 unreadable dead letters passed over" in proc.stdout
+    ), proc.stdout
     assert mail_records(services, topic, 0) == []
     again = cli(cfg, "--dry-run")  # nothing was recorded as done
     assert f"{N_GOOD} would be replayed" in again.stdout
@@ -129,15 +139,20 @@ def test_replay_is_exactly_once_across_kill_9(services, replay_setup) -> None:  
     # Progress is in Kafka: a new run has nothing left.
     again = cli(cfg)
     assert again.returncode == 0 and "0 dead letters read, 0 replayed" in again.stdout, again.stdout
+    assert "unreadable" not in again.stdout  # the damaged record was passed over for good
     assert len(mail_records(services, topic, N_GOOD)) == N_GOOD
 
 
 def test_since_passes_over_older_dead_letters(services, replay_setup) -> None:  # type: ignore[no-untyped-def]
     cfg, topic, _ = replay_setup
-    proc = cli(cfg, "--since", "2099-01-01T00:00:00Z")
+    proc = cli(cfg, "--since", "1d")
     assert proc.returncode == 0, proc.stderr
-    assert "0 replayed" in proc.stdout and "18 before --since passed over" in proc.stdout
-    assert mail_records(services, topic, 0) == []
+    assert f"{N_GOOD - N_OLD} replayed" in proc.stdout and f"{N_OLD} before --since passed over" in proc.stdout
+    got = mail_records(services, topic, N_GOOD - N_OLD)
+    uidls = sorted(c.record["provenance"]["uidl"] for c in got)  # type: ignore[attr-defined]
+    assert uidls == [f"U{i:03d}" for i in range(N_OLD, N_GOOD)]
+    future = cli(cfg, "--since", "2099-01-01T00:00:00Z")
+    assert future.returncode == 2 and "is in the future" in future.stderr
 
 
 def test_bad_since_is_a_usage_error(services, replay_setup) -> None:  # type: ignore[no-untyped-def]

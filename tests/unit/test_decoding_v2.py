@@ -243,6 +243,7 @@ def test_decode_options_from_the_mailbox_config() -> None:
         ({"decode_limits": {"max_depth": 0}}, "decode_limits.max_depth"),
         ({"decode_limits": {"max_headers": 1}}, "decode_limits.max_headers"),
         ({"decode_limits": {"max_size": 1}}, "decode_limits.max_size"),
+        ({"decode_limits": {"max_decode_seconds": 60}}, "more than 3/4 of delivery.transaction_timeout_seconds"),
     ],
 )
 def test_bad_decode_settings_name_the_key(mailbox: dict[str, object], match: str) -> None:

@@ -210,3 +210,64 @@ def test_key_ring_repr_shows_labels_only(pki: Pki) -> None:
     opts = mailbox_options(pki, {"file": str(pki.pem_file("alice", key_first=True)), "label": "k1"})
     assert "k1" in repr(opts.keys) and "PRIVATE" not in repr(opts.keys)
     assert Path(pki.root).exists()
+
+
+# ------------------------------------------------------------------ .p7m attachments are not layers
+
+
+def with_attachment(
+    entity_b64: bytes, filename: str, *, first: bool = False, smime_type: str = "enveloped-data"
+) -> bytes:
+    att = (
+        (
+            f'--B\r\nContent-Type: application/pkcs7-mime; smime-type={smime_type}; name="{filename}"\r\n'
+            f'Content-Disposition: attachment; filename="{filename}"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        ).encode()
+        + entity_b64
+        + b"\r\n"
+    )
+    text = b"--B\r\nContent-Type: text/plain\r\n\r\nPlease find the contract attached.\r\n"
+    body = (att + text) if first else (text + att)
+    return HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n" + body + b"--B--\r\n"
+
+
+def test_an_encrypted_p7m_attachment_is_kept_not_decrypted(pki: Pki) -> None:
+    der = pki.encrypt(inner_mail("att"), "carol")  # not even for us: still no dead letter
+    raw = with_attachment(base64.encodebytes(der).replace(b"\n", b"\r\n"), "contract.p7m")
+    m = decode_mail(raw)  # default options: decrypt, no keys
+    assert m.text_body == "Please find the contract attached."
+    assert [(a.filename, a.kind, a.size) for a in m.attachments] == [("contract.p7m", "smime-encrypted", len(der))]
+    assert m.smime is None  # the mail itself has no S/MIME layer
+    passthrough = decode_mail(raw, options=DecodeOptions(smime="passthrough"))
+    assert passthrough.mime_decoded and passthrough.text_body == m.text_body
+
+
+def test_a_signed_xml_p7m_invoice_first_is_not_unwrapped_and_does_not_become_the_body(pki: Pki) -> None:
+    signed = pki.sign_opaque(b"<FatturaElettronica/>", outform="DER")
+    raw = with_attachment(
+        base64.encodebytes(signed).replace(b"\n", b"\r\n"),
+        "IT01234_00001.xml.p7m",
+        first=True,
+        smime_type="signed-data",
+    )
+    m = decode_mail(raw)
+    assert m.text_body == "Please find the contract attached."
+    assert [(a.filename, a.kind) for a in m.attachments] == [("IT01234_00001.xml.p7m", "smime-signed")]
+    assert m.smime is None
+
+
+def test_more_than_three_smime_layers_is_a_limit(pki: Pki) -> None:
+    entity = inner_mail("deep")
+    for _ in range(4):
+        entity = crlf_entity(pki.sign_opaque(entity, outform="SMIME"))
+    with pytest.raises(MailTooLargeError) as exc:
+        decode_mail(HEAD + entity)
+    assert exc.value.reason == "max_smime_layers"
+    three = inner_mail("three")
+    for _ in range(3):
+        three = crlf_entity(pki.sign_opaque(three, outform="SMIME"))
+    assert decode_mail(HEAD + three).text_body == "The figure is three."
+
+
+def crlf_entity(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

@@ -61,9 +61,11 @@ def test_over_the_size_limit_is_refused_and_released(tmp_path: Path) -> None:
         mail.read()
 
 
-def test_spool_directory_that_does_not_exist_fails_the_receive(tmp_path: Path) -> None:
+def test_spool_directory_that_does_not_exist_fails_the_receive_with_a_typed_error(tmp_path: Path) -> None:
+    from connector.errors import SpoolError
+
     sink = BodySink(policy=SpoolPolicy(threshold=10, directory=str(tmp_path / "missing")))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SpoolError, match=r"missing.*runtime.spool_directory.*nothing was deleted"):
         feed(sink, b"y" * 100)
 
 
