@@ -404,7 +404,10 @@ def select_for_retrieval(
         size = sizes[msg_num]
         if size > mailbox.max_message_bytes:
             res.oversized += 1
-            log.error(
+            # Left there and seen again every cycle: reported once per mail at ERROR, then DEBUG.
+            first = _first_time(mailbox.id, f"oversized {uidl}")
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
                 "mail of %d bytes (LIST) exceeds max_message_bytes (%d); left on the server",
                 size,
                 mailbox.max_message_bytes,

@@ -402,3 +402,13 @@ def test_leave_policy_reports_each_undecodable_mail_once(
         assert res.ok and res.undecodable == 1
     errors = [r for r in caplog.records if "left on the server (on_undecodable: leave)" in r.getMessage()]
     assert [r.levelname for r in errors] == ["ERROR", "DEBUG"]
+
+
+def test_oversized_mail_is_reported_once_per_uidl(mock_publisher: Publisher, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="pop3kafka.cycle")
+    m = {"HUGE1": b"Subject: big\r\n\r\n" + b"x" * 5000}
+    for _ in range(2):
+        res = run(FakeSession(dict(m)), mock_publisher, id="bigonce", max_message_bytes=4096)
+        assert res.ok and res.oversized == 1
+    said = [r.levelname for r in caplog.records if "exceeds max_message_bytes" in r.getMessage()]
+    assert said == ["ERROR", "DEBUG"]
