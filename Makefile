@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down bench clean crash-matrix fuzz
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -43,13 +43,13 @@ typecheck: venv
 
 # The whole suite: lint, types, unit and integration tests (starts Kafka and Dovecot itself
 # unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at running ones).
-test: deps venv lint typecheck
+test: deps venv lint typecheck objectstore
 	$(BIN)/pytest
 
 test-unit: venv
 	$(BIN)/pytest tests/unit
 
-test-integration: deps venv
+test-integration: deps venv objectstore
 	$(BIN)/pytest tests/integration
 
 demo: deps venv
@@ -63,6 +63,12 @@ stack-up: deps venv
 
 stack-down:
 	$(BIN)/python deploy/local/localstack.py down
+
+# Build (once) and cache SeaweedFS's weed binary for the S3 object store the claim-check tests
+# use: ~4-5 min cold on 2 cores, instant when ~/.cache/pop3-kafka/weed-<version>-<hash> exists.
+# Needs Go >= the version in deploy/local/seaweedfs/go.mod (GO=/path/to/go to choose one).
+objectstore:
+	$(PY) deploy/local/objectstore.py fetch
 
 # The full crash matrix (10 kills per named point + 200 random kill -9, ~20 min); writes
 # bench/results/crash-matrix.md. CI runs a reduced one (tests/integration/test_crash_matrix.py).
