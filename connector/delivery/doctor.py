@@ -91,6 +91,16 @@ class _Acl:
         return f"{self.resource} {self.name!r} ({'prefixed' if self.prefixed else 'literal'}) {self.operation}"
 
 
+@dataclass(frozen=True)
+class _ConfigFailure:
+    """Why a topic's configuration could not be read: a missing ACL (``acl``), no answer in
+    time (``timed_out``), or another broker error (``text``)."""
+
+    text: str
+    acl: _Acl | None = None
+    timed_out: bool = False
+
+
 class _Doctor:
     def __init__(self, config: Config, timeout: float) -> None:
         self.config = config
@@ -317,23 +327,18 @@ class _Doctor:
         """WARN unless dead letters are kept for good: once one is in Kafka its mail is deleted
         from the server, so the dead letter may be the only copy of that mail."""
         topic, check = self.config.topics.dead_letter, "kafka.dead_letter_topic.retention"
-        acl = _Acl("Topic", topic, "DescribeConfigs")
-        res = ConfigResource(ResourceType.TOPIC, topic)
-        try:
-            entries = admin.describe_configs([res], request_timeout=self.timeout)[res].result(timeout=self.timeout + 5)
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        entries, failure = self.topic_config(admin, topic)
+        if failure is not None:
+            if failure.acl is not None:
                 return Finding(
                     check,
                     True,
-                    f"retention of {topic!r} not checked: {self.missing(acl)} (optional; only this check needs it)",
-                    self.grant(acl),
+                    f"retention of {topic!r} not checked: {failure.text} (optional; only this check needs it)",
+                    self.grant(failure.acl),
                     warning=True,
                 )
-            return Finding(check, True, f"retention of {topic!r} not checked: {err.str()}", warning=True)
-        except concurrent.futures.TimeoutError:
-            return Finding(check, True, f"retention of {topic!r} not checked: no DescribeConfigs answer", warning=True)
+            text = "no DescribeConfigs answer" if failure.timed_out else failure.text
+            return Finding(check, True, f"retention of {topic!r} not checked: {text}", warning=True)
 
         def value(name: str, default: str) -> str:
             entry = entries.get(name)
@@ -414,8 +419,8 @@ class _Doctor:
         out.append(self.check_read(sorted(p.id for p in answer.partitions)) if read.ok else read)
         return out
 
-    def check_compacted(self, admin: AdminClient) -> Finding:
-        topic = self.config.ledger.topic
+    def topic_config(self, admin: AdminClient, topic: str) -> tuple[dict[str, Any], _ConfigFailure | None]:
+        """The topic's configuration entries (DescribeConfigs), or why they could not be read."""
         acl = _Acl("Topic", topic, "DescribeConfigs")
         res = ConfigResource(ResourceType.TOPIC, topic)
         try:
@@ -423,15 +428,28 @@ class _Doctor:
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                return {}, _ConfigFailure(self.missing(acl), acl=acl)
+            return {}, _ConfigFailure(err.str())
+        except concurrent.futures.TimeoutError:
+            return {}, _ConfigFailure("", timed_out=True)
+        return dict(entries), None
+
+    def check_compacted(self, admin: AdminClient) -> Finding:
+        topic = self.config.ledger.topic
+        entries, failure = self.topic_config(admin, topic)
+        if failure is not None:
+            if failure.acl is not None:
                 return Finding(
                     "kafka.ledger.compacted",
                     False,
-                    f"cannot read the configuration of ledger topic {topic!r}: {self.missing(acl)}",
-                    self.grant(acl),
+                    f"cannot read the configuration of ledger topic {topic!r}: {failure.text}",
+                    self.grant(failure.acl),
                 )
-            return Finding("kafka.ledger.compacted", False, f"cannot read the configuration of {topic!r}: {err.str()}")
-        except concurrent.futures.TimeoutError:
-            return Finding("kafka.ledger.compacted", False, f"no answer to DescribeConfigs of {topic!r}")
+            if failure.timed_out:
+                return Finding("kafka.ledger.compacted", False, f"no answer to DescribeConfigs of {topic!r}")
+            return Finding(
+                "kafka.ledger.compacted", False, f"cannot read the configuration of {topic!r}: {failure.text}"
+            )
         policy = entries["cleanup.policy"].value if "cleanup.policy" in entries else "delete"
         if "compact" not in (policy or ""):
             return Finding(

@@ -387,15 +387,19 @@ class Pop3Session:
         self.close()
         raise Pop3ProtocolError(f"AUTH {mechanism.name}: more than {MAX_SASL_ROUNDS} challenges")
 
-    def _send_secret_line(self, data: bytes, shown: str) -> None:
-        """Send a line that carries credentials; the transcript shows ``shown`` instead."""
-        if self._transcript is not None:
-            self._transcript("C", shown)
+    def _send(self, data: bytes) -> None:
+        """Put bytes on the wire; a failed send leaves the session unusable, so it is closed."""
         try:
             self._transport.send(data)
         except ConnectorError:
             self.close()
             raise
+
+    def _send_secret_line(self, data: bytes, shown: str) -> None:
+        """Send a line that carries credentials; the transcript shows ``shown`` instead."""
+        if self._transcript is not None:
+            self._transcript("C", shown)
+        self._send(data)
 
     # ------------------------------------------------------------------ TRANSACTION state
 
@@ -526,11 +530,7 @@ class Pop3Session:
         if self._transcript is not None:
             for name, arg in commands:
                 self._transcript("C", f"{name} {arg}")
-        try:
-            self._transport.send(data)
-        except ConnectorError:
-            self.close()
-            raise
+        self._send(data)
 
     def retr_spooled(
         self,
@@ -653,11 +653,7 @@ class Pop3Session:
         if self._transcript is not None:
             shown = f"{name} ***" if name.upper() == "PASS" else data[:-2].decode("utf-8", "replace")
             self._transcript("C", shown)
-        try:
-            self._transport.send(data)
-        except ConnectorError:
-            self.close()
-            raise
+        self._send(data)
         if _before_reply is not None:
             _before_reply()  # crash-injection point: the command is on the wire, the reply unread
         return self._read_status()
