@@ -5,14 +5,13 @@ replay neither loses nor duplicates a record."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from support.cli import run_cli
 from support.configs import write_config
 from support.kafkautil import consume_all
 
@@ -64,14 +63,7 @@ def seed_dead_letters(bootstrap: str, topic: str) -> dict[str, bytes]:
 
 
 def cli(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector.cli.main", "dlq", "replay", "--config", str(cfg), *args],
-        env={**os.environ, "PW_REPLAY": "x", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_cli("dlq", "replay", "--config", str(cfg), *args, env={"PW_REPLAY": "x", **(env or {})})
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import SHAPES, make_mail, norm_text
@@ -29,14 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector.cli.main", "--log-format", "json", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli("--log-format", "json", *args, env=env, timeout=timeout)
 
 
 def server_uidls(services, user: str) -> list[str]:  # type: ignore[no-untyped-def]

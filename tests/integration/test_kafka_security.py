@@ -9,10 +9,8 @@ principals are not super users and get exactly connector_acls().
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from kafka_acls import grant_acls
 from localstack import KafkaNode
+from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import make_mail
@@ -72,14 +71,7 @@ def config(
 
 
 def cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector.cli.main", "--log-format", "json", *args],
-        env={**os.environ, "PW_SEC": f"{USER}-pw"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli("--log-format", "json", *args, env={"PW_SEC": f"{USER}-pw"}, timeout=timeout)
 
 
 def topics_on(kafka: KafkaNode) -> set[str]:

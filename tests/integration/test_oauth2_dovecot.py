@@ -8,9 +8,7 @@ Users: bob and alice for logins, carol for the full poll (no other test uses the
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from support.cli import run_cli
 from support.configs import write_config
 from support.jwt import make_jwt
 from support.kafkautil import consume_all
@@ -182,14 +181,7 @@ def test_invalid_client_is_a_typed_auth_error_before_any_pop3_login(services, en
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector.cli.main", *args],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(*args, env=ENV, timeout=timeout)
 
 
 def test_poll_once_with_client_credentials(  # type: ignore[no-untyped-def]

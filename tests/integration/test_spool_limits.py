@@ -7,12 +7,10 @@ t14: one 8 MB mail received into a spool file over POP3S, byte-exact and hashed.
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import make_mail
@@ -46,14 +44,7 @@ def test_spooled_mail_reaches_kafka_and_a_long_line_stays_on_the_server(services
         [mailbox("spool", "t13", services.dovecot.pop3s_port, services.cafile, max_line_bytes=100_000)],
         runtime={"spool_threshold_bytes": 0, "spool_directory": str(spool)},
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "connector.cli.main", "poll-once", "--config", str(cfg)],
-        env={**os.environ, "PW_SPOOL": "t13-pw"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    proc = run_cli("poll-once", "--config", str(cfg), env={"PW_SPOOL": "t13-pw"})
     assert proc.returncode == 0, proc.stderr
     # The wide mail is a dead letter (reason max_line_bytes) holding it as received.
     assert "spool: ok: 20 published, 1 dead-lettered, 21 deleted of 21 listed" in proc.stdout, proc.stdout

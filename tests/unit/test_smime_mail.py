@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.leaks import assert_no_leak
 from support.smime import Pki, make_pki
 
 from connector.config import parse_config
@@ -137,24 +138,6 @@ def test_undecryptable_mail_is_a_dead_letter_with_its_reason(pki: Pki, how: str,
 
 
 # ------------------------------------------------------------------ nothing decrypted leaks
-
-
-def leak_forms(marker: str) -> list[bytes]:
-    """The marker as it could appear: plain, UTF-16, and base64 at every alignment
-    (quoted-printable of an ASCII marker is the marker itself)."""
-    m = marker.encode()
-    forms = [m, marker.encode("utf-16-le"), marker.encode("utf-16-be")]
-    for pad in (b"", b"x", b"xy"):
-        enc = base64.b64encode(pad + m)
-        forms.append(enc[4:-4] if pad else enc[:-4])
-    return forms
-
-
-def assert_no_leak(marker: str, *texts: bytes | str) -> None:
-    for text in texts:
-        data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-        for form in leak_forms(marker):
-            assert form not in data, f"decrypted marker leaked in form {form!r}"
 
 
 @pytest.mark.parametrize("failure", ["limits", "depth", "body_part"])
