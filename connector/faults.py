@@ -32,6 +32,9 @@ POINTS = ("after_retr", "before_commit", "during_commit", "after_commit", "after
 #: dlq replay (connector/runtime/dlq_replay.py): records and offsets sent, not yet committed;
 #: and while the commit runs (tests/integration/test_dlq_replay.py).
 REPLAY_POINTS = ("dlq_before_commit", "dlq_during_commit")
+#: placement (connector/runtime/placement.py): after each chunk record is produced, so
+#: ``during_chunks@N`` kills in the middle of a chunked transaction (tests/integration/test_large_mail_e2e.py).
+PLACEMENT_POINTS = ("during_chunks",)
 
 _spec = os.environ.get("POP3K_FAULT", "")
 _point, _, _nth = _spec.partition("@")

@@ -26,6 +26,7 @@ from connector.auth.oauth2 import (
 )
 from connector.config.schema import Field, validate
 from connector.decoding.options import DEFAULT_OPTIONS, BodySelection, DecodeLimits, DecodeOptions
+from connector.delivery.offload import OffloadSettings
 from connector.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
@@ -44,6 +45,10 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 FINGERPRINT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
+#: attachment parts larger than this (encoded) are decoded piece by piece, never held whole.
+STREAM_ABOVE = 1024 * 1024
+#: topics.attachments defaults to topics.mail plus this.
+ATTACHMENTS_SUFFIX = ".attachments"
 #: topics.dead_letter defaults to topics.mail plus this.
 DEAD_LETTER_SUFFIX = ".dlq"
 
@@ -87,6 +92,19 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._source)
+
+
+@dataclass(frozen=True)
+class AttachmentsConfig:
+    """Per mailbox: what happens to attachment bytes (and raw mail, and large dead letters).
+
+    ``none``: metadata only (size, sha256), as in record version 2. Otherwise content up to
+    ``inline_max_bytes`` travels in the record; larger content goes as chunk records on
+    topics.attachments (``chunked``) or to the offload store (``offload``).
+    """
+
+    placement: Literal["none", "chunked", "offload"] = "chunked"
+    inline_max_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,14 @@ class MailboxConfig:
     #: mail that cannot be decoded: "dead_letter" (its original bytes go to topics.dead_letter,
     #: then it is deleted like delivered mail) or "leave" (left on the server, counted, logged).
     on_undecodable: OnUndecodable = "dead_letter"
+    #: where attachment bytes go (docs/configuration.md, "Large mail").
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
+    #: "include": the raw mail travels too (inline, chunked or offloaded like an attachment).
+    raw_mail: Literal["none", "include"] = "none"
+    #: mail over max_message_bytes (by LIST): "skip" (left, counted, logged once per UIDL),
+    #: "dead_letter" (retrieved into the spool, its raw bytes chunked or offloaded with a dead
+    #: letter, then deleted like delivered mail) or "delete" (deleted unread).
+    oversized: Literal["skip", "dead_letter", "delete"] = "skip"
 
     @property
     def server(self) -> str:
@@ -192,10 +218,17 @@ class TopicsConfig:
     replication_factor: int = -1
     #: where mail that cannot be decoded goes (schemas/dead_letter.avsc); "" = "<mail>.dlq".
     dead_letter: str = ""
+    #: chunk records of large content (schemas/attachment_chunk.avsc); "" = "<mail>.attachments".
+    attachments: str = ""
+    #: bytes of content per chunk record; with the record's framing it must fit the topic's
+    #: max.message.bytes and the producer's message.max.bytes (checked by doctor).
+    chunk_bytes: int = 512 * 1024
 
     def __post_init__(self) -> None:
         if not self.dead_letter:
             object.__setattr__(self, "dead_letter", f"{self.mail}{DEAD_LETTER_SUFFIX}")
+        if not self.attachments:
+            object.__setattr__(self, "attachments", f"{self.mail}{ATTACHMENTS_SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +271,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     source: str = "<memory>"
+    #: the offload store (connector/delivery/offload.py), needed by ``placement: offload``.
+    offload: OffloadSettings | None = None
 
     def mailbox(self, mailbox_id: str) -> MailboxConfig:
         for m in self.mailboxes:
@@ -425,6 +460,16 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
     "identity": Field("str", default="uidl", choices=("uidl", "headers")),
     "on_undecodable": Field("str", default="dead_letter", choices=("dead_letter", "leave")),
+    "attachments": Field(
+        "map",
+        default=dict,
+        schema={
+            "placement": Field("str", default="chunked", choices=("none", "chunked", "offload")),
+            "inline_max_bytes": Field("int", default=256 * 1024, minimum=0, maximum=64 * 1024 * 1024),
+        },
+    ),
+    "raw_mail": Field("str", default="none", choices=("none", "include")),
+    "oversized": Field("str", default="skip", choices=("skip", "dead_letter", "delete")),
     "auth_mechanisms": Field("list", items="str", check=_check_mechanisms),
     "oauth2_token": Field(
         "map", schema=SECRET_SCHEMA, secret=True, help="{file: PATH} (re-read at each login) or {env: NAME}"
@@ -490,6 +535,26 @@ ROOT_SCHEMA: dict[str, Field] = {
             "partitions": Field("int", default=3, minimum=1, maximum=10_000),
             "replication_factor": Field("int", default=-1, minimum=-1, maximum=100),
             "dead_letter": Field("str", check=_check_topic, help="default: '<mail>.dlq'"),
+            "attachments": Field("str", check=_check_topic, help="default: '<mail>.attachments'"),
+            "chunk_bytes": Field("int", default=512 * 1024, minimum=64 * 1024, maximum=16 * 1024 * 1024),
+        },
+    ),
+    "offload": Field(
+        "map",
+        schema={
+            "kind": Field("str", required=True, choices=("filesystem", "s3")),
+            "directory": Field("str", help="filesystem: where sha256/<hex> objects go"),
+            "bucket": Field("str", help="s3: the bucket"),
+            "prefix": Field("str", default="", help="s3: key prefix, e.g. 'pop3-kafka/'"),
+            "endpoint_url": Field("str", help="s3-compatible server; default: AWS"),
+            "region": Field("str"),
+            "access_key_id_file": Field("str", help="default: boto3's credential chain (env, IRSA, profile)"),
+            "secret_access_key_file": Field("str"),
+            "server_side_encryption": Field("str", choices=("AES256", "aws:kms")),
+            "sse_kms_key_id": Field("str"),
+            "part_bytes": Field("int", default=8 * 1024 * 1024, minimum=5 * 1024 * 1024, maximum=512 * 1024 * 1024),
+            "ca_bundle": Field("str"),
+            "timeout_seconds": Field("float", default=30.0, minimum=1, maximum=600),
         },
     ),
     "record": Field(
@@ -679,6 +744,7 @@ def _decode_options(m: dict[str, Any], path: str, base: Path, environ: Mapping[s
         mime_decoding=m["mime_decoding"],
         smime=smime["mode"],
         keys=keys,
+        stream_above=STREAM_ABOVE,
     )
 
 
@@ -777,7 +843,7 @@ def _check_delivery_options(m: dict[str, Any], path: str, delivery: DeliveryConf
 
 def _topics(t: dict[str, Any], ledger: LedgerConfig, delivery: DeliveryConfig) -> TopicsConfig:
     """topics.*, with the dead-letter topic's default and the clashes that would mix records."""
-    topics = TopicsConfig(**{**t, "dead_letter": t["dead_letter"] or ""})
+    topics = TopicsConfig(**{**t, "dead_letter": t["dead_letter"] or "", "attachments": t["attachments"] or ""})
     dlq = topics.dead_letter
     if t["dead_letter"] is None and not TOPIC_RE.match(dlq):
         raise ConfigError(
@@ -791,7 +857,56 @@ def _topics(t: dict[str, Any], ledger: LedgerConfig, delivery: DeliveryConfig) -
         )
     if delivery.mode == "exactly_once" and dlq == ledger.topic:
         raise ConfigError(f"topics.dead_letter: {dlq!r} is also ledger.topic; give it a topic of its own")
+    att = topics.attachments
+    if t["attachments"] is None and not TOPIC_RE.match(att):
+        raise ConfigError(
+            f"topics.attachments: the default {att!r} (topics.mail + {ATTACHMENTS_SUFFIX!r}) is longer than Kafka's "
+            "249 characters; set topics.attachments"
+        )
+    if att in (topics.mail, dlq, ledger.topic):
+        raise ConfigError(
+            f"topics.attachments: {att!r} is also the mail, dead-letter or ledger topic; chunk records need a topic "
+            f"of their own (default: '<mail>{ATTACHMENTS_SUFFIX}')"
+        )
     return topics
+
+
+def _offload(o: dict[str, Any] | None, base: Path) -> OffloadSettings | None:
+    """offload: the claim-check store; paths resolved against the config file's directory."""
+    if o is None:
+        return None
+    if o["kind"] == "filesystem":
+        if not o["directory"]:
+            raise ConfigError("offload.directory: required with kind: filesystem")
+        d = Path(o["directory"]) if Path(o["directory"]).is_absolute() else base / o["directory"]
+        if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"offload.directory: {str(d)!r} is not a writable directory; create it or fix the path")
+        o = {**o, "directory": str(d)}
+    else:
+        if not o["bucket"]:
+            raise ConfigError("offload.bucket: required with kind: s3")
+        if (o["access_key_id_file"] is None) != (o["secret_access_key_file"] is None):
+            raise ConfigError(
+                "offload: give both access_key_id_file and secret_access_key_file, or neither (boto3's chain)"
+            )
+        for key in ("access_key_id_file", "secret_access_key_file", "ca_bundle"):
+            if o[key] is not None:
+                o = {**o, key: _existing_file(o[key], key, "offload", base)}
+        if o["sse_kms_key_id"] is not None and o["server_side_encryption"] != "aws:kms":
+            raise ConfigError("offload.sse_kms_key_id: only with server_side_encryption: aws:kms")
+    return OffloadSettings(**o)
+
+
+def _check_placement(m: MailboxConfig, path: str, offload: OffloadSettings | None) -> None:
+    if m.attachments.placement == "offload" and offload is None:
+        raise ConfigError(
+            f"{path}.attachments.placement: 'offload' needs an offload: section (a directory or an S3 bucket)"
+        )
+    if m.oversized == "dead_letter" and m.attachments.placement == "none":
+        raise ConfigError(
+            f"{path}.oversized: 'dead_letter' carries the raw mail as chunks or an offloaded object; set "
+            "attachments.placement to chunked or offload"
+        )
 
 
 def parse_config(
@@ -866,11 +981,17 @@ def parse_config(
                 identity=m["identity"],
                 on_undecodable=m["on_undecodable"],
                 decode=_decode_options(m, path, base, env),
+                attachments=AttachmentsConfig(**m["attachments"]),
+                raw_mail=m["raw_mail"],
+                oversized=m["oversized"],
             )
         )
     k = v["kafka"]
     ledger = LedgerConfig(**v["ledger"])
     topics = _topics(v["topics"], ledger, delivery)
+    offload = _offload(v["offload"], base)
+    for i, mb in enumerate(mailboxes):
+        _check_placement(mb, f"mailboxes[{i}]", offload)
     return Config(
         kafka=KafkaConfig(
             bootstrap_servers=k["bootstrap_servers"],
@@ -885,6 +1006,7 @@ def parse_config(
         delivery=delivery,
         ledger=ledger,
         source=source,
+        offload=offload,
     )
 
 

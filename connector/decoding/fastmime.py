@@ -48,15 +48,17 @@ failing the whole mail.
 
 from __future__ import annotations
 
+import contextlib
 import email.errors
 import email.message
 import email.policy
 import email.utils
+import mmap
 import re
 from collections.abc import Iterator
 from typing import Any, Literal, Protocol, overload
 
-__all__ = ["PARSER", "Entity", "FastParser", "Node", "Splitter"]
+__all__ = ["PARSER", "Buffer", "Entity", "FastParser", "Node", "Span", "Splitter", "SpoolMap"]
 
 
 class Entity(Protocol):
@@ -101,6 +103,68 @@ class Splitter(Protocol):
 _COMPAT32 = email.policy.compat32
 
 
+class Span:
+    """A leaf payload left where it is: ``data[start:stop]`` of the mail being parsed.
+
+    Large mail (issue 6) is parsed from a memory-mapped spool file; copying a 50 MB attachment
+    into a ``str`` would cost its size twice over. Leaves longer than the parser's
+    ``lazy_above`` are kept as a Span, and mime.py transfer-decodes them piece by piece
+    (connector/decoding/stream.py) instead of reading them whole.
+    """
+
+    __slots__ = ("data", "start", "stop")
+
+    def __init__(self, data: Buffer, start: int, stop: int) -> None:
+        self.data = data
+        self.start = start
+        self.stop = stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __repr__(self) -> str:  # no content
+        return f"<Span {self.stop - self.start} bytes>"
+
+    def tobytes(self) -> bytes:
+        return bytes(self.data[self.start : self.stop])
+
+    def text(self) -> str:
+        """What compat32 would have stored: the bytes as ASCII + surrogateescape."""
+        return _text(self.tobytes())
+
+    def strip_eol(self) -> None:
+        """RFC 2046 §5.1.1: the line break before a delimiter belongs to the delimiter."""
+        tail = bytes(self.data[max(self.start, self.stop - 2) : self.stop])
+        if tail.endswith(b"\r\n"):
+            self.stop -= 2
+        elif tail.endswith((b"\r", b"\n")):
+            self.stop -= 1
+
+
+class SpoolMap(mmap.mmap):
+    """A read-only mapping of a spool file that the splitter can search like ``bytes``.
+
+    ``mmap`` has ``find`` and works with ``re``, but lacks ``startswith``. Pages read once are
+    handed back with :meth:`release` (``MADV_DONTNEED``): for a file mapping that only drops
+    them from this process (they stay in the page cache and are read again on the next
+    access), so a 200 MB mail scanned front to back never shows as 200 MB of resident memory.
+    """
+
+    def startswith(self, prefix: bytes, start: int = 0) -> bool:
+        return self[start : start + len(prefix)] == prefix
+
+    def release(self, upto: int) -> None:
+        """Drop the pages before ``upto`` from the process (never an error: advice only)."""
+        end = (min(upto, len(self)) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if end > 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.madvise(mmap.MADV_DONTNEED, 0, end)
+
+
+#: What the splitter searches: the mail as bytes, or a mapping of its spool file.
+Buffer = bytes | SpoolMap
+
+
 class Node:
     """One MIME entity: the part of compat32's ``Message`` that mime.py uses, read-only."""
 
@@ -108,8 +172,9 @@ class Node:
 
     def __init__(self, default_type: str) -> None:
         self._headers: list[tuple[str, str]] = []
-        #: list of child Nodes (multipart, message/*), str for a leaf (ASCII + surrogateescape).
-        self._payload: list[Node] | str | None = None
+        #: list of child Nodes (multipart, message/*), str for a leaf (ASCII + surrogateescape),
+        #: or a Span for a leaf longer than the parser's ``lazy_above``.
+        self._payload: list[Node] | str | Span | None = None
         self._default_type = default_type
         self._ctype = default_type
         self.defects: list[email.errors.MessageDefect] = []
@@ -151,7 +216,7 @@ class Node:
         msg = email.message.Message(policy=_COMPAT32)
         for name, value in self._headers:
             msg.set_raw(name, value)
-        msg.set_payload(self._payload)
+        msg.set_payload(self._payload.text() if isinstance(self._payload, Span) else self._payload)
         if decode:
             return msg.get_payload(i, True) if i is not None else msg.get_payload(decode=True)
         return msg.get_payload(i)
@@ -178,6 +243,8 @@ _DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?:[\r\n]|\Z)")
 _BLANK_AFTER = re.compile(rb"\n[\r\n]|\r\r")
 # First search window of _Split.scan; most parts end within it.
 _WINDOW = 16384
+# Largest window over a spool mapping; the scan slides on from there (see _Split.scan).
+_SLIDE = 4 * 1024 * 1024
 # Up to this many open multiparts, each delimiter is searched on its own (long needles: fast);
 # deeper, the lines that start with "--" are visited once and looked up among all delimiters.
 _FEW_ENDS = 8
@@ -283,11 +350,27 @@ class _Split:
     message/delivery-status block. A line matching any of them is the end of the current entity
     for every reader below it (RFC 2046 §5.1.2), exactly like compat32's false-EOF stack."""
 
-    __slots__ = ("blank_ends", "colon_ends", "data", "end_counts", "ends", "last", "pending", "pos", "size")
+    __slots__ = (
+        "blank_ends",
+        "colon_ends",
+        "data",
+        "end_counts",
+        "ends",
+        "last",
+        "lazy_above",
+        "pending",
+        "pos",
+        "release",
+        "size",
+    )
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Buffer, lazy_above: int | None = None) -> None:
         self.data = data
         self.size = len(data)
+        #: leaves longer than this stay in ``data`` as a Span (None: every leaf is a str).
+        self.lazy_above = lazy_above
+        #: a spool mapping's page release, called as the scan moves on (None for bytes).
+        self.release = data.release if isinstance(data, SpoolMap) else None
         self.pos = 0
         self.ends: list[bytes | None] = []
         #: how many entries of ``ends`` contain ':' (such a delimiter line looks like a header field).
@@ -416,15 +499,20 @@ class _Split:
             return self.scan_lines(p, sep)
         size = self.size
         width = _WINDOW
+        # ``lo``: the line start the window begins at. With bytes every window starts at ``p``
+        # and grows; with a spool mapping the window stops growing at _SLIDE and slides on from
+        # the last line start it covered, handing the pages behind it back (SpoolMap.release):
+        # same result (lines are only ever matched from their start), bounded resident memory.
+        lo = p
         while True:
-            limit = min(size, p + width)
-            own, close = self.find_delimiter(sep, p, limit) if sep is not None else (-1, False)
+            limit = min(size, lo + width)
+            own, close = self.find_delimiter(sep, lo, limit) if sep is not None else (-1, False)
             best = own + 1 if own >= 0 else limit  # an enclosing end on the same line wins
             found = -1
             for end in reversed(self.ends):
-                if p >= best:
+                if lo >= best:
                     break
-                q = self.find_blank(p, best) if end is None else self.find_delimiter(end, p, best)[0]
+                q = self.find_blank(lo, best) if end is None else self.find_delimiter(end, lo, best)[0]
                 if q >= 0:
                     best = found = q
             if found >= 0:
@@ -433,6 +521,12 @@ class _Split:
                 return own, close
             if limit >= size:
                 return size, None
+            if self.release is not None and width >= _SLIDE:
+                nl = self.data.rfind(b"\n", lo, limit)
+                if nl >= 0:  # else one line fills the window: grow it as with bytes
+                    lo = nl + 1
+                    self.release(lo)
+                    continue
             width *= 8
 
     def scan_lines(self, p: int, sep: bytes | None) -> tuple[int, bool | None]:
@@ -475,10 +569,12 @@ class _Split:
                 best = m.start() + 1
         return best
 
-    def rest(self) -> str:
+    def rest(self) -> str | Span:
         """Everything up to where reading stops: a leaf's payload."""
         start = self.pos
         self.pos = stop = self.scan(start, None)[0]
+        if self.pending is None and self.lazy_above is not None and stop - start > self.lazy_above:
+            return Span(self.data, start, stop)
         chunk = self.data[start:stop]
         if self.pending is not None:
             chunk, self.pending = self.pending + chunk, None
@@ -688,6 +784,8 @@ class _Split:
                 last.epilogue = _strip_eol(last.epilogue)
         elif isinstance(last._payload, str):
             last._payload = _strip_eol(last._payload)
+        elif isinstance(last._payload, Span):
+            last._payload.strip_eol()
 
 
 def _field(lines: list[str]) -> tuple[str, str]:
@@ -703,7 +801,12 @@ class FastParser:
     """
 
     def parsebytes(self, text: bytes, /) -> Node:
-        split = _Split(bytes(text))
+        return self.parse(bytes(text))
+
+    def parse(self, data: Buffer, *, lazy_above: int | None = None) -> Node:
+        """The tree of ``data`` (bytes, or a :class:`SpoolMap` of a spool file, read in
+        place); leaves longer than ``lazy_above`` stay in ``data`` as :class:`Span`."""
+        split = _Split(data, lazy_above)
         root = split.entity(None)
         if root.get_content_maintype() == "multipart" and not root.is_multipart():
             root.defects.append(email.errors.MultipartInvariantViolationDefect())

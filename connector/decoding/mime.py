@@ -53,12 +53,14 @@ from connector.decoding.model import (
     Attachment,
     DecodedMail,
     Header,
+    LargeContent,
     MessageSummary,
     Part,
     SelectedBody,
     SmimeFacts,
 )
 from connector.decoding.options import DEFAULT_OPTIONS, DecodeLimits, DecodeOptions
+from connector.decoding.stream import DecodedStream
 from connector.errors import DecodeError, MailTooLargeError, SmimeError
 
 __all__ = ["decode_mail"]
@@ -309,7 +311,9 @@ def _kept_boundary_eol(part: Entity) -> bool:
     removes it from the last entity parsed before the delimiter, except when that entity is
     typed multipart/* but could not be split (no usable boundary): then it stays on the payload.
     """
-    return part.get_content_maintype() == "multipart" and isinstance(getattr(part, "_payload", None), str)
+    return part.get_content_maintype() == "multipart" and isinstance(
+        getattr(part, "_payload", None), (str, fastmime.Span)
+    )
 
 
 def _strip_eol(data: bytes) -> bytes:
@@ -344,6 +348,9 @@ _EMPTY_GROUPS = re.compile(r"(?:[^:;]*+:(?:\s|\([^()]*+\))*+;[\s,]*+)++")
 
 #: S/MIME layers unwrapped in one mail at most (RFC 8551 §3.7 triple wrapping).
 MAX_SMIME_LAYERS = 3
+#: A text/plain or text/html part over this many encoded octets is not taken as the mail's
+#: body (it could not travel in a record anyway) but kept as an attachment, placed like one.
+MAX_HELD_BODY = 8 * 1024 * 1024
 
 
 def _p7m_name(ct: _Params, disposition: _Params) -> bool:
@@ -370,8 +377,9 @@ class _Decoder:
         self.html_body: str | None = None
         self.attachments: list[Attachment] = []
         self.parts: list[Part] = []
-        #: every leaf in document order: (path, content type, charset, bytes) for body selection.
-        self.leaves: list[tuple[str, str, str | None, bytes]] = []
+        #: every leaf in document order: (path, content type, charset, bytes) for body selection;
+        #: None for a part too large to be held (options.stream_above).
+        self.leaves: list[tuple[str, str, str | None, bytes | None]] = []
         self.linesep = "\r\n"
         self.entities = 0
         self.decoded_bytes = 0
@@ -698,6 +706,7 @@ class _Decoder:
 
         disposition = self.parse_params(headers.get("content-disposition"), where)
         summary: MessageSummary | None = None
+        large: LargeContent | None = None
         kind: str | None = None
         if children is not None:
             # message/rfc822 and other message/* (RFC 2046 §5.2): one attachment, the whole
@@ -728,13 +737,18 @@ class _Decoder:
                 unwrapped = self._smime(part, path, ctype, ct, headers, can_claim)
                 if unwrapped is not None:
                     return unwrapped
-            data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
-            if (
+            body_slot = (
                 can_claim
                 and ctype in ("text/plain", "text/html")
                 and disposition.value != "attachment"
                 and (self.text_body if subtype == "plain" else self.html_body) is None
-            ):
+            )
+            large = self._large(part, headers, where, body_slot=body_slot, strip_eol=bool(path))
+            if large is not None:
+                data = b""  # left in the buffer: an attachment, whatever its type
+            else:
+                data = self._transfer_decode(part, headers, where, strip_eol=bool(path) and _kept_boundary_eol(part))
+            if body_slot and large is None:
                 charset = ct.params.get("charset")
                 text = self.decode_bytes(data, charset, where)  # clean already
                 if subtype == "plain":
@@ -748,12 +762,14 @@ class _Decoder:
                 return True
             kind = self._kind(ctype, headers, subtype)
 
-        att = self._attachment(ctype, headers, disposition, data, where, part=pstr, kind=kind, message=summary)
+        att = self._attachment(
+            ctype, headers, disposition, data, where, part=pstr, kind=kind, message=summary, large=large
+        )
         if att.filename and att.filename.lower() == "winmail.dat" and kind is None:
             att = dataclasses.replace(att, kind="tnef")
         self.attachments.append(att)
         self.add_part(pstr, path, ctype, ct, headers, disposition, data, "attachment", kind=att.kind, att=att)
-        self.leaves.append((pstr, ctype, ct.params.get("charset"), data))
+        self.leaves.append((pstr, ctype, ct.params.get("charset"), data if large is None else None))
         if maintype == "application" and subtype in _SIGNATURE_SUBTYPES and path[:-1] in self.smime_body_paths:
             self.note_signed("detached")
         return False
@@ -775,8 +791,9 @@ class _Decoder:
         att: Attachment | None = None,
     ) -> None:
         leaf = role != "container"
+        size = att.size if att is not None else len(data)
         if leaf:
-            self.decoded_bytes += len(data)
+            self.decoded_bytes += size
             if self.decoded_bytes > self.limits.max_decoded_bytes:
                 raise MailTooLargeError(
                     f"decoded parts exceed {self.limits.max_decoded_bytes} bytes", reason="max_decoded_bytes"
@@ -792,7 +809,7 @@ class _Decoder:
                 filename=att.filename if att is not None else None,
                 content_id=clean_str(headers["content-id"].strip()) if headers.get("content-id") else None,
                 transfer_encoding=clean_str(cte.split(";")[0].strip().strip('"').lower()) if cte else None,
-                size=len(data) if leaf else 0,
+                size=size if leaf else 0,
                 sha256=(att.sha256 if att is not None else hashlib.sha256(data).hexdigest()) if leaf else None,
                 role=role,
                 kind=kind,
@@ -946,6 +963,7 @@ class _Decoder:
         part: str | None = None,
         kind: str | None = None,
         message: MessageSummary | None = None,
+        large: LargeContent | None = None,
     ) -> Attachment:
         # RFC 2183 §2.3 filename, else the older Content-Type name (RFC 1341); RFC 2047 inside
         # a quoted parameter is illegal (RFC 2047 §5) but so common that it is decoded too.
@@ -961,20 +979,61 @@ class _Decoder:
             content_type=ctype,
             disposition=clean_str(disposition.value) if disposition.value else None,
             content_id=clean_str(content_id) if content_id else None,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
+            size=large.size if large is not None else len(data),
+            sha256=large.sha256 if large is not None else hashlib.sha256(data).hexdigest(),
             content=data,
             part=part,
             kind=kind,
             message=message,
+            large=large,
         )
+
+    def _large(
+        self, part: Entity, headers: dict[str, str], where: str, *, body_slot: bool, strip_eol: bool
+    ) -> LargeContent | None:
+        """For a leaf the parser left in the buffer (options.stream_above): transfer-decode it
+        piece by piece, hashing as it goes, and return where its bytes are; None when the part
+        is to be held like any other (S/MIME and uuencoded content, a text body of a size a
+        record can carry, a multipart that could not be split)."""
+        payload = getattr(part, "_payload", None)
+        if not isinstance(payload, fastmime.Span) or (strip_eol and _kept_boundary_eol(part)):
+            return None
+        cte = headers.get("content-transfer-encoding", "").split(";")[0].strip().strip('"').lower()
+        if cte in _UU_CTES:
+            return None
+        if body_slot:
+            if len(payload) <= MAX_HELD_BODY:
+                return None
+            self.warn(f"{where}: text part too large for a body (over {MAX_HELD_BODY} octets), kept as an attachment")
+        if cte not in ("", "7bit", "8bit", "binary", "base64", "quoted-printable"):
+            self.warn(f"{where}: unknown Content-Transfer-Encoding {_safe_label(cte)}, body kept encoded")
+            cte = "binary"
+        digest = hashlib.sha256()
+        release = getattr(payload.data, "release", None)
+        stream = DecodedStream(payload.data, payload.start, payload.stop, cte, release=release)
+        for piece in stream:
+            digest.update(piece)
+            if time.monotonic() > self.deadline:
+                raise MailTooLargeError(
+                    f"decoding took longer than {self.limits.max_decode_seconds:g} s", reason="max_decode_seconds"
+                )
+        if stream.repaired:
+            self.warn(
+                f"{where}: malformed base64 repaired"
+                if cte == "base64"
+                else f"{where}: invalid quoted-printable escape kept as is"
+            )
+        return LargeContent(payload.data, payload.start, payload.stop, cte, stream.decoded_bytes, digest.hexdigest())
 
     def _transfer_decode(self, part: Entity, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
         """The part's body with its Content-Transfer-Encoding (RFC 2045 §6) removed."""
         # The stored payload, not get_payload(): that one decodes 8-bit bodies with the declared
         # charset and errors='replace' before we could see the bytes.
         payload = getattr(part, "_payload", None)
-        data = _to_bytes(payload) if isinstance(payload, str) else b""
+        if isinstance(payload, fastmime.Span):
+            data = payload.tobytes()
+        else:
+            data = _to_bytes(payload) if isinstance(payload, str) else b""
         if strip_eol:
             data = _strip_eol(data)
         cte = headers.get("content-transfer-encoding", "").split(";")[0].strip().strip('"').lower()
@@ -1032,6 +1091,11 @@ class _Decoder:
         payload = getattr(msg, "_payload", None)
         if isinstance(payload, str):
             out += _to_bytes(payload)
+            return
+        if isinstance(payload, fastmime.Span):
+            # An embedded message is one attachment, held whole (its parts are not placed
+            # one by one): a forwarded mail with a huge attachment costs its size here.
+            out += payload.tobytes()
             return
         children = _children(msg)
         if children is None:
@@ -1131,6 +1195,9 @@ def _select_body(dec: _Decoder, options: DecodeOptions) -> SelectedBody | None:
             f"body_part: the mail has {len(candidates)} leaf parts{shown}; index {sel.index} does not exist",
             reason="body_part_missing",
         )
+    if data is None:
+        dec.warn("body_part: the selected part is too large to be held; see its attachment entry")
+        return SelectedBody(path=path, content_type=ctype, text=None, data=None)
     if ctype.startswith("text/"):
         return SelectedBody(
             path=path, content_type=ctype, text=clean_str(dec.decode_bytes(data, charset, "body_part")), data=None
@@ -1151,9 +1218,10 @@ def _empty(warnings: tuple[str, ...], **kw: object) -> DecodedMail:
 _OBS_COLON = re.compile(rb"(?m)^([!-9;-~]++)[ \t]++:")
 _HEADER_LINE = re.compile(rb"[!-9;-~]++:|[ \t]|From ")
 _HEADER_END = re.compile(rb"\n\r?\n")
+_NOT_BLANK = re.compile(rb"\S")
 
 
-def _repair_obs_colons(raw: bytes) -> bytes:
+def _repair_obs_colons(raw: fastmime.Buffer) -> fastmime.Buffer:
     """``raw`` with ``Name<WSP>:`` turned into ``Name:`` in the top-level header block.
 
     Only lines up to where the parser ends the header block anyway (a blank line, or a line
@@ -1176,16 +1244,20 @@ def _repair_obs_colons(raw: bytes) -> bytes:
     return b"".join(out) + raw[end:]
 
 
-def _decode(raw: bytes, options: DecodeOptions) -> DecodedMail:
+def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
     dec = _Decoder(options)
     if not options.mime_decoding:
         return _empty((), mime_decoded=False, raw=raw)
-    if not raw.strip():
+    if _NOT_BLANK.search(raw) is None:
         dec.warn("empty input: not a mail")
         return _empty(dec.warnings)
     if b"\r\n" not in raw[:65536]:
         dec.linesep = "\n"
-    msg = _PARSER.parsebytes(_repair_obs_colons(raw))
+    repaired = _repair_obs_colons(raw)
+    if isinstance(_PARSER, fastmime.FastParser):
+        msg: Entity = _PARSER.parse(repaired, lazy_above=options.stream_above)
+    else:
+        msg = _PARSER.parsebytes(bytes(repaired))
     dec.survey(msg)
     headers = dec.headers(msg)
     if not headers:
@@ -1262,7 +1334,11 @@ def _decode(raw: bytes, options: DecodeOptions) -> DecodedMail:
 
 
 def decode_mail(
-    raw: bytes, *, max_depth: int | None = None, max_parts: int | None = None, options: DecodeOptions | None = None
+    raw: bytes | fastmime.SpoolMap,
+    *,
+    max_depth: int | None = None,
+    max_parts: int | None = None,
+    options: DecodeOptions | None = None,
 ) -> DecodedMail:
     """Decode one raw RFC 5322 message (as retrieved by POP3 RETR, dot-unstuffed).
 
@@ -1287,7 +1363,8 @@ def decode_mail(
         )
         options = dataclasses.replace(options, limits=limits)
     try:
-        return _decode(bytes(raw), options)
+        # A spool mapping is read in place (never copied); anything else becomes bytes.
+        return _decode(raw if isinstance(raw, fastmime.SpoolMap) else bytes(raw), options)
     except DecodeError:
         raise
     except RecursionError:

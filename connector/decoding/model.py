@@ -6,7 +6,10 @@ records layer can serialise it without further checks.
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +50,41 @@ class MessageSummary:
     date_millis: int | None
 
 
+class LargeContent:
+    """The decoded bytes of a part too large to be held: its encoded octets stay in the mail's
+    buffer (the spool mapping of a large mail) and are transfer-decoded again, piece by piece,
+    whenever they are read (connector/decoding/stream.py). Size and SHA-256 were computed by
+    the first such pass, during decoding."""
+
+    __slots__ = ("buffer", "cte", "sha256", "size", "start", "stop")
+
+    def __init__(self, buffer: Any, start: int, stop: int, cte: str, size: int, sha256: str) -> None:  # noqa: PLR0917
+        self.buffer = buffer
+        self.start = start
+        self.stop = stop
+        self.cte = cte
+        self.size = size
+        self.sha256 = sha256
+
+    def __repr__(self) -> str:  # no content
+        return f"<LargeContent {self.size} bytes>"
+
+    def pieces(self, read_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The decoded bytes again, in pieces of about ``read_bytes``."""
+        from connector.decoding.stream import DecodedStream  # noqa: PLC0415 - keeps this module plain data
+
+        release = getattr(self.buffer, "release", None)
+        yield from DecodedStream(self.buffer, self.start, self.stop, self.cte, read_bytes=read_bytes, release=release)
+
+
 @dataclass(frozen=True, slots=True)
 class Attachment:
     """A non-body leaf part (or a nested message/rfc822) and its facts.
 
-    ``content`` holds the decoded bytes while the mail is processed; the record carries
-    size and sha256 only (placement of the bytes is a later issue).
+    ``content`` holds the decoded bytes while the mail is processed, unless the part was too
+    large to be held (decode option ``stream_above``): then ``large`` re-reads them on demand
+    and ``content`` is empty. Where the bytes go (inline, chunks, offload) is the records
+    layer's business (connector/records/placement.py).
     """
 
     filename: str | None
@@ -67,6 +99,14 @@ class Attachment:
     #: "tnef", "uuencoded", "message", "delivery-status", "calendar", or None.
     kind: str | None = None
     message: MessageSummary | None = None
+    large: LargeContent | None = field(repr=False, default=None, compare=False)
+
+    def pieces(self, read_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The decoded bytes, in pieces (all at once when they are held)."""
+        if self.large is not None:
+            yield from self.large.pieces(read_bytes)
+        elif self.content:
+            yield self.content
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,4 +179,5 @@ class DecodedMail:
     body: SelectedBody | None = None
     #: False: not MIME-decoded (mime_decoding off, S/MIME passthrough); ``raw`` is the mail.
     mime_decoded: bool = True
-    raw: bytes | None = field(repr=False, default=None)
+    #: (a spool mapping, ``mmap``, for mail too large to be held: read it in place).
+    raw: bytes | mmap.mmap | None = field(repr=False, default=None)

@@ -49,6 +49,10 @@ class DecodeOptions:
     smime: Literal["decrypt", "passthrough"] = "decrypt"
     #: connector.decoding.smime.KeyRing (typed loosely so this module stays import-light).
     keys: Any = None
+    #: attachment parts whose encoded octets exceed this are not held in memory: they are
+    #: transfer-decoded piece by piece from the mail's buffer (size and SHA-256 while decoding,
+    #: the bytes again when placed). None: every part is held (small mail, tests).
+    stream_above: int | None = None
 
 
 DEFAULT_OPTIONS = DecodeOptions()

@@ -34,6 +34,10 @@ from connector.errors import (
 log = logging.getLogger("pop3kafka.rdkafka")
 
 
+#: default local producer queue bound (queue.buffering.max.kbytes); kafka.client may override it.
+QUEUE_KBYTES = 16 * 1024
+
+
 @dataclass
 class Delivery:
     """The fate of one produced record, filled in by librdkafka's delivery callback."""
@@ -62,6 +66,10 @@ def producer_config(bootstrap: str, client: Mapping[str, Any], delivery_timeout_
         "linger.ms": 5,
         "compression.type": "zstd",
         "client.id": "pop3-kafka",
+        # librdkafka's default local queue is 1 GiB: a 200 MB attachment produced as chunk
+        # records would sit there whole. 16 MiB holds about 30 chunks of 512 KiB; a full queue
+        # makes send() wait for delivery reports (backpressure), it does not grow.
+        "queue.buffering.max.kbytes": QUEUE_KBYTES,
     }
     conf.update(client)
     conf.update(

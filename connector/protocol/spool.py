@@ -98,6 +98,13 @@ class Retrieved:
         assert self._data is not None
         return self._data
 
+    def fileno(self) -> int | None:
+        """The spool file's descriptor (to map it: large mail is decoded in place), None when
+        the mail is held in memory (then :meth:`read` is cheap)."""
+        if self.refused == "size":
+            raise ValueError(f"the mail was refused ({self.refused}); its content was not kept")
+        return self._file.fileno() if self._file is not None else None
+
     def open(self) -> IO[bytes]:
         """A binary stream over the mail from its start (for streaming consumers)."""
         if self.refused == "size":

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -103,7 +104,7 @@ def _summary(m: MessageSummary | None) -> dict[str, Any] | None:
     }
 
 
-def _attachment(a: Attachment) -> dict[str, Any]:
+def _attachment(a: Attachment, data: bytes | None = None, ref: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "filename": a.filename,
         "content_type": a.content_type,
@@ -114,11 +115,44 @@ def _attachment(a: Attachment) -> dict[str, Any]:
         "part": a.part,
         "kind": a.kind,
         "message": _summary(a.message),
+        "data": data,
+        "ref": ref,
     }
 
 
-def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
-    """The MailRecord (schemas/mail_record.avsc) as a dict ready for fastavro."""
+class PlacedContent(Protocol):
+    """Where one content went (connector/runtime/placement.py): inline bytes, a ContentRef
+    (anything with ``record()``), or neither."""
+
+    @property
+    def data(self) -> bytes | None: ...
+    @property
+    def ref(self) -> Any: ...
+
+
+def build_mail_record(
+    mail: DecodedMail,
+    prov: Provenance,
+    placed: Sequence[PlacedContent] | None = None,
+    raw: PlacedContent | None = None,
+) -> dict[str, Any]:
+    """The MailRecord (schemas/mail_record.avsc) as a dict ready for fastavro.
+
+    ``placed``: per attachment, in order, where its bytes went (None: metadata only);
+    ``raw``: where the raw mail went (raw_mail: include, or a mail that is not MIME-decoded).
+    """
+    atts = (
+        [
+            _attachment(a, p.data, p.ref.record() if p.ref is not None else None)
+            for a, p in zip(mail.attachments, placed, strict=True)
+        ]
+        if placed is not None
+        else [_attachment(a) for a in mail.attachments]
+    )
+    if raw is not None:
+        raw_data, raw_ref = raw.data, (raw.ref.record() if raw.ref is not None else None)
+    else:
+        raw_data, raw_ref = (None if mail.raw is None else bytes(mail.raw)), None
     return {
         "record_id": record_id(prov.mailbox_id, prov.uidl),
         "provenance": {
@@ -140,7 +174,7 @@ def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
         "headers": [{"name": h.name, "value": h.value, "raw": h.raw} for h in mail.headers],
         "text_body": mail.text_body,
         "html_body": mail.html_body,
-        "attachments": [_attachment(a) for a in mail.attachments],
+        "attachments": atts,
         "decode_warnings": list(mail.warnings),
         "in_reply_to": mail.in_reply_to,
         "references": list(mail.references),
@@ -189,7 +223,8 @@ def build_mail_record(mail: DecodedMail, prov: Provenance) -> dict[str, Any]:
             }
         ),
         "mime_decoded": mail.mime_decoded,
-        "raw": mail.raw,
+        "raw": raw_data,
+        "raw_ref": raw_ref,
     }
 
 

@@ -59,11 +59,16 @@ class DeadLetter:
     error_message: str
     failed_at_millis: int
     raw: bytes
+    #: where the raw bytes went when too large to travel here (ContentRef; ``raw`` is then empty).
+    raw_ref: Any = None
 
     @classmethod
-    def of(cls, exc: DecodeError, provenance: Provenance, raw: bytes, failed_at_millis: int) -> DeadLetter:
+    def of(
+        cls, exc: DecodeError, provenance: Provenance, raw: bytes, failed_at_millis: int, raw_ref: Any = None
+    ) -> DeadLetter:
         """The dead letter for ``raw`` that failed with ``exc``. ``raw`` must be the bytes as
-        retrieved: for an S/MIME mail the still encrypted ones (never decrypted content)."""
+        retrieved: for an S/MIME mail the still encrypted ones (never decrypted content).
+        With ``raw_ref`` (chunks or an offloaded object holding them), ``raw`` is empty."""
         cls_ = type(exc)
         return cls(
             provenance=provenance,
@@ -74,6 +79,7 @@ class DeadLetter:
             error_message=_text(str(exc)),
             failed_at_millis=failed_at_millis,
             raw=bytes(raw),
+            raw_ref=raw_ref,
         )
 
     @property
@@ -100,6 +106,7 @@ class DeadLetter:
             "error_message": self.error_message,
             "failed_at": self.failed_at_millis,
             "raw": self.raw,
+            "raw_ref": self.raw_ref.record() if self.raw_ref is not None else None,
         }
 
     def encode(self) -> bytes:

@@ -12,6 +12,7 @@ This module is plain data: no Kafka, no I/O.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
@@ -44,7 +45,7 @@ def split_key(key: bytes) -> tuple[str, str]:
     return mailbox_id, uidl
 
 
-def header_sha256(raw: bytes) -> str:
+def header_sha256(raw: bytes | mmap.mmap) -> str:
     """SHA-256 of the header section as TOP n 0 returns it (RFC 1939 §7): up to and
     including the empty line that ends the headers (or the whole mail if there is none)."""
     end = raw.find(b"\r\n\r\n")

@@ -17,19 +17,23 @@ ledger that make it exactly-once come in the next issue and plug in at "produce"
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import mmap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
 from connector.decoding import decode_mail
+from connector.decoding.fastmime import SpoolMap
 from connector.delivery.kafka import Delivery, Publisher
+from connector.delivery.offload import ContentStore, OffloadSettings, open_store
 from connector.errors import (
     ConnectorError,
     DecodeError,
@@ -53,7 +57,9 @@ from connector.records import (
     record_id,
 )
 from connector.records.dead_letter import DeadLetter
+from connector.records.ledger import header_sha256
 from connector.runtime.login import LoginSession, login
+from connector.runtime.placement import Placer, Send
 
 log = logging.getLogger("pop3kafka.cycle")
 
@@ -289,6 +295,12 @@ class _Pending:
     delivery: Delivery
     #: the record is a dead letter (topics.dead_letter), not a mail record.
     dead: bool = False
+    #: its chunk records (attachments, raw mail): all confirmed, or the mail is not deleted.
+    chunks: tuple[Delivery, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.delivery.ok and all(c.ok for c in self.chunks)
 
 
 @dataclass
@@ -303,7 +315,9 @@ class CycleContext:
     session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
 
 
-def provenance(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, sha256: str | None = None) -> Provenance:
+def provenance(
+    mailbox: MailboxConfig, uidl: str, raw: bytes | mmap.mmap, fetched_at: int, sha256: str | None = None
+) -> Provenance:
     """Where and when ``raw`` was fetched; ``sha256``: the digest computed while it was received."""
     return Provenance(
         mailbox_id=mailbox.id,
@@ -316,12 +330,66 @@ def provenance(mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, s
 
 
 def encode_mail(
-    mailbox: MailboxConfig, uidl: str, raw: bytes, fetched_at: int, schema: Schema, *, sha256: str | None = None
+    mailbox: MailboxConfig,
+    uidl: str,
+    raw: bytes | SpoolMap,
+    fetched_at: int,
+    schema: Schema,
+    *,
+    sha256: str | None = None,
+    placer: Placer | None = None,
 ) -> bytes:
     """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be.
-    ``sha256``: the digest computed while the mail was received, if known."""
+    ``sha256``: the digest computed while the mail was received, if known. ``placer``: puts
+    attachment bytes (and the raw mail) inline, in chunk records or in the offload store, once
+    the mail has decoded; None: metadata only (record version 2 behaviour)."""
     prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
-    return encode_single_object(schema, build_mail_record(decode_mail(raw, options=mailbox.decode), prov))
+    mail = decode_mail(raw, options=mailbox.decode)
+    if placer is None:
+        return encode_single_object(schema, build_mail_record(mail, prov))
+    placed = placer.attachments(mail.attachments)
+    raw_placed = None
+    if mailbox.raw_mail == "include" or mail.raw is not None:
+        raw_placed = placer.raw(raw, prov.raw_sha256)
+    return encode_single_object(schema, build_mail_record(mail, prov, placed, raw_placed))
+
+
+def record_key(config: Config, mailbox: MailboxConfig, rid: str) -> bytes:
+    """Default key "mailbox": every mail of a mailbox lands in one partition, in server order,
+    and its chunk records (same key) with it (docs/record.md). A dead letter has the key its
+    mail record would have had."""
+    return (mailbox.id if config.record.key == "mailbox" else rid).encode()
+
+
+@functools.cache
+def content_store(settings: OffloadSettings) -> ContentStore:
+    """One store per offload settings per process (an S3 client is thread-safe and costly)."""
+    return open_store(settings)
+
+
+def placer_for(config: Config, mailbox: MailboxConfig, send: Send) -> Callable[[str], Placer]:
+    """Placers for ``mailbox``'s mail, producing chunk records through ``send``."""
+    store = content_store(config.offload) if config.offload is not None else None
+
+    def make(rid: str) -> Placer:
+        return Placer(config, mailbox, rid, record_key(config, mailbox, rid), send, store)
+
+    return make
+
+
+@contextlib.contextmanager
+def mapped(mail: Retrieved) -> Iterator[bytes | SpoolMap]:
+    """The mail to decode: its bytes, or a read-only mapping of its spool file (decoded in
+    place, pages handed back as they are read), unmapped on exit."""
+    fd = mail.fileno()
+    if fd is None:
+        yield mail.read()
+        return
+    view = SpoolMap(fd, 0, access=mmap.ACCESS_READ)
+    try:
+        yield view
+    finally:
+        view.close()
 
 
 def spool_policy(config: Config) -> SpoolPolicy:
@@ -359,6 +427,7 @@ def retrieve_encoded(
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     spool: SpoolPolicy | None = None,
+    placer: Callable[[str], Placer] | None = None,
 ) -> Generator[EncodedMail, None, None]:
     """Stream the chosen mails (pipelined RETR, spooled per ``spool``) and yield each decoded
     one as an :class:`EncodedMail`. Stops at shutdown or max_seconds_per_cycle
@@ -381,9 +450,11 @@ def retrieve_encoded(
                     res.more_pending = True  # this one and the rest stay for the next cycle
                     return
                 uidl = uidl_of[msg_num]
-                got = encode_retrieved(mailbox, uidl, mail, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms)
+                got = encode_retrieved(
+                    mailbox, uidl, mail, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms, placer=placer
+                )
             if got is not None:
-                yield EncodedMail(msg_num, uidl, *got)
+                yield got._replace(msg_num=msg_num)
     finally:
         retrieval.close()
 
@@ -428,11 +499,14 @@ class EncodedMail(NamedTuple):
 
     msg_num: int
     uidl: str
-    raw: bytes
+    #: SHA-256 of the header section (the ledger's check for reset UIDLs).
+    header_sha256: str
     sha256: str
     value: bytes
     fetched_at: int
     dead_letter: DeadLetter | None = None
+    #: chunk records produced for this mail: confirmed with its record, or it is not deleted.
+    chunks: tuple[Delivery, ...] = ()
 
 
 def encode_retrieved(
@@ -444,14 +518,16 @@ def encode_retrieved(
     hooks: CycleHooks,
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-) -> tuple[bytes, str, bytes, int, DeadLetter | None] | None:
+    placer: Callable[[str], Placer] | None = None,
+) -> EncodedMail | None:
     """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
-    Returns (raw, sha256, value, fetched_at, dead_letter): ``value`` is the mail record, or,
-    for mail that cannot be decoded in a mailbox with ``on_undecodable: dead_letter``, the
-    framed dead letter (then also returned as ``dead_letter``). None when the mail has to stay
-    on the server (over max_message_bytes or max_line_bytes, undecodable with
-    ``on_undecodable: leave``), counted in ``res`` and logged with its UIDL only.
+    Returns the mail record (``value``), or, for mail that cannot be decoded in a mailbox with
+    ``on_undecodable: dead_letter``, the framed dead letter (then also ``dead_letter``), with
+    the chunk records placed for it (``chunks``); ``msg_num`` is left 0 for the caller. None
+    when the mail has to stay on the server (over max_message_bytes or max_line_bytes,
+    undecodable with ``on_undecodable: leave``), counted in ``res`` and logged with its UIDL.
+    A spooled mail is decoded in place from a mapping of its spool file, never read whole.
     """
     res.fetched += 1
     if mail.refused == "size":
@@ -462,54 +538,68 @@ def encode_retrieved(
             extra={**extra, "uidl": uidl},
         )
         return None
-    # Decoding still needs the whole mail in memory; the spool bounds memory while receiving.
-    raw = mail.read()
-    fetched_at = clock_ms()
-    faults.point("after_retr")
-    log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
-    if hooks.on_retrieved:
-        hooks.on_retrieved(uidl, len(raw))
-    try:
-        if mail.refused == "line":
-            # A hostile-mail limit like the decoder's: the mail was read whole (the session stayed
-            # in step) and is handled like any mail that cannot be decoded.
-            raise MailTooLargeError(
-                f"a line of at least {mail.longest_line or 0} octets exceeds max_line_bytes "
-                f"({mailbox.max_line_bytes}); raise the limit if such mail is expected",
-                reason="max_line_bytes",
-            )
-        value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256)
-    except DecodeError as exc:
-        # Never the body in a log line: DecodeError's message carries no mail content
-        # (connector/errors.py), and stage/reason/class are codes.
-        what = f"stage={exc.stage} reason={exc.reason} error={type(exc).__name__}"
-        if mailbox.on_undecodable == "leave":
-            # The mail stays on the server (nothing lost); the cycle goes on with the next one.
-            if exc.reason == "max_line_bytes":
-                res.long_lines += 1
+    with mapped(mail) as raw:
+        fetched_at = clock_ms()
+        faults.point("after_retr")
+        log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
+        if hooks.on_retrieved:
+            hooks.on_retrieved(uidl, len(raw))
+        head = header_sha256(raw)
+        rid = record_id(mailbox.id, uidl)
+        place = placer(rid) if placer is not None else None
+        try:
+            if mail.refused == "line":
+                # A hostile-mail limit like the decoder's: the mail was read whole (the session
+                # stayed in step) and is handled like any mail that cannot be decoded.
+                raise MailTooLargeError(
+                    f"a line of at least {mail.longest_line or 0} octets exceeds max_line_bytes "
+                    f"({mailbox.max_line_bytes}); raise the limit if such mail is expected",
+                    reason="max_line_bytes",
+                )
+            value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256, placer=place)
+        except DecodeError as exc:
+            # Never the body in a log line: DecodeError's message carries no mail content
+            # (connector/errors.py), and stage/reason/class are codes.
+            what = f"stage={exc.stage} reason={exc.reason} error={type(exc).__name__}"
+            if mailbox.on_undecodable == "leave":
+                # The mail stays on the server (nothing lost); the cycle goes on with the next one.
+                if exc.reason == "max_line_bytes":
+                    res.long_lines += 1
+                else:
+                    res.undecodable += 1
+                # Tried again every cycle: reported once per mail at ERROR, then at DEBUG.
+                level = logging.ERROR if _first_time(mailbox.id, f"undecodable {uidl}") else logging.DEBUG
+                log.log(
+                    level,
+                    "mail could not be decoded (%s), left on the server (on_undecodable: leave): %s",
+                    what,
+                    exc,
+                    extra={**extra, "uidl": uidl},
+                )
+                return None
+            # ``raw`` is the mail as RETR gave it (an S/MIME mail still encrypted), never what a
+            # decoder made of it; too large for a record, it goes as chunks or an offloaded
+            # object like an attachment. Its DELE waits for Kafka, like a mail record's.
+            if place is not None:
+                kept = place.raw(raw, mail.sha256)
+                raw_bytes, raw_ref = kept.data or b"", kept.ref
             else:
-                res.undecodable += 1
-            # Tried again every cycle: reported once per mail at ERROR, then at DEBUG.
-            level = logging.ERROR if _first_time(mailbox.id, f"undecodable {uidl}") else logging.DEBUG
-            log.log(
-                level,
-                "mail could not be decoded (%s), left on the server (on_undecodable: leave): %s",
+                raw_bytes, raw_ref = bytes(raw), None
+            prov = provenance(mailbox, uidl, raw, fetched_at, mail.sha256)
+            dead = DeadLetter.of(exc, prov, raw_bytes, clock_ms(), raw_ref=raw_ref)
+            log.error(
+                "mail could not be decoded (%s): %s; its original bytes go to the dead-letter topic",
                 what,
                 exc,
                 extra={**extra, "uidl": uidl},
             )
-            return None
-        # ``raw`` is the mail as RETR gave it (an S/MIME mail still encrypted), never what a
-        # decoder made of it. Its DELE waits for Kafka, like a mail record's.
-        dead = DeadLetter.of(exc, provenance(mailbox, uidl, raw, fetched_at, mail.sha256), raw, clock_ms())
-        log.error(
-            "mail could not be decoded (%s): %s; its original bytes go to the dead-letter topic",
-            what,
-            exc,
-            extra={**extra, "uidl": uidl},
-        )
-        return raw, mail.sha256, dead.encode(), fetched_at, dead
-    return raw, mail.sha256, value, fetched_at, None
+            return EncodedMail(
+                0, uidl, head, mail.sha256, dead.encode(), fetched_at, dead, tuple(place.deliveries if place else ())
+            )
+        if place is not None and place.stored:
+            log.debug("offloaded %d object(s)", len(place.stored), extra={**extra, "uidl": uidl})
+        chunks = tuple(place.deliveries) if place is not None else ()
+        return EncodedMail(0, uidl, head, mail.sha256, value, fetched_at, None, chunks)
 
 
 def send_record(
@@ -526,10 +616,7 @@ def send_record(
     """Produce one mail record (or, with ``dead_letter``, that dead letter to the dead-letter
     topic) with its key and headers; None (counted) when Kafka refuses its size."""
     rid = record_id(mailbox.id, uidl)
-    # Default key "mailbox": every mail of a mailbox lands in one partition, in server order,
-    # and later attachment chunks with the same key follow their mail (docs/record.md). A dead
-    # letter has the key its mail record would have had.
-    key = (mailbox.id if config.record.key == "mailbox" else rid).encode()
+    key = record_key(config, mailbox, rid)
     if dead_letter is not None:
         topic, headers = config.topics.dead_letter, dead_letter.headers()
     else:
@@ -539,8 +626,8 @@ def send_record(
     except RecordTooLargeError as exc:
         res.too_large += 1
         if dead_letter is not None:
-            # A dead letter holds the whole raw mail, so it can exceed message.max.bytes. Until
-            # raw bytes are chunked or offloaded (a later issue), such mail stays on the server.
+            # Only with attachments.placement none: otherwise raw mail over inline_max_bytes
+            # travels as chunks or an offloaded object and the dead letter stays small.
             log.error(
                 "dead letter too large for Kafka, mail left on the server: %s", exc, extra={**extra, "uidl": uidl}
             )
@@ -596,6 +683,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 hooks=ctx.hooks,
                 extra=extra,
                 spool=spool_policy(ctx.config),
+                placer=placer_for(ctx.config, mailbox, ctx.publisher.send),
             )
         ) as mails:
             for got in mails:
@@ -616,24 +704,26 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                     res.more_pending = True
                     break
                 if d is not None:
-                    pending.append(_Pending(got.msg_num, got.uidl, d, dead=got.dead_letter is not None))
+                    pending.append(
+                        _Pending(got.msg_num, got.uidl, d, dead=got.dead_letter is not None, chunks=got.chunks)
+                    )
                 step = "retr"
 
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
         step = "produce"
-        deliveries = [p.delivery for p in pending]
+        deliveries = [d for p in pending for d in (*p.chunks, p.delivery)]
         ctx.publisher.wait(deliveries, stop=ctx.stop, stop_grace=grace / 2)
         failure = failure or ctx.publisher.check(deliveries)
-        res.published = sum(1 for p in pending if p.delivery.ok and not p.dead)
+        res.published = sum(1 for p in pending if p.ok and not p.dead)
         # A confirmed dead letter counts as delivered for the DELE rule: Kafka holds the
         # original bytes, so the server copy may go (docs/delivery.md, "Dead letters").
-        res.dead_lettered = sum(1 for p in pending if p.delivery.ok and p.dead)
+        res.dead_lettered = sum(1 for p in pending if p.ok and p.dead)
         for p in pending:
             hook = ctx.hooks.on_dead_lettered if p.dead else ctx.hooks.on_published
-            if hook and p.delivery.ok:
+            if hook and p.ok:
                 hook(p.uidl)
         step = "dele"
-        confirmed = [p for p in pending if p.delivery.ok]
+        confirmed = [p for p in pending if p.ok]
         faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
         session.dele_many([p.msg_num for p in confirmed])
         faults.point("after_dele")
@@ -661,7 +751,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             if pending:
                 # Records already queued still reach Kafka; their mails stay on the server and
                 # will be published again next cycle with the same record id (at-least-once).
-                ctx.publisher.wait([p.delivery for p in pending], timeout=5.0)
+                ctx.publisher.wait([d for p in pending for d in (*p.chunks, p.delivery)], timeout=5.0)
         res.duration_s = time.monotonic() - t0
     if res.ok:
         log.info(

@@ -49,7 +49,7 @@ from connector.errors import (
 )
 from connector.observability import metrics
 from connector.records import record_id
-from connector.records.ledger import LedgerEntry, ShardLedger, header_sha256
+from connector.records.ledger import LedgerEntry, ShardLedger
 from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
@@ -58,6 +58,7 @@ from connector.runtime.cycle import (
     end_without_deletes,
     list_mailbox,
     open_session,
+    placer_for,
     policy_after_refusal,
     policy_text,
     retrieve_encoded,
@@ -89,6 +90,8 @@ class _Produced:
     fetched_at: int
     #: the record is the mail's dead letter (topics.dead_letter), not its mail record.
     dead: bool = False
+    #: its chunk records, in the same transaction.
+    chunks: tuple[Delivery, ...] = ()
 
 
 @dataclass
@@ -296,6 +299,10 @@ class ShardWorker:
 
     # ------------------------------------------------------------------ one mailbox
 
+    def _send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
+        """Chunk records go into the shard's open transaction, partitioned by key."""
+        return self.producer.send(topic, key, value, headers)
+
     def _fetch(self, p: Prepared) -> None:
         """Fetch phase of one mailbox inside the open transaction; never raises."""
         m, res = p.mailbox, p.result
@@ -348,6 +355,7 @@ class ShardWorker:
                 extra=extra,
                 clock_ms=self.clock_ms,
                 spool=spool_policy(self.config),
+                placer=placer_for(self.config, m, self._send),
             ):
                 step = "produce"
                 # A dead letter goes into the same transaction as a mail record would, and gets
@@ -370,9 +378,10 @@ class ShardWorker:
                             d,
                             got.sha256,
                             sizes[got.msg_num],
-                            header_sha256(got.raw),
+                            got.header_sha256,
                             got.fetched_at,
                             dead=got.dead_letter is not None,
+                            chunks=got.chunks,
                         )
                     )
                 step = "retr"
@@ -400,8 +409,9 @@ class ShardWorker:
     def _write_entries(self, p: Prepared, produced: list[_Produced]) -> None:
         if not produced or p.kafka_error is not None:
             return
-        self.producer.wait([x.delivery for x in produced], stop=self.stop, stop_grace=10.0)
-        failure = self.producer.check([x.delivery for x in produced])
+        deliveries = [d for x in produced for d in (*x.chunks, x.delivery)]
+        self.producer.wait(deliveries, stop=self.stop, stop_grace=10.0)
+        failure = self.producer.check(deliveries)
         if failure is not None:
             p.kafka_error = failure  # the whole transaction must abort
             return

@@ -116,6 +116,7 @@ def test_every_field_of_the_schema_is_documented() -> None:
         "error_message",
         "failed_at",
         "raw",
+        "raw_ref",
     ]
 
 

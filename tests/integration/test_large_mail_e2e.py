@@ -1,0 +1,269 @@
+"""Large mail end to end (issue 6): real Dovecot, real Kafka, real S3-compatible server.
+
+* chunked: a mail of about 50 MB with several attachments, exactly-once: the mail record
+  references chunk records on the attachments topic that rebuild every attachment
+  byte-identical (SHA-256), the mail is deleted, the spool directory is empty;
+* offload to S3 (SeaweedFS, deploy/local/objectstore.py) and to a directory: objects named by
+  SHA-256, byte-identical;
+* kill -9 in the middle of a chunked transaction: a read_committed consumer sees nothing of it;
+  the next cycle publishes the mail once with one complete chunk set.
+
+CI runs these at the sizes below; ``make large-mail`` runs them at 50, 120 and 200 MB
+(LARGE_MAIL_MB="50 120 200"), see bench/results/large_mail.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.cli import run_cli
+from support.configs import mailbox, write_config
+from support.kafkautil import Consumed, consume_all
+
+from connector.delivery.offload import OffloadSettings, read_uri
+from connector.records.avro import decode_single_object
+from connector.records.content import chunk_schema
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+
+MB = 1_000_000
+SIZES_MB = [int(x) for x in os.environ.get("LARGE_MAIL_MB", "50").split()]
+
+
+def big_mail(total_mb: int, seed: int) -> tuple[bytes, dict[str, bytes]]:
+    """A mail of about ``total_mb`` MB: a text body, two large base64 attachments, a
+    quoted-printable one and a small one (inline). Returns the raw mail (LF line ends, as a
+    maildir file holds it) and the attachment bytes by filename."""
+    rnd = random.Random(seed)
+    budget = total_mb * MB
+    files = {
+        "scan.pdf": rnd.randbytes(int(budget * 0.55 / 1.37)),
+        "drawing.dwg": rnd.randbytes(int(budget * 0.38 / 1.37)),
+        "notes.txt": b"".join(
+            rnd.choice([b"plain text line with some words\n", b"caf\xc3\xa9 = cr\xc3\xa8me\n"]) for _ in range(20_000)
+        ),
+        "small.csv": b"a,b,c\n1,2,3\n" * 100,
+    }
+    parts = [
+        b"From: Sender <sender@example.com>\nTo: ops@example.com\nSubject: large "
+        + str(total_mb).encode()
+        + b" MB\nMessage-ID: <large-"
+        + str(seed).encode()
+        + b'@example.com>\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="=_b"\n\n'
+        b"--=_b\nContent-Type: text/plain; charset=utf-8\n\nPlease find the files attached.\n"
+    ]
+    for name, data in files.items():
+        if name == "notes.txt":
+            enc, cte = binascii.b2a_qp(data, istext=False), b"quoted-printable"
+        else:
+            enc, cte = base64.encodebytes(data), b"base64"
+        parts.append(
+            b'--=_b\nContent-Type: application/octet-stream\nContent-Disposition: attachment; filename="'
+            + name.encode()
+            + b'"\nContent-Transfer-Encoding: '
+            + cte
+            + b"\n\n"
+            + enc
+            + (b"" if enc.endswith(b"\n") else b"\n")
+        )
+    parts.append(b"--=_b--\n")
+    return b"".join(parts), files
+
+
+def big_limits() -> dict[str, Any]:
+    return {"max_message_bytes": 400 * MB, "max_bytes_per_cycle": 512 * MB, "max_seconds_per_cycle": 60}
+
+
+def chunks_by_content(bootstrap: str, topic: str, expect: int) -> dict[str, list[Consumed]]:
+    s = chunk_schema()
+    got = consume_all(
+        bootstrap, topic, expect=expect, timeout=120, decode=lambda v: decode_single_object(v, {s.fingerprint: s})
+    )
+    out: dict[str, list[Consumed]] = {}
+    for c in got:
+        out.setdefault(c.record["content_id"], []).append(c)
+    return out
+
+
+def rebuild(chunks: list[Consumed]) -> bytes:
+    """Chunks in index order (each index once), checked against the SHA-256 they carry."""
+    by_index = {c.record["index"]: c.record["data"] for c in chunks}
+    assert len(by_index) == len(chunks), "a chunk index was seen twice"
+    count = chunks[0].record["count"]
+    assert sorted(by_index) == list(range(count))
+    whole = b"".join(by_index[i] for i in range(count))
+    assert hashlib.sha256(whole).hexdigest() == chunks[0].record["sha256"]
+    return whole
+
+
+def check_attachments(record: dict[str, Any], files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    atts = {a["filename"]: a for a in record["attachments"]}
+    assert set(atts) == set(files)
+    for name, data in files.items():
+        assert atts[name]["size"] == len(data) and atts[name]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert atts["small.csv"]["data"] == files["small.csv"] and atts["small.csv"]["ref"] is None
+    return atts
+
+
+@pytest.mark.parametrize("size_mb", SIZES_MB)
+def test_chunked_large_mail_exactly_once(services, topic: str, tmp_path: Path, size_mb: int) -> None:  # type: ignore[no-untyped-def]
+    services.dovecot.clear("t19")
+    raw, files = big_mail(size_mb, seed=size_mb)
+    services.dovecot.put("t19", raw)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("big", "t19", services.dovecot.pop3s_port, services.cafile, **big_limits())],
+        runtime={"spool_directory": str(spool)},
+        kafka={"delivery_timeout_seconds": 60},
+    )
+    proc = run_cli("poll-once", "--config", str(cfg), env={"PW_BIG": "t19-pw"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "big: ok: 1 published" in proc.stdout, proc.stdout
+    [mail] = consume_all(services.bootstrap, topic, expect=1, timeout=120)
+    atts = check_attachments(mail.record, files)
+    expected_chunks = sum(a["ref"]["chunks"] for a in atts.values() if a["ref"] is not None)
+    chunks = chunks_by_content(services.bootstrap, f"{topic}.attachments", expected_chunks)
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        ref = atts[name]["ref"]
+        assert ref["placement"] == "chunked" and ref["topic"] == f"{topic}.attachments"
+        assert rebuild(chunks[ref["id"]]) == files[name]
+        # Same key as the mail record, so the same partition.
+        assert {c.key for c in chunks[ref["id"]]} == {mail.key}
+    assert set(chunks) == {atts[n]["ref"]["id"] for n in ("scan.pdf", "drawing.dwg", "notes.txt")}
+    assert services.dovecot.count("t19") == 0
+    assert list(spool.iterdir()) == []
+
+
+def test_offload_to_s3_and_to_a_directory(services, topic: str, tmp_path: Path, object_store) -> None:  # type: ignore[no-untyped-def]
+    services.dovecot.clear("t20")
+    raw, files = big_mail(12, seed=7)
+    services.dovecot.put("t20", raw)
+    bucket = f"mail-{uuid.uuid4().hex[:10]}"
+    object_store.client().create_bucket(Bucket=bucket)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "id").write_text(object_store.access_key)
+    (keys / "secret").write_text(object_store.secret_key)
+    s3 = {
+        "kind": "s3",
+        "bucket": bucket,
+        "prefix": "pop3-kafka/",
+        "endpoint_url": object_store.endpoint_url,
+        "region": "us-east-1",
+        "access_key_id_file": str(keys / "id"),
+        "secret_access_key_file": str(keys / "secret"),
+        "part_bytes": 5 * 1024 * 1024,
+    }
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox(
+                "s3box",
+                "t20",
+                services.dovecot.pop3s_port,
+                services.cafile,
+                attachments={"placement": "offload"},
+                raw_mail="include",
+                **big_limits(),
+            )
+        ],
+        offload=s3,
+        delivery={"mode": "at_least_once"},
+    )
+    proc = run_cli("poll-once", "--config", str(cfg), env={"PW_S3BOX": "t20-pw"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [mail] = consume_all(services.bootstrap, topic, expect=1, timeout=60)
+    atts = check_attachments(mail.record, files)
+    settings = OffloadSettings(
+        kind="s3",
+        bucket=bucket,
+        prefix="pop3-kafka/",
+        endpoint_url=object_store.endpoint_url,
+        region="us-east-1",
+        access_key_id_file=str(keys / "id"),
+        secret_access_key_file=str(keys / "secret"),
+    )
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        ref = atts[name]["ref"]
+        assert ref["placement"] == "offload"
+        assert ref["uri"] == f"s3://{bucket}/pop3-kafka/sha256/{ref['sha256']}"
+        assert b"".join(read_uri(ref["uri"], settings)) == files[name]
+    # raw_mail: include -> the raw mail (CRLF, as retrieved) offloaded too.
+    raw_ref = mail.record["raw_ref"]
+    crlf = raw.replace(b"\n", b"\r\n")
+    assert raw_ref["id"].endswith("/raw") and raw_ref["sha256"] == hashlib.sha256(crlf).hexdigest()
+    assert b"".join(read_uri(raw_ref["uri"], settings)) == crlf
+    assert services.dovecot.count("t20") == 0
+
+    # The same mail again, offloaded to a directory this time.
+    services.dovecot.put("t20", raw)
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    cfg2 = write_config(
+        tmp_path / "c2.yaml",
+        services.bootstrap,
+        topic + "-fs",
+        [
+            mailbox(
+                "fsbox",
+                "t20",
+                services.dovecot.pop3s_port,
+                services.cafile,
+                attachments={"placement": "offload"},
+                **big_limits(),
+            )
+        ],
+        offload={"kind": "filesystem", "directory": str(objects)},
+    )
+    proc = run_cli("poll-once", "--config", str(cfg2), env={"PW_FSBOX": "t20-pw"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [mail2] = consume_all(services.bootstrap, topic + "-fs", expect=1, timeout=60)
+    atts2 = check_attachments(mail2.record, files)
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        ref = atts2[name]["ref"]
+        path = objects / "sha256" / ref["sha256"]
+        assert ref["uri"] == path.as_uri() and path.read_bytes() == files[name]
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_kill_in_the_middle_of_a_chunked_transaction(services, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    services.dovecot.clear("t19")
+    raw, files = big_mail(8, seed=3)
+    services.dovecot.put("t19", raw)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("kill", "t19", services.dovecot.pop3s_port, services.cafile, **big_limits())],
+    )
+    # 8 MB of attachments are about 15 chunks: die after the 5th is produced.
+    killed = run_cli("poll-once", "--config", str(cfg), env={"PW_KILL": "t19-pw", "POP3K_FAULT": "during_chunks@5"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert services.dovecot.count("t19") == 1
+    # read_committed: nothing of the killed transaction, neither mail record nor chunks.
+    assert consume_all(services.bootstrap, topic, expect=1, timeout=10) == []
+    assert chunks_by_content(services.bootstrap, f"{topic}.attachments", 1) == {}
+    again = run_cli("poll-once", "--config", str(cfg), env={"PW_KILL": "t19-pw"}, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [mail] = consume_all(services.bootstrap, topic, expect=1, timeout=60)
+    atts = check_attachments(mail.record, files)
+    total = sum(a["ref"]["chunks"] for a in atts.values() if a["ref"] is not None)
+    chunks = chunks_by_content(services.bootstrap, f"{topic}.attachments", total)
+    assert sum(len(v) for v in chunks.values()) == total  # one complete set, nothing from the killed attempt
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        assert rebuild(chunks[atts[name]["ref"]["id"]]) == files[name]
+    assert services.dovecot.count("t19") == 0
