@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         default="json",
         help="json: one decoded record per line; summary: one short line per record",
     )
+    tail.add_argument(
+        "--attachments",
+        metavar="DIR",
+        default=None,
+        help="also read topics.attachments (read_committed), reassemble chunked and fetch offloaded content, "
+        "and write each printed mail's attachments into DIR (safe file names, mode 0600)",
+    )
     return p
 
 
@@ -189,7 +196,12 @@ def _ensure_topics(cfg: Config) -> None:
     t = cfg.topics
     # The dead-letter topic may hold the only copy of a mail once the server copy is deleted,
     # so the connector creates it without time or size retention (docs/delivery.md).
-    for topic, config in ((t.mail, None), (t.dead_letter, DEAD_LETTER_TOPIC_CONFIG)):
+    wanted: list[tuple[str, dict[str, str] | None]] = [(t.mail, None), (t.dead_letter, DEAD_LETTER_TOPIC_CONFIG)]
+    if any(m.attachments.placement == "chunked" for m in cfg.mailboxes):
+        # Same partition count as the mail topic: chunk records keep the mail record's key, so
+        # they land in the partition with the same number (docs/record.md, "Large content").
+        wanted.append((t.attachments, None))
+    for topic, config in wanted:
         if ensure_topic(
             cfg.kafka.bootstrap_servers,
             cfg.kafka.client_conf(),
@@ -341,11 +353,19 @@ def _summary(partition: int | None, offset: int | None, rec: dict[str, Any]) -> 
 
 
 def _tail(cfg: Config, args: argparse.Namespace) -> int:
+    import tempfile
+    from collections import OrderedDict
+
     from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-    from connector.records import decode_single_object
+    from connector import consumer as cons
 
     topic = cfg.topics.mail
+    save_dir = Path(args.attachments) if args.attachments else None
+    att_topic: str | None = None
+    if save_dir is not None:
+        att_topic = str(getattr(cfg.topics, "attachments", topic + ".attachments"))
+    offload_settings = getattr(cfg, "offload", None)
     conf = cfg.kafka.client_conf()
     conf.update(
         {
@@ -353,6 +373,7 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
             "group.id": "pop3-kafka-tail",
             "logger": logging.getLogger("pop3kafka.rdkafka.tail"),
             "enable.auto.commit": False,
+            # Chunks of an aborted transaction must never be reassembled, nor its mail shown.
             "isolation.level": "read_committed",
         }
     )
@@ -362,26 +383,165 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
         from connector.delivery.kafka import client_config_error
 
         raise client_config_error(exc) from exc
+
+    def elide(value: Any) -> Any:
+        """JSON-safe: datetimes as ISO 8601, bytes (attachment data, raw mail) as their length."""
+        if isinstance(value, bytes):
+            return f"<{len(value)} bytes>"
+        if isinstance(value, dict):
+            return {k: elide(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [elide(v) for v in value]
+        return _jsonable(value)
+
+    def shown(text: str | None) -> str:
+        """Untrusted text for a terminal: control and format characters (escape sequences,
+        bidi overrides) escaped."""
+        return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text or "-")
+
+    def attachment_line(rec: dict[str, Any]) -> str:
+        items = [
+            f"{shown(a['filename'])} [{shown(a['content_type'])}, {a['size']} B, sha256 {a['sha256']}, "
+            f"{a['placement']}]"
+            for a in cons.attachment_summary(rec)
+        ]
+        return f"attachments: {', '.join(items)}" if items else ""
+
+    start = -2 if args.from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
+    tmp = tempfile.TemporaryDirectory(prefix="pop3-kafka-tail-") if save_dir is not None else None
+    assembler = cons.ChunkAssembler(tmp.name) if tmp is not None else None
+    #: mail records whose chunked attachments are not all assembled yet: record id -> (partition, offset, record)
+    waiting: dict[str, tuple[int | None, int | None, dict[str, Any]]] = {}
+    #: content completed before (or without) its mail record: deleted oldest first beyond a bound
+    unclaimed: OrderedDict[str, None] = OrderedDict()
     try:
-        try:
-            md = consumer.list_topics(topic, timeout=15)
-        except KafkaException as exc:
-            print(
-                f"pop3-kafka: cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc.args[0].str()}", file=sys.stderr
-            )
-            return EXIT_FAILED
-        tmd = md.topics.get(topic)
-        if tmd is None or tmd.error is not None or not tmd.partitions:
-            print(f"pop3-kafka: topic {topic!r} does not exist", file=sys.stderr)
-            return EXIT_FAILED
-        start = -2 if args.from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in sorted(tmd.partitions)])
+        assignment = []
+        for name in [topic] if att_topic is None else [topic, att_topic]:
+            try:
+                md = consumer.list_topics(name, timeout=15)
+            except KafkaException as exc:
+                print(
+                    f"pop3-kafka: cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {exc.args[0].str()}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            tmd = md.topics.get(name)
+            if tmd is None or tmd.error is not None or not tmd.partitions:
+                if name == att_topic:
+                    print(
+                        f"pop3-kafka: attachments topic {name!r} does not exist; chunked attachments cannot be "
+                        "written (inline and offloaded ones can)",
+                        file=sys.stderr,
+                    )
+                    att_topic = None
+                    continue
+                print(f"pop3-kafka: topic {name!r} does not exist", file=sys.stderr)
+                return EXIT_FAILED
+            assignment += [TopicPartition(name, p, start) for p in sorted(tmd.partitions)]
+        # One consumer for both topics: a mail and its chunks share a key, hence a partition number.
+        consumer.assign(assignment)
+
+        def chunked_ids(rec: dict[str, Any]) -> list[str]:
+            return [
+                str(a["ref"]["id"])
+                for a in rec.get("attachments") or []
+                if a.get("data") is None and a.get("ref") is not None and a["ref"].get("placement") == "chunked"
+            ]
+
+        def save(partition: int | None, offset: int | None, rec: dict[str, Any]) -> None:
+            assert save_dir is not None and assembler is not None
+            try:
+                written = cons.write_attachments(rec, save_dir, assembler=assembler, offload_settings=offload_settings)
+            except OSError as exc:
+                print(
+                    f"pop3-kafka: cannot write attachments of {rec['record_id']} to {save_dir}: {exc}", file=sys.stderr
+                )
+                return
+            for cid in chunked_ids(rec):  # written (hard link or copy): the assembled file is no longer needed
+                done = assembler.completed(cid)
+                if done is not None and done.path is not None:
+                    done.path.unlink(missing_ok=True)
+                assembler.discard(cid)
+                unclaimed.pop(cid, None)
+            if not written and not written.unavailable:
+                return  # no attachments
+            if args.format == "summary":
+                parts = [f"p{partition}@{offset}", rec["record_id"]]
+                parts.append("wrote " + (", ".join(str(w) for w in written) or "nothing"))
+                if written.unavailable:
+                    missing = [f"{shown(u.filename or f'#{u.index}')} ({u.reason})" for u in written.unavailable]
+                    parts.append("not written: " + "; ".join(missing))
+                print("  ".join(parts), flush=True)
+                return
+            out = {
+                "partition": partition,
+                "offset": offset,
+                "record_id": rec["record_id"],
+                "attachments_written": [str(w) for w in written],
+                "attachments_unavailable": [
+                    {"index": u.index, "filename": u.filename, "placement": u.placement, "reason": u.reason}
+                    for u in written.unavailable
+                ],
+            }
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+
+        def on_mail(partition: int | None, offset: int | None, rec: dict[str, Any]) -> None:
+            assert assembler is not None
+            missing = False
+            for att in rec.get("attachments") or []:
+                ref = att.get("ref")
+                if att.get("data") is not None or ref is None or ref.get("placement") != "chunked":
+                    continue
+                unclaimed.pop(str(ref["id"]), None)
+                try:
+                    if assembler.expect(ref) is None:
+                        missing = True
+                except cons.IntegrityError as exc:
+                    print(f"pop3-kafka: {rec['record_id']}: {exc}", file=sys.stderr)
+            if missing and att_topic is not None:
+                waiting[rec["record_id"]] = (partition, offset, rec)
+            else:
+                save(partition, offset, rec)
+
+        def on_chunk(value: bytes) -> None:
+            assert assembler is not None
+            try:
+                chunk = cons.decode_value(value)
+                if chunk.kind != "chunk" or str(chunk.record["content_id"]).endswith("/raw"):
+                    return  # the raw mail (raw_ref) is not an attachment
+                done = assembler.add(chunk)
+            except cons.ConsumerError as exc:
+                print(f"pop3-kafka: attachments topic: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return
+            if done is None:
+                return
+            owner = waiting.get(done.record_id)
+            if owner is None:
+                unclaimed[done.content_id] = None
+                while len(unclaimed) > 256:
+                    cid, _ = unclaimed.popitem(last=False)
+                    old = assembler.completed(cid)
+                    if old is not None and old.path is not None:
+                        old.path.unlink(missing_ok=True)
+                    assembler.discard(cid)
+                return
+            if all(assembler.completed(cid) is not None for cid in chunked_ids(owner[2])):
+                del waiting[done.record_id]
+                save(*owner)
+
         count = 0
         last = time.monotonic()
-        while args.max is None or count < args.max:
+        drain_s = args.idle_timeout if args.idle_timeout is not None else 30.0
+        while True:
+            full = args.max is not None and count >= args.max
+            if full and not waiting:
+                break
             msg = consumer.poll(0.5)
             if msg is None:
-                if args.idle_timeout is not None and time.monotonic() - last > args.idle_timeout:
+                idle = time.monotonic() - last
+                if args.idle_timeout is not None and idle > args.idle_timeout:
+                    break
+                if full and idle > drain_s:  # chunks that never came
                     break
                 continue
             err = msg.error()
@@ -391,23 +551,66 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
                     return EXIT_FAILED  # not transient: the principal lacks Read (docs/kafka-security.md)
                 continue
             last = time.monotonic()
+            if att_topic is not None and msg.topic() == att_topic:
+                on_chunk(msg.value() or b"")
+                continue
+            if full:
+                continue  # only waiting for the chunks of mail already shown
             count += 1
             try:
-                rec = decode_single_object(msg.value() or b"")
-            except ValueError as exc:
-                print(json.dumps({"partition": msg.partition(), "offset": msg.offset(), "error": str(exc)}))
+                decoded = cons.decode_value(msg.value())
+            except cons.ConsumerError as exc:
+                err_out = {
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "error": str(exc),
+                    "error_type": type(exc).__name__,
+                }
+                print(json.dumps(err_out))
                 continue
+            rec = decoded.record
+            if decoded.kind == "chunk":  # not expected on the mail topic
+                rec = {k: v for k, v in rec.items() if k != "data"}
             if not args.bodies:
                 for k in ("text_body", "html_body"):
                     if rec.get(k) is not None:
                         rec[k] = f"<{len(rec[k])} characters; --bodies to show>"
             if args.format == "summary":
-                print(_summary(msg.partition(), msg.offset(), rec), flush=True)
-                continue
-            out = {"partition": msg.partition(), "offset": msg.offset(), "record": _jsonable(rec)}
-            print(json.dumps(out, ensure_ascii=False), flush=True)
+                if decoded.kind == "dead_letter":
+                    line = (
+                        f"p{msg.partition()}@{msg.offset()}  {rec['record_id']}  dead letter "
+                        f"({rec['stage']}/{rec['reason']}): {rec['error_message'][:200]}"
+                    )
+                elif decoded.kind == "chunk":
+                    line = (
+                        f"p{msg.partition()}@{msg.offset()}  chunk {rec['index']}/{rec['count']} of {rec['content_id']}"
+                    )
+                else:
+                    line = _summary(msg.partition(), msg.offset(), {**rec, "attachments": []})
+                    if extra := attachment_line(rec):
+                        line += "  " + extra
+                print(line, flush=True)
+            else:
+                out = {
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "kind": decoded.kind,
+                    "schema_version": decoded.schema_version,
+                    "record": elide(rec),
+                }
+                if decoded.kind == "mail":
+                    out["attachment_summary"] = cons.attachment_summary(rec)
+                print(json.dumps(out, ensure_ascii=False), flush=True)
+            if decoded.kind == "mail" and save_dir is not None:
+                on_mail(msg.partition(), msg.offset(), decoded.record)
+        for partition, offset, rec in list(waiting.values()):  # write what is there; report the rest
+            save(partition, offset, rec)
     finally:
         consumer.close()
+        if assembler is not None:
+            assembler.close()
+        if tmp is not None:
+            tmp.cleanup()
     return EXIT_OK
 
 

@@ -85,8 +85,15 @@ class CycleResult:
     dead_lettered: int = 0
     #: mails left on the server because they could not be decoded (mailbox on_undecodable: leave).
     undecodable: int = 0
-    #: mails left on the server because they exceed max_message_bytes.
+    #: mails over max_message_bytes: left on the server (oversized: skip), or, with oversized:
+    #: dead_letter / delete, handled as counted in ``dead_lettered`` / ``deleted_unread``.
     oversized: int = 0
+    #: mails deleted without being read (oversized: delete).
+    deleted_unread: int = 0
+    #: (msg_num, uidl) of mail over max_message_bytes to delete unread (oversized: delete).
+    delete_unread: list[tuple[int, str]] = field(default_factory=list)
+    #: UIDLs of mail over max_message_bytes retrieved only to become dead letters.
+    dead_letter_unread: set[str] = field(default_factory=set)
     #: mails left on the server because a line exceeds max_line_bytes.
     long_lines: int = 0
     #: mails left on the server because Kafka refuses a record that large (message.max.bytes).
@@ -437,9 +444,14 @@ def retrieve_encoded(
     deadline = time.monotonic() + mailbox.max_seconds_per_cycle
     to_fetch = [] if stop.is_set() else [n for n, _ in chosen]  # nothing is asked once shutdown began
     res.more_pending = res.more_pending or (bool(chosen) and not to_fetch)
+    # Mail over max_message_bytes chosen to become a dead letter is received whole (into the
+    # spool: bounded by disk, not memory), so then the in-flight limit is off for this batch.
+    limit = (
+        None if res.dead_letter_unread else mailbox.max_message_bytes + max(RETR_SLACK, mailbox.max_message_bytes // 16)
+    )
     retrieval = session.retr_many(
         to_fetch,
-        limit=mailbox.max_message_bytes + max(RETR_SLACK, mailbox.max_message_bytes // 16),
+        limit=limit,
         spool=spool,
         max_line=mailbox.max_line_bytes,
     )
@@ -475,6 +487,26 @@ def select_for_retrieval(
         size = sizes[msg_num]
         if size > mailbox.max_message_bytes:
             res.oversized += 1
+            if mailbox.oversized == "delete":
+                # The operator chose to lose such mail; say so once, loudly, with its size.
+                log.warning(
+                    "mail of %d bytes (LIST) exceeds max_message_bytes (%d); deleted unread (oversized: delete)",
+                    size,
+                    mailbox.max_message_bytes,
+                    extra={**extra, "uidl": uidl},
+                )
+                res.delete_unread.append((msg_num, uidl))
+                continue
+            if mailbox.oversized == "dead_letter":
+                # Retrieved into the spool (no decoding) and kept whole as chunks or an object;
+                # it takes its place in the cycle's bounds like any mail.
+                if chosen and (len(chosen) >= mailbox.max_messages_per_cycle or size > budget):
+                    res.more_pending = True
+                    break
+                budget -= size
+                chosen.append((msg_num, uidl))
+                res.dead_letter_unread.add(uidl)
+                continue
             # Left there and seen again every cycle: reported once per mail at ERROR, then DEBUG.
             first = _first_time(mailbox.id, f"oversized {uidl}")
             log.log(
@@ -548,6 +580,12 @@ def encode_retrieved(
         rid = record_id(mailbox.id, uidl)
         place = placer(rid) if placer is not None else None
         try:
+            if uidl in res.dead_letter_unread:
+                raise MailTooLargeError(
+                    f"the mail ({len(raw)} bytes) exceeds max_message_bytes ({mailbox.max_message_bytes}); kept "
+                    "whole as a dead letter (oversized: dead_letter)",
+                    reason="max_message_bytes",
+                )
             if mail.refused == "line":
                 # A hostile-mail limit like the decoder's: the mail was read whole (the session
                 # stayed in step) and is handled like any mail that cannot be decoded.
@@ -561,7 +599,8 @@ def encode_retrieved(
             # Never the body in a log line: DecodeError's message carries no mail content
             # (connector/errors.py), and stage/reason/class are codes.
             what = f"stage={exc.stage} reason={exc.reason} error={type(exc).__name__}"
-            if mailbox.on_undecodable == "leave":
+            oversized = uidl in res.dead_letter_unread
+            if mailbox.on_undecodable == "leave" and not oversized:
                 # The mail stays on the server (nothing lost); the cycle goes on with the next one.
                 if exc.reason == "max_line_bytes":
                     res.long_lines += 1
@@ -581,7 +620,7 @@ def encode_retrieved(
             # decoder made of it; too large for a record, it goes as chunks or an offloaded
             # object like an attachment. Its DELE waits for Kafka, like a mail record's.
             if place is not None:
-                kept = place.raw(raw, mail.sha256)
+                kept = place.raw(raw, mail.sha256, force_ref=oversized)
                 raw_bytes, raw_ref = kept.data or b"", kept.ref
             else:
                 raw_bytes, raw_ref = bytes(raw), None
@@ -725,12 +764,13 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "dele"
         confirmed = [p for p in pending if p.ok]
         faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
-        session.dele_many([p.msg_num for p in confirmed])
+        session.dele_many([p.msg_num for p in confirmed] + [n for n, _ in res.delete_unread])
         faults.point("after_dele")
         step = "quit"
         session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state
         session = None
         res.deleted = len(confirmed)
+        res.deleted_unread = len(res.delete_unread)
         if ctx.hooks.on_deleted:
             for p in confirmed:
                 ctx.hooks.on_deleted(p.uidl)

@@ -344,6 +344,8 @@ class ShardWorker:
                 if aged or (m.delete and entry.state != "baseline"):
                     p.to_delete.append((msg_num, uidl))
             chosen = select_for_retrieval(m, new, sizes, res, extra)
+            # oversized: delete -> deleted unread after the commit, with the published mail.
+            p.to_delete.extend(res.delete_unread)
             step = "retr"
             for got in retrieve_encoded(
                 session,

@@ -412,3 +412,59 @@ def test_oversized_mail_is_reported_once_per_uidl(mock_publisher: Publisher, cap
         assert res.ok and res.oversized == 1
     said = [r.levelname for r in caplog.records if "exceeds max_message_bytes" in r.getMessage()]
     assert said == ["ERROR", "DEBUG"]
+
+
+def test_oversized_delete_deletes_unread_after_the_others_are_delivered(mock_publisher: Publisher) -> None:
+    m = mails(2)
+    m["BIG"] = b"Subject: big\r\n\r\n" + b"x" * 5000
+    s = FakeSession(m)
+    res = run(s, mock_publisher, max_message_bytes=4096, oversized="delete")
+    assert res.ok and res.oversized == 1 and res.deleted_unread == 1 and res.published == 2
+    assert s.deleted == {1, 2, 3} and "RETR 3" not in s.log
+
+
+def test_oversized_dead_letter_keeps_the_raw_mail_as_chunks() -> None:
+    pub = RecordingPublisher()
+    m = mails(1)
+    big = b"Subject: big\r\nMessage-ID: <big@x>\r\n\r\n" + b"0123456789abcdef\r\n" * 40_000  # 720,000 bytes
+    m["BIG"] = big
+    s = FakeSession(m)
+    res = run(s, pub, max_message_bytes=100_000, oversized="dead_letter")
+    assert res.ok and res.oversized == 1 and res.dead_lettered == 1 and res.published == 1
+    assert s.deleted == {1, 2} and "RETR 2" in s.log
+    topics = [t for t, *_ in pub.sent]
+    assert topics == ["mail", "mail.attachments", "mail.attachments", "mail.dlq"]  # 512 KiB chunks
+    from connector.records.content import chunk_schema
+    from connector.records.dead_letter import decode_dead_letter
+
+    dead = decode_dead_letter(pub.sent[-1][2])
+    assert dead["reason"] == "max_message_bytes" and dead["raw"] == b""
+    ref = dead["raw_ref"]
+    assert ref["placement"] == "chunked" and ref["size"] == len(big) and ref["id"] == "orders:BIG/raw"
+    cs = chunk_schema()
+    chunks = [decode_single_object(v, {cs.fingerprint: cs}) for t, _, v, _ in pub.sent if t == "mail.attachments"]
+    assert b"".join(c["data"] for c in chunks) == big
+    assert {k for _, k, _, _ in pub.sent} == {b"orders"}  # one key: one partition
+
+
+def test_large_attachment_goes_as_chunks_before_its_mail_record() -> None:
+    import base64
+    import hashlib
+    import random
+
+    blob = random.Random(1).randbytes(700_000)
+    raw = (
+        b"Subject: att\r\nMessage-ID: <att@x>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/pdf\r\n"
+        b"Content-Disposition: attachment; filename=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(blob).replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+    pub = RecordingPublisher()
+    s = FakeSession({"A1": raw})
+    res = run(s, pub)
+    assert res.ok and res.published == 1 and s.deleted == {1}
+    assert [t for t, *_ in pub.sent] == ["mail.attachments", "mail.attachments", "mail"]
+    rec = decode_single_object(pub.sent[-1][2])
+    [att] = rec["attachments"]
+    assert att["ref"]["chunks"] == 2 and att["sha256"] == hashlib.sha256(blob).hexdigest() and att["data"] is None
