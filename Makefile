@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -80,6 +80,11 @@ crash-matrix: deps venv
 # bench/results/fuzz.md. CI runs 600 (tests/unit/test_fuzz_decode.py).
 fuzz: venv
 	$(BIN)/python tests/fuzz_decode.py --mails 10000 --out bench/results/fuzz.md
+
+# Large mail end to end at full size (CI runs 50 MB): chunked exactly-once at 50, 120 and 200 MB
+# against the real broker and Dovecot (tests/integration/test_large_mail_e2e.py).
+large-mail: deps venv objectstore
+	LARGE_MAIL_MB="50 120 200" $(BIN)/pytest tests/integration/test_large_mail_e2e.py -k chunked_large_mail -v
 
 bench: venv
 	$(BIN)/python bench/parsers.py

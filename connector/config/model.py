@@ -47,6 +47,9 @@ _DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
 #: attachment parts larger than this (encoded) are decoded piece by piece, never held whole.
 STREAM_ABOVE = 1024 * 1024
+#: bytes a chunk record may take beyond its data: Avro fields (ids, sizes, sha256), the
+#: single-object header, Kafka record headers and batch framing. Generous on purpose.
+CHUNK_RECORD_OVERHEAD = 4096
 #: topics.attachments defaults to topics.mail plus this.
 ATTACHMENTS_SUFFIX = ".attachments"
 #: topics.dead_letter defaults to topics.mail plus this.
@@ -871,6 +874,15 @@ def _topics(t: dict[str, Any], ledger: LedgerConfig, delivery: DeliveryConfig) -
     return topics
 
 
+def k_client_value(client: Mapping[str, Any], key: str, default: int) -> Any:
+    """A librdkafka setting from kafka.client, or librdkafka's default."""
+    value = client.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"kafka.client.{key}: {value!r} is not a number") from None
+
+
 def _offload(o: dict[str, Any] | None, base: Path) -> OffloadSettings | None:
     """offload: the claim-check store; paths resolved against the config file's directory."""
     if o is None:
@@ -990,6 +1002,16 @@ def parse_config(
     ledger = LedgerConfig(**v["ledger"])
     topics = _topics(v["topics"], ledger, delivery)
     offload = _offload(v["offload"], base)
+    # The producer refuses a record over its message.max.bytes before it reaches the broker.
+    producer_max = int(k_client_value(v["kafka"]["client"], "message.max.bytes", 1_000_000))
+    if any(m["attachments"]["placement"] == "chunked" for m in v["mailboxes"]) and (
+        producer_max < topics.chunk_bytes + CHUNK_RECORD_OVERHEAD
+    ):
+        raise ConfigError(
+            f"topics.chunk_bytes: {topics.chunk_bytes} plus a chunk record's framing ({CHUNK_RECORD_OVERHEAD}) "
+            f"exceeds the producer's message.max.bytes ({producer_max}, kafka.client); lower chunk_bytes or raise "
+            "message.max.bytes"
+        )
     for i, mb in enumerate(mailboxes):
         _check_placement(mb, f"mailboxes[{i}]", offload)
     return Config(

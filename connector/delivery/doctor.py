@@ -46,7 +46,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from connector.config.model import Config
+from connector.config.model import CHUNK_RECORD_OVERHEAD, Config
 from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, DEFAULT_SHARDS
 
 log = logging.getLogger("pop3kafka.doctor")
@@ -166,10 +166,16 @@ class _Doctor:
         out = [reach]
         eos = self.config.delivery.mode == "exactly_once"
         dlq = self.config.topics.dead_letter
-        topics = [self.config.topics.mail, dlq] + ([self.config.ledger.topic] if eos else [])
+        chunked = any(m.attachments.placement == "chunked" for m in self.config.mailboxes)
+        att = self.config.topics.attachments
+        topics = (
+            [self.config.topics.mail, dlq] + ([self.config.ledger.topic] if eos else []) + ([att] if chunked else [])
+        )
         described = self._describe_topics(admin, topics)
         out += self.check_mail(admin, described[self.config.topics.mail])
         out += self.check_dead_letter(admin, described[dlq])
+        if chunked:
+            out += self.check_attachments(admin, described[att], described[self.config.topics.mail])
         if eos:
             out += self.check_ledger(admin, described[self.config.ledger.topic])
             out.append(self.check_group(admin))
@@ -322,6 +328,72 @@ class _Doctor:
             self._op(f"{check}.write", topic, answer, "Write", "produce dead letters"),
             self.check_dead_letter_retention(admin),
         ]
+
+    def check_attachments(self, admin: AdminClient, answer: Any, mail: Any) -> list[Finding]:
+        """The chunk-record topic: exists (or will be created), Write, the mail topic's
+        partition count (WARN otherwise), and a max.message.bytes that takes a chunk record."""
+        t = self.config.topics
+        topic, check = t.attachments, "kafka.attachments_topic"
+        write = _Acl("Topic", topic, "Write")
+        if isinstance(answer, KafkaError) and answer.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            new = NewTopic(topic, num_partitions=t.partitions, replication_factor=t.replication_factor)
+            return [self._topic_missing(admin, check, topic, create=t.create, new=new, setting="topics.create")]
+        if answer is None or isinstance(answer, KafkaError):
+            f = self._not_visible(check, topic, answer, [write], create="topics.create: true" if t.create else None)
+            return [f, Finding(f"{check}.write", False, f"{self.missing(write)} (see {check})", f.fix)]
+        n = len(answer.partitions)
+        out = [
+            Finding(check, True, f"topic {topic!r} exists ({n} partitions)"),
+            self._op(f"{check}.write", topic, answer, "Write", "produce attachment chunks"),
+        ]
+        m = len(mail.partitions) if mail is not None and not isinstance(mail, KafkaError) else None
+        if m is not None and m != n:
+            out.append(
+                Finding(
+                    f"{check}.partitions",
+                    True,
+                    f"topic {topic!r} has {n} partitions, {t.mail!r} {m}: chunk records keep their mail's key but "
+                    "land in a partition with another number (consumers that read partition by partition must "
+                    "read both topics whole)",
+                    f"give both topics the same partition count (kafka-topics.sh --alter --partitions {max(n, m)})",
+                    warning=True,
+                )
+            )
+        out.append(self.check_chunk_size(admin))
+        return out
+
+    def check_chunk_size(self, admin: AdminClient) -> Finding:
+        """A chunk record (topics.chunk_bytes plus its framing) must fit the topic's max.message.bytes."""
+        t = self.config.topics
+        check = "kafka.attachments_topic.max_message_bytes"
+        need = t.chunk_bytes + CHUNK_RECORD_OVERHEAD
+        entries, failure = self.topic_config(admin, t.attachments)
+        if failure is not None:
+            text = "no DescribeConfigs answer" if failure.timed_out else failure.text
+            return Finding(
+                check,
+                True,
+                f"max.message.bytes of {t.attachments!r} not checked: {text}",
+                self.grant(failure.acl) if failure.acl is not None else None,
+                warning=True,
+            )
+        entry = entries.get("max.message.bytes")
+        limit = int(entry.value) if entry is not None and entry.value is not None else 1048588
+        if limit >= need:
+            return Finding(
+                check,
+                True,
+                f"max.message.bytes={limit} takes chunk records of up to {need} bytes (chunk_bytes {t.chunk_bytes})",
+            )
+        return Finding(
+            check,
+            False,
+            f"topic {t.attachments!r} has max.message.bytes={limit}, but a chunk record is up to {need} bytes "
+            f"(topics.chunk_bytes {t.chunk_bytes} + framing): every chunked mail would be left on the server",
+            f"lower topics.chunk_bytes below {limit - CHUNK_RECORD_OVERHEAD}, or kafka-configs.sh --bootstrap-server "
+            f"{self.bootstrap} --alter --entity-type topics --entity-name {t.attachments} --add-config "
+            f"max.message.bytes={need}",
+        )
 
     def check_dead_letter_retention(self, admin: AdminClient) -> Finding:
         """WARN unless dead letters are kept for good: once one is in Kafka its mail is deleted

@@ -55,6 +55,8 @@ def connector_acls(
     tail: bool = False,
     exactly_once: bool = True,
     dead_letter_topic: str | None = None,
+    attachments_topic: str | None = None,
+    chunked: bool = True,
 ) -> list[Acl]:
     """The minimal ACLs for ``poll-once``/``run`` (see docs/kafka-security.md).
 
@@ -63,8 +65,22 @@ def connector_acls(
     ``pop3-kafka tail`` needs on top. ``exactly_once=False`` (delivery.mode: at_least_once):
     no ledger, no transactions, so only the mail and dead-letter topics.
     ``dead_letter_topic``: topics.dead_letter (default ``<mail_topic>.dlq``).
+    ``attachments_topic``: topics.attachments (default ``<mail_topic>.attachments``), needed
+    when a mailbox uses ``attachments.placement: chunked`` (the default; ``chunked=False`` if none).
     """
     dlq = dead_letter_topic or f"{mail_topic}.dlq"
+    att = attachments_topic or f"{mail_topic}.attachments"
+    chunk_acls = (
+        [
+            Acl("TOPIC", att, "LITERAL", "WRITE", "produce attachment chunk records (with their mail record)"),
+        ]
+        + ([Acl("TOPIC", att, "LITERAL", "CREATE", "topics.create: true (default)")] if create_topics else [])
+        if chunked
+        else []
+    )
+    tail_acls = _tail_acls(mail_topic) + (
+        [Acl("TOPIC", att, "LITERAL", "READ", "pop3-kafka tail --attachments only")] if chunked else []
+    )
     if not exactly_once:
         acls = [
             Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (idempotent); implies DESCRIBE"),
@@ -73,7 +89,8 @@ def connector_acls(
         if create_topics:
             acls.append(Acl("TOPIC", mail_topic, "LITERAL", "CREATE", "topics.create: true (default)"))
             acls.append(Acl("TOPIC", dlq, "LITERAL", "CREATE", "topics.create: true (default), retention.ms=-1"))
-        return acls + _tail_acls(mail_topic) if tail else acls
+        acls += chunk_acls
+        return acls + tail_acls if tail else acls
     acls = [
         Acl("TOPIC", mail_topic, "LITERAL", "WRITE", "produce mail records (transactional); implies DESCRIBE"),
         Acl("TOPIC", dlq, "LITERAL", "WRITE", "produce dead letters in the shard transaction"),
@@ -101,7 +118,8 @@ def connector_acls(
             Acl("TOPIC", dlq, "LITERAL", "CREATE", "topics.create: true (default), retention.ms=-1"),
             Acl("TOPIC", ledger_topic, "LITERAL", "CREATE", "ledger.create: true (default), compacted"),
         ]
-    return acls + _tail_acls(mail_topic) if tail else acls
+    acls += chunk_acls
+    return acls + tail_acls if tail else acls
 
 
 def _tail_acls(mail_topic: str) -> list[Acl]:

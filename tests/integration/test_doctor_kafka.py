@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from kafka_acls import grant_acls
 from localstack import KafkaNode
 from support.securekafka import Names, secure_kafka
@@ -42,6 +42,9 @@ ALL_CHECKS = {
     "kafka.ledger.read",
     "kafka.ledger_loader_group",
     "kafka.transactional_id",
+    "kafka.attachments_topic",
+    "kafka.attachments_topic.write",
+    "kafka.attachments_topic.max_message_bytes",
 }
 
 
@@ -150,7 +153,11 @@ def test_principal_without_acls_gets_each_missing_acl(kafka: KafkaNode, auth: st
         config = make_config(kafka.ssl_bootstrap, names, kafka.mtls_client(TLS_NOACL))
 
     got = by_check(check_kafka(config, timeout=5))
-    assert set(got) == ALL_CHECKS - {"kafka.ledger.shards", "kafka.dead_letter_topic.retention"}
+    assert set(got) == ALL_CHECKS - {
+        "kafka.ledger.shards",
+        "kafka.dead_letter_topic.retention",
+        "kafka.attachments_topic.max_message_bytes",
+    }
     assert failed(list(got.values())) == set(got) - {"kafka.broker"}
     expected = {
         "kafka.mail_topic": f"Topic '{names.mail}' (literal) Write",
@@ -163,6 +170,8 @@ def test_principal_without_acls_gets_each_missing_acl(kafka: KafkaNode, auth: st
         "kafka.ledger.compacted": f"Topic '{names.ledger}' (literal) DescribeConfigs",
         "kafka.ledger_loader_group": "Group 'pop3-kafka-ledger-loader-' (prefixed) Describe",
         "kafka.transactional_id": f"TransactionalId '{names.txn_prefix}-shard-' (prefixed) Write",
+        "kafka.attachments_topic": f"Topic '{names.mail}.attachments' (literal) Write",
+        "kafka.attachments_topic.write": f"Topic '{names.mail}.attachments' (literal) Write",
     }
     for check, acl in expected.items():
         assert "missing ACL: " in got[check].detail and acl in got[check].detail, got[check]
@@ -182,6 +191,7 @@ WITHHELD = [
     (("ledger", "DESCRIBE_CONFIGS"), {"kafka.ledger.compacted"}),
     (("txn", "WRITE"), {"kafka.transactional_id"}),
     (("group", "DESCRIBE"), {"kafka.ledger_loader_group"}),
+    (("attachments", "WRITE"), {"kafka.attachments_topic", "kafka.attachments_topic.write"}),
 ]
 
 
@@ -198,6 +208,7 @@ def test_withholding_one_acl_fails_exactly_its_check(
         "ledger": names.ledger,
         "txn": f"{names.txn_prefix}-shard-",
         "group": "pop3-kafka-ledger-loader-",
+        "attachments": f"{names.mail}.attachments",
     }[resource]
     full = names.acls(create_topics=False)
     acls = [a for a in full if not (a.name == target and a.operation == operation)]
@@ -207,7 +218,10 @@ def test_withholding_one_acl_fails_exactly_its_check(
 
     findings = check_kafka(make_config(kafka.ssl_bootstrap, names, client), timeout=5)
     # A topic the principal may not Describe has no retention to check.
-    unseen = {"kafka.dead_letter_topic.retention"} if resource == "dlq" else set()
+    unseen = {
+        "dlq": {"kafka.dead_letter_topic.retention"},
+        "attachments": {"kafka.attachments_topic.max_message_bytes"},
+    }.get(resource, set())
     assert {f.check for f in findings} == ALL_CHECKS - unseen
     assert failed(findings) == failing, findings
     op = {"DESCRIBE_CONFIGS": "DescribeConfigs"}.get(operation, operation.capitalize())
@@ -271,6 +285,27 @@ def test_plaintext_session_broker(services: Any) -> None:
         config=DEAD_LETTER_TOPIC_CONFIG,
     )
     ensure_ledger_topic(services.bootstrap, {}, names.ledger, shards=3, create=True, replication_factor=-1)
+    ensure_topic(
+        services.bootstrap,
+        {},
+        f"{names.mail}.attachments",
+        create=True,
+        partitions=1,
+        replication_factor=-1,
+        config={"max.message.bytes": "200000"},
+    )
+    findings = check_kafka(config, timeout=10)
+    # A chunk record (512 KiB + framing) does not fit 200,000 bytes: the fix says both ways out.
+    small = by_check(findings)["kafka.attachments_topic.max_message_bytes"]
+    assert not small.ok and "max.message.bytes=200000" in small.detail
+    assert "lower topics.chunk_bytes" in (small.fix or "") and "--add-config max.message.bytes=528384" in (
+        small.fix or ""
+    )
+    admin = AdminClient({"bootstrap.servers": services.bootstrap})
+    res = ConfigResource(ResourceType.TOPIC, f"{names.mail}.attachments")
+    entry = ConfigEntry("max.message.bytes", "1048588", incremental_operation=AlterConfigOpType.SET)
+    bigger = ConfigResource(ResourceType.TOPIC, res.name, incremental_configs=[entry])
+    next(iter(admin.incremental_alter_configs([bigger]).values())).result(timeout=15)
     findings = check_kafka(config, timeout=10)
     assert {f.check for f in findings} == ALL_CHECKS
     assert failed(findings) == set(), findings

@@ -49,6 +49,7 @@ class Names:
             [
                 NewTopic(self.mail, 2, 1),
                 NewTopic(self.dead_letter, 2, 1, config={"retention.ms": "-1"}),
+                NewTopic(f"{self.mail}.attachments", 2, 1),
                 NewTopic(self.ledger, ledger_partitions, 1, config={"cleanup.policy": policy}),
             ]
         )

@@ -228,3 +228,66 @@ def test_keep_mode_needs_exactly_once() -> None:
     assert "mailboxes[0].delete: keep mode needs the UIDL ledger" in error_of(data)
     data = base(max_seconds_per_cycle=100)
     assert "max_seconds_per_cycle: 100 is more than half of delivery.transaction_timeout_seconds" in error_of(data)
+
+
+# ------------------------------------------------------------------ large mail (issue 6)
+
+
+def _large(mailbox: dict[str, Any] | None = None, **root: Any) -> Any:
+    doc: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": "k:9092"},
+        "topics": {"mail": "mail"},
+        "mailboxes": [{"id": "m", "host": "h", "username": "u", "password": {"env": "PW"}, **(mailbox or {})}],
+    }
+    for k, v in root.items():
+        doc.setdefault(k, {}).update(v)
+    return parse_config(doc, environ={"PW": "x"})
+
+
+def test_large_mail_defaults() -> None:
+    cfg = _large()
+    m = cfg.mailboxes[0]
+    assert (m.attachments.placement, m.attachments.inline_max_bytes, m.raw_mail, m.oversized) == (
+        "chunked",
+        256 * 1024,
+        "none",
+        "skip",
+    )
+    assert (cfg.topics.attachments, cfg.topics.chunk_bytes, cfg.offload) == ("mail.attachments", 512 * 1024, None)
+    assert m.decode.stream_above == 1024 * 1024
+
+
+def test_offload_placement_needs_an_offload_section() -> None:
+    with pytest.raises(ConfigError, match=r"mailboxes\[0\].attachments.placement: 'offload' needs an offload"):
+        _large({"attachments": {"placement": "offload"}})
+
+
+def test_oversized_dead_letter_needs_chunks_or_offload() -> None:
+    with pytest.raises(ConfigError, match=r"oversized: 'dead_letter' carries the raw mail"):
+        _large({"oversized": "dead_letter", "attachments": {"placement": "none"}})
+    assert _large({"oversized": "dead_letter"}).mailboxes[0].oversized == "dead_letter"
+
+
+def test_offload_sections_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"offload.directory: .* is not a writable directory"):
+        _large(offload={"kind": "filesystem", "directory": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"offload.bucket: required"):
+        _large(offload={"kind": "s3"})
+    with pytest.raises(ConfigError, match="give both access_key_id_file and secret_access_key_file"):
+        _large(offload={"kind": "s3", "bucket": "b", "access_key_id_file": str(tmp_path)})
+    cfg = _large({"attachments": {"placement": "offload"}}, offload={"kind": "filesystem", "directory": str(tmp_path)})
+    assert cfg.offload is not None and cfg.offload.directory == str(tmp_path)
+
+
+def test_chunk_size_must_fit_the_producer_limit() -> None:
+    with pytest.raises(ConfigError, match=r"topics.chunk_bytes: 1048576 plus a chunk record's framing"):
+        _large(topics={"chunk_bytes": 1024 * 1024})
+    cfg = _large(topics={"chunk_bytes": 1024 * 1024}, kafka={"client": {"message.max.bytes": 2_000_000}})
+    assert cfg.topics.chunk_bytes == 1024 * 1024
+    # no chunked mailbox: no constraint
+    assert _large({"attachments": {"placement": "none"}}, topics={"chunk_bytes": 1024 * 1024}).topics.chunk_bytes
+
+
+def test_attachments_topic_needs_its_own_name() -> None:
+    with pytest.raises(ConfigError, match=r"topics.attachments: .mail. is also the mail, dead-letter or ledger topic"):
+        _large(topics={"attachments": "mail"})
