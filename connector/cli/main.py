@@ -250,6 +250,8 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
             note = "".join(f", {n} {what} left on server" for what, n in left.items() if n)
             note += ", more mail waiting" if r.more_pending else ""
             dead = f", {r.dead_lettered} dead-lettered" if r.dead_lettered else ""
+            if r.deleted_unread:
+                note += f", {r.deleted_unread} over max_message_bytes deleted unread (oversized: delete)"
             print(f"{r.mailbox}: ok: {r.published} published{dead}, {r.deleted} deleted of {r.listed} listed{note}")
         else:
             failed += 1

@@ -389,7 +389,8 @@ class _Doctor:
             check,
             False,
             f"topic {t.attachments!r} has max.message.bytes={limit}, but a chunk record is up to {need} bytes "
-            f"(topics.chunk_bytes {t.chunk_bytes} + framing): every chunked mail would be left on the server",
+            f"(topics.chunk_bytes {t.chunk_bytes} + framing): the broker would refuse it, and every cycle with a "
+            "chunked mail would fail (nothing deleted, retried for ever)",
             f"lower topics.chunk_bytes below {limit - CHUNK_RECORD_OVERHEAD}, or kafka-configs.sh --bootstrap-server "
             f"{self.bootstrap} --alter --entity-type topics --entity-name {t.attachments} --add-config "
             f"max.message.bytes={need}",

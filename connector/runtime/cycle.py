@@ -85,8 +85,8 @@ class CycleResult:
     dead_lettered: int = 0
     #: mails left on the server because they could not be decoded (mailbox on_undecodable: leave).
     undecodable: int = 0
-    #: mails over max_message_bytes: left on the server (oversized: skip), or, with oversized:
-    #: dead_letter / delete, handled as counted in ``dead_lettered`` / ``deleted_unread``.
+    #: mails over max_message_bytes left on the server (oversized: skip); with oversized:
+    #: dead_letter / delete they are counted in ``dead_lettered`` / ``deleted_unread`` instead.
     oversized: int = 0
     #: mails deleted without being read (oversized: delete).
     deleted_unread: int = 0
@@ -486,7 +486,6 @@ def select_for_retrieval(
     for msg_num, uidl in candidates:
         size = sizes[msg_num]
         if size > mailbox.max_message_bytes:
-            res.oversized += 1
             if mailbox.oversized == "delete":
                 # The operator chose to lose such mail; say so once, loudly, with its size.
                 log.warning(
@@ -507,6 +506,7 @@ def select_for_retrieval(
                 chosen.append((msg_num, uidl))
                 res.dead_letter_unread.add(uidl)
                 continue
+            res.oversized += 1  # left on the server (oversized: skip)
             # Left there and seen again every cycle: reported once per mail at ERROR, then DEBUG.
             first = _first_time(mailbox.id, f"oversized {uidl}")
             log.log(

@@ -20,6 +20,7 @@ nothing: no records, no progress.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from connector.records import (
     encode_single_object,
     mail_schema,
 )
+from connector.records.avro import Schema, load_schema
 from connector.records.dead_letter import dead_letter_schema
 
 log = logging.getLogger("pop3kafka.dlq")
@@ -65,6 +67,10 @@ class ReplaySummary:
     not_dead_letters: int = 0
     #: records with the dead-letter fingerprint that do not decode (damaged): passed over.
     unreadable: int = 0
+    #: dead letters whose raw mail is stored by reference (raw_ref: chunks or an offloaded
+    #: object): not replayed by this version, passed over with a warning (nothing lost: the
+    #: dead letter and its content stay where they are).
+    by_reference: int = 0
     dry_run: bool = False
 
     def line(self) -> str:
@@ -82,7 +88,19 @@ class ReplaySummary:
             text += f", {self.not_dead_letters} records that are not dead letters ignored"
         if self.unreadable:
             text += f", {self.unreadable} unreadable dead letters passed over"
+        if self.by_reference:
+            text += f", {self.by_reference} with the raw mail stored by reference passed over (not replayable yet)"
         return text
+
+
+@functools.cache
+def _dead_letter_schemas() -> dict[bytes, Schema]:
+    """The current dead-letter schema and every earlier version (schemas/history/), by
+    fingerprint: dead letters written by older connectors are replayed too."""
+    out = {dead_letter_schema().fingerprint: dead_letter_schema()}
+    v1 = load_schema("history/dead_letter.v1.avsc")
+    out[v1.fingerprint] = v1
+    return out
 
 
 def progress_group(config: Config) -> str:
@@ -301,11 +319,12 @@ def _transform(
         summary.skipped_before_since += 1
         return None
     value = msg.value()
-    if value is None or value[2:10] != dead_letter_schema().fingerprint:
+    known = _dead_letter_schemas()
+    if value is None or value[2:10] not in known:
         summary.not_dead_letters += 1
         return None
     try:
-        dl = decode_single_object(value, {dead_letter_schema().fingerprint: dead_letter_schema()})
+        dl = decode_single_object(value, known)
     except Exception:  # noqa: BLE001 - one damaged record must not block every later one
         summary.unreadable += 1
         log.warning(
@@ -313,6 +332,19 @@ def _transform(
             msg.topic(),
             msg.partition(),
             msg.offset(),
+        )
+        return None
+    if dl.get("raw_ref") is not None:
+        # Its bytes are chunk records or an offloaded object, not in ``raw`` (which is empty):
+        # decoding ``raw`` would publish an empty mail. Left for an operator (connector.consumer
+        # rebuilds the raw mail from the reference).
+        summary.by_reference += 1
+        log.warning(
+            "dlq replay: %s[%s]@%s holds its raw mail by reference (%s); not replayable yet, passed over",
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            dl["raw_ref"].get("placement"),
         )
         return None
     p = dl["provenance"]

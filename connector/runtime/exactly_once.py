@@ -249,6 +249,7 @@ class ShardWorker:
             p.session.quit()
             p.session = None
             res.deleted = len(p.to_delete)
+            res.deleted_unread = len(res.delete_unread)
             with self._state_lock:  # settles run in parallel threads
                 for _, uidl in p.to_delete:
                     self._tombstones.append((p.mailbox.id, uidl))

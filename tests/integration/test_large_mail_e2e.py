@@ -28,6 +28,7 @@ from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import Consumed, consume_all
 
+from connector.consumer import ChunkAssembler, fetch_offloaded
 from connector.delivery.offload import OffloadSettings, read_uri
 from connector.records.avro import decode_single_object
 from connector.records.content import chunk_schema
@@ -135,12 +136,21 @@ def test_chunked_large_mail_exactly_once(services, topic: str, tmp_path: Path, s
     atts = check_attachments(mail.record, files)
     expected_chunks = sum(a["ref"]["chunks"] for a in atts.values() if a["ref"] is not None)
     chunks = chunks_by_content(services.bootstrap, f"{topic}.attachments", expected_chunks)
-    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
-        ref = atts[name]["ref"]
-        assert ref["placement"] == "chunked" and ref["topic"] == f"{topic}.attachments"
-        assert rebuild(chunks[ref["id"]]) == files[name]
-        # Same key as the mail record, so the same partition.
-        assert {c.key for c in chunks[ref["id"]]} == {mail.key}
+    # What a downstream consumer does: connector.consumer reassembles the chunks (here in
+    # reverse order) into verified files.
+    with ChunkAssembler(tmp_path / "rebuilt") as assembler:
+        done = {}
+        for group in chunks.values():
+            for c in reversed(group):
+                got = assembler.add(c.record)
+                if got is not None:
+                    done[got.content_id] = got
+        for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+            ref = atts[name]["ref"]
+            assert ref["placement"] == "chunked" and ref["topic"] == f"{topic}.attachments"
+            assert done[ref["id"]].sha256 == ref["sha256"] and done[ref["id"]].path.read_bytes() == files[name]
+            # Same key as the mail record, so the same partition.
+            assert {c.key for c in chunks[ref["id"]]} == {mail.key}
     assert set(chunks) == {atts[n]["ref"]["id"] for n in ("scan.pdf", "drawing.dwg", "notes.txt")}
     assert services.dovecot.count("t19") == 0
     assert list(spool.iterdir()) == []
@@ -267,3 +277,37 @@ def test_kill_in_the_middle_of_a_chunked_transaction(services, topic: str, tmp_p
     for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
         assert rebuild(chunks[atts[name]["ref"]["id"]]) == files[name]
     assert services.dovecot.count("t19") == 0
+
+
+@pytest.mark.parametrize("size_mb", SIZES_MB)
+def test_offloaded_large_mail_to_a_directory(services, topic: str, tmp_path: Path, size_mb: int) -> None:  # type: ignore[no-untyped-def]
+    services.dovecot.clear("t20")
+    raw, files = big_mail(size_mb, seed=100 + size_mb)
+    services.dovecot.put("t20", raw)
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [
+            mailbox(
+                "off",
+                "t20",
+                services.dovecot.pop3s_port,
+                services.cafile,
+                attachments={"placement": "offload"},
+                **big_limits(),
+            )
+        ],
+        offload={"kind": "filesystem", "directory": str(objects)},
+    )
+    proc = run_cli("poll-once", "--config", str(cfg), env={"PW_OFF": "t20-pw"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [mail] = consume_all(services.bootstrap, topic, expect=1, timeout=120)
+    atts = check_attachments(mail.record, files)
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        got = fetch_offloaded(atts[name]["ref"], tmp_path / name)  # verifies size and SHA-256
+        assert got.sha256 == hashlib.sha256(files[name]).hexdigest()
+        assert (tmp_path / name).read_bytes() == files[name]
+    assert services.dovecot.count("t20") == 0

