@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ensure_topics(cfg: Config) -> None:
-    from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, ensure_topic
+    from connector.delivery.admin import DEAD_LETTER_TOPIC_CONFIG, ensure_topic, partitions_of
 
     t = cfg.topics
     # The dead-letter topic may hold the only copy of a mail once the server copy is deleted,
@@ -202,17 +202,21 @@ def _ensure_topics(cfg: Config) -> None:
         # they land in the partition with the same number (docs/record.md, "Large content").
         wanted.append((t.attachments, None))
     for topic, config in wanted:
+        partitions = t.partitions
+        if topic == t.attachments:
+            # The mail topic's real count (it may have been created by someone else or grown).
+            partitions = partitions_of(cfg.kafka.bootstrap_servers, cfg.kafka.client_conf(), t.mail) or t.partitions
         if ensure_topic(
             cfg.kafka.bootstrap_servers,
             cfg.kafka.client_conf(),
             topic,
             create=t.create,
-            partitions=t.partitions,
+            partitions=partitions,
             replication_factor=t.replication_factor,
             timeout=min(15.0, cfg.kafka.delivery_timeout_seconds),
             config=config,
         ):
-            log.info("created topic %s (%d partitions)", topic, t.partitions)
+            log.info("created topic %s (%d partitions)", topic, partitions)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -96,6 +96,17 @@ def ensure_topic(
     return True
 
 
+def partitions_of(bootstrap: str, client: Mapping[str, Any], topic: str, *, timeout: float = 15.0) -> int | None:
+    """How many partitions ``topic`` has; None when it does not exist or cannot be described."""
+    admin = admin_client(bootstrap, client)
+    try:
+        md = admin.list_topics(topic, timeout=timeout)
+    except KafkaException:
+        return None
+    t = md.topics.get(topic)
+    return len(t.partitions) if t is not None and t.error is None else None
+
+
 DEFAULT_SHARDS = 8
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -42,6 +43,38 @@ class SpoolPolicy:
     def __post_init__(self) -> None:
         if self.threshold < 0:
             raise ValueError("spool threshold must be >= 0")
+
+
+#: name prefix of spool files; only ever visible where O_TMPFILE is unsupported (see sweep).
+SPOOL_PREFIX = "pop3k-spool-"
+
+
+def sweep(directory: str | None) -> int:
+    """Remove spool files a crashed process may have left in ``directory`` (None: the
+    system temp directory); returns how many. Called once at start.
+
+    Spool files are anonymous (O_TMPFILE: no name, gone with the process). Only on a file
+    system without O_TMPFILE does ``tempfile.TemporaryFile`` create a named file and unlink it
+    at once; a crash in between leaves ``pop3k-spool-*``. Such a file is never in use by a live
+    process for longer than that instant, so removing every match is safe.
+    """
+    where = directory or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(SPOOL_PREFIX):
+            continue
+        path = os.path.join(where, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            continue  # not ours to remove (permissions): left for the operator
+    return removed
 
 
 class Retrieved:
@@ -167,7 +200,7 @@ class BodySink:
             if self._policy is not None and self._size > self._policy.threshold:
                 # Past the threshold: everything so far goes to the file, and so does the rest.
                 # The file outlives this call: Retrieved.close() (or finish/abandon) closes it.
-                self._file = tempfile.TemporaryFile(prefix="pop3k-spool-", dir=self._policy.directory)  # noqa: SIM115
+                self._file = tempfile.TemporaryFile(prefix=SPOOL_PREFIX, dir=self._policy.directory)  # noqa: SIM115
                 self._file.writelines(self._pieces)
                 self._pieces = []
         except OSError as exc:

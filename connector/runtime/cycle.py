@@ -620,7 +620,7 @@ def encode_retrieved(
             # decoder made of it; too large for a record, it goes as chunks or an offloaded
             # object like an attachment. Its DELE waits for Kafka, like a mail record's.
             if place is not None:
-                kept = place.raw(raw, mail.sha256, force_ref=oversized)
+                kept = place.raw(raw, mail.sha256, force_ref=oversized, dead_letter=True)
                 raw_bytes, raw_ref = kept.data or b"", kept.ref
             else:
                 raw_bytes, raw_ref = bytes(raw), None

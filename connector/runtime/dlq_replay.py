@@ -12,6 +12,13 @@ included) resumes where its last transaction ended: the aborted transaction's re
 visible to read_committed consumers and its offsets were never committed. Each dead letter is
 therefore published at most once per progress group, and exactly once when it decodes.
 
+Large mail (docs/record.md, "Large content"): a dead letter whose raw mail is by reference
+(``raw_ref``) is rebuilt first, from the chunk records that precede it in the same partition of
+the dead-letter topic (connector.consumer.ChunkAssembler, in temporary files; progress is never
+committed past the first chunk of a content still incomplete) or from its offloaded object; the
+replayed record's attachments are placed as the poll cycle places them (chunk records in the
+same transaction, or the offload store).
+
 Dead letters that still fail stay in the dead-letter topic (they are not written again); the
 summary counts them by reason. ``--since`` passes over dead letters written before a time
 (counted as skipped; progress moves past them). ``--dry-run`` decodes and reports, and writes
@@ -20,21 +27,28 @@ nothing: no records, no progress.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import mmap
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from connector import faults
-from connector.config.model import Config
+from connector.config.model import Config, MailboxConfig
+from connector.consumer import ChunkAssembler, ConsumerError, decode_value, fetch_offloaded
 from connector.decoding import decode_mail
+from connector.decoding.fastmime import SpoolMap
 from connector.decoding.options import DEFAULT_OPTIONS
-from connector.delivery.kafka import client_config_error
+from connector.delivery.kafka import Delivery, client_config_error
+from connector.delivery.offload import open_store
 from connector.errors import DecodeError, DeliveryError
 from connector.records import (
     HEADER_MAILBOX,
@@ -44,9 +58,12 @@ from connector.records import (
     decode_single_object,
     encode_single_object,
     mail_schema,
+    record_id,
 )
 from connector.records.avro import Schema, load_schema
+from connector.records.content import chunk_schema
 from connector.records.dead_letter import dead_letter_schema
+from connector.runtime.placement import Placer
 
 log = logging.getLogger("pop3kafka.dlq")
 
@@ -67,10 +84,12 @@ class ReplaySummary:
     not_dead_letters: int = 0
     #: records with the dead-letter fingerprint that do not decode (damaged): passed over.
     unreadable: int = 0
-    #: dead letters whose raw mail is stored by reference (raw_ref: chunks or an offloaded
-    #: object): not replayed by this version, passed over with a warning (nothing lost: the
-    #: dead letter and its content stay where they are).
+    #: dead letters whose raw mail is by reference (raw_ref) but could not be had: chunks not
+    #: (all) read in this run, an offloaded object missing or unreachable. Passed over with a
+    #: warning; the dead letter stays where it is (replay it again with a fresh --group).
     by_reference: int = 0
+    #: chunk records (raw mail of large dead letters) read and reassembled.
+    chunks: int = 0
     dry_run: bool = False
 
     def line(self) -> str:
@@ -89,7 +108,7 @@ class ReplaySummary:
         if self.unreadable:
             text += f", {self.unreadable} unreadable dead letters passed over"
         if self.by_reference:
-            text += f", {self.by_reference} with the raw mail stored by reference passed over (not replayable yet)"
+            text += f", {self.by_reference} whose raw mail by reference was not available (passed over)"
         return text
 
 
@@ -101,6 +120,49 @@ def _dead_letter_schemas() -> dict[bytes, Schema]:
     v1 = load_schema("history/dead_letter.v1.avsc")
     out[v1.fingerprint] = v1
     return out
+
+
+def _collect_chunk(msg: Message, value: bytes, ctx: _Context) -> None:
+    """A chunk of a large dead letter's raw mail: into the assembler, remembering where the
+    content's first chunk was so progress is not committed past an incomplete content."""
+    ctx.summary.chunks += 1
+    try:
+        chunk = decode_value(value)
+        done = ctx.assembler.add(chunk)
+    except ConsumerError as exc:
+        log.warning("dlq replay: chunk %s[%s]@%s passed over: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+        return
+    cid = chunk.record["content_id"]
+    if done is not None:
+        ctx.first_chunk.pop(cid, None)
+    else:
+        ctx.first_chunk.setdefault(cid, (_partition(msg), msg.offset() or 0))
+
+
+def _raw_by_reference(msg: Message, ref: dict[str, Any], ctx: _Context) -> Path | None:
+    """The file holding a dead letter's raw mail (reassembled chunks or the downloaded
+    object, SHA-256 checked), or None (warned) when it cannot be had now."""
+    where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+    if ref["placement"] == "chunked":
+        done = ctx.assembler.completed(ref["id"])
+        if done is None:
+            log.warning(
+                "dlq replay: %s: the chunks of its raw mail were not all read in this run (missing %d); passed over",
+                where,
+                len(ctx.assembler.missing(ref["id"])) or ref.get("chunks") or 0,
+            )
+            return None
+        if done.sha256 != ref["sha256"]:
+            log.warning("dlq replay: %s: reassembled raw mail does not match its SHA-256; passed over", where)
+            return None
+        return done.path
+    dest = Path(ctx.work) / f"raw-{ref['sha256']}"
+    try:
+        fetch_offloaded(ref, dest, ctx.config.offload)
+    except ConsumerError as exc:
+        log.warning("dlq replay: %s: its offloaded raw mail could not be fetched: %s; passed over", where, exc)
+        return None
+    return dest
 
 
 def progress_group(config: Config) -> str:
@@ -141,6 +203,9 @@ def replay(
     except KafkaException as exc:
         raise client_config_error(exc) from exc
     producer: Producer | None = None
+    # Reassembled and downloaded raw mail of large dead letters: anonymous-ish temporary files
+    # (0600, under runtime.spool_directory), all removed when the run ends.
+    work = tempfile.TemporaryDirectory(prefix="pop3k-replay-", dir=config.runtime.spool_directory)
     try:
         meta = consumer.list_topics(topic, timeout=30)
         tmeta = meta.topics.get(topic)
@@ -184,30 +249,23 @@ def replay(
         consumer.assign(assign)
         remaining = {tp.partition for tp in assign if _next(tp) < ends[tp.partition]}
         deadline = time.monotonic() + timeout_s
-        by_id = {m.id: m for m in config.mailboxes}
+        ctx = _Context(config, since_at, {m.id: m for m in config.mailboxes}, summary, producer, work.name)
         while remaining:
             if time.monotonic() > deadline:
                 raise DeliveryError(f"dlq replay: not finished within {timeout_s:.0f} s; run it again to continue")
             batch = _read_batch(consumer, remaining, ends, batch_size)
             if not batch:
                 continue
-            outputs: list[tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]]] = []
             # Progress = one past the last dead letter this batch handled, per partition; never
             # position(), which is past messages fetched but left for the next run.
             commit_to: dict[int, int] = {}
-            for msg in batch:
-                summary.read += 1
-                commit_to[_partition(msg)] = max(commit_to.get(_partition(msg), 0), (msg.offset() or 0) + 1)
-                out = _transform(msg, since_at, by_id, config, summary)
-                if out is not None:
-                    outputs.append(out)
             if producer is None:
-                summary.replayed += len(outputs)
+                for msg in batch:
+                    summary.read += 1
+                    if _transform(msg, ctx) is not None:
+                        summary.replayed += 1
             else:
-                offsets = [TopicPartition(topic, p, o) for p, o in sorted(commit_to.items())]
-                summary.replayed += _transact(
-                    producer, consumer, mail_topic=config.topics.mail, outputs=outputs, offsets=offsets, summary=summary
-                )
+                summary.replayed += _transact(producer, consumer, batch, ctx, commit_to)
             if report is not None:
                 report(summary)
         return summary
@@ -218,28 +276,76 @@ def replay(
         consumer.close()
         if producer is not None:
             producer.flush(10)
+        work.cleanup()
+
+
+@dataclass
+class _Context:
+    """What the transformation of one run needs besides the message."""
+
+    config: Config
+    since_at: dict[int, int]
+    by_id: dict[str, MailboxConfig]
+    summary: ReplaySummary
+    #: None in a dry run: nothing is produced or stored.
+    producer: Producer | None
+    work: str
+    assembler: ChunkAssembler = field(init=False)
+    #: content id -> (partition, offset of its first chunk seen), while incomplete.
+    first_chunk: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.assembler = ChunkAssembler(Path(self.work) / "chunks")
+
+    def hold_back(self, commit_to: dict[int, int]) -> None:
+        """Never commit progress past the first chunk of a content still incomplete: a run
+        that ends (or dies) there reads those chunks again next time."""
+        for partition, offset in self.first_chunk.values():
+            if partition in commit_to:
+                commit_to[partition] = min(commit_to[partition], offset)
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
+        """Placement's produce: chunk records of replayed mail go into the open transaction."""
+        assert self.producer is not None
+        d = Delivery(topic)
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            d.error = err
+            d.done.set()
+
+        if not _produce(self.producer, topic, key, value, list(headers), on_delivery=on_delivery):
+            raise DeliveryError(f"a chunk record for {topic!r} is larger than the producer's message.max.bytes")
+        return d
 
 
 def _transact(
     producer: Producer,
     consumer: Consumer,
-    *,
-    mail_topic: str,
-    outputs: list[tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]]],
-    offsets: list[TopicPartition],
-    summary: ReplaySummary,
+    batch: list[Message],
+    ctx: _Context,
+    commit_to: dict[int, int],
 ) -> int:
-    """One batch in one transaction: its records and the group's progress past it. Any failure
-    aborts the transaction (so read_committed consumers of the mail topic are not held up
-    until it times out) and ends the run; the next run repeats the batch."""
+    """One batch in one transaction: its records (and their chunk records) and the group's
+    progress past it. Any failure aborts the transaction (so read_committed consumers of the
+    mail topic are not held up until it times out) and ends the run; the next run repeats the
+    batch."""
     sent = 0
+    summary, topic = ctx.summary, ctx.config.topics.dead_letter
     try:
         producer.begin_transaction()
-        for key, value, headers in outputs:
-            if _produce(producer, mail_topic, key, value, headers):
+        for msg in batch:
+            summary.read += 1
+            commit_to[_partition(msg)] = max(commit_to.get(_partition(msg), 0), (msg.offset() or 0) + 1)
+            out = _transform(msg, ctx)
+            if out is None:
+                continue
+            key, value, headers = out
+            if _produce(producer, ctx.config.topics.mail, key, value, headers):
                 sent += 1
             else:
                 summary.still_failing["too_large"] += 1
+        ctx.hold_back(commit_to)
+        offsets = [TopicPartition(topic, p, o) for p, o in sorted(commit_to.items())]
         producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60)
         faults.point("dlq_before_commit")
         with faults.during("dlq_during_commit"):
@@ -256,14 +362,23 @@ def _transact(
 
 
 def _produce(
-    producer: Producer, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, str | bytes | None]]
+    producer: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    headers: Sequence[tuple[str, str | bytes | None]],
+    *,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
 ) -> bool:
     """Queue one record, waiting while librdkafka's queue is full; False when the record is
     larger than the producer's message.max.bytes (counted, left in the dead-letter topic)."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            producer.produce(topic, value=value, key=key, headers=headers)
+            if on_delivery is None:
+                producer.produce(topic, value=value, key=key, headers=list(headers))
+            else:
+                producer.produce(topic, value=value, key=key, headers=list(headers), on_delivery=on_delivery)
             return True
         except BufferError:
             if time.monotonic() > deadline:
@@ -307,18 +422,17 @@ def _read_batch(consumer: Consumer, remaining: set[int], ends: dict[int, int], s
     return batch
 
 
-def _transform(
-    msg: Message,
-    since_at: dict[int, int],
-    by_id: dict[str, Any],
-    config: Config,
-    summary: ReplaySummary,
-) -> tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]] | None:
-    """The mail record for one dead letter, or None (counted) when it does not decode now."""
-    if (msg.offset() or 0) < since_at.get(_partition(msg), 0):
+def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]]] | None:
+    """The mail record for one dead letter, or None (counted) when it does not decode now.
+    Chunk records (raw mail of large dead letters) are collected on the way."""
+    summary = ctx.summary
+    if (msg.offset() or 0) < ctx.since_at.get(_partition(msg), 0):
         summary.skipped_before_since += 1
         return None
     value = msg.value()
+    if value is not None and value[2:10] == chunk_schema().fingerprint:
+        _collect_chunk(msg, value, ctx)
+        return None
     known = _dead_letter_schemas()
     if value is None or value[2:10] not in known:
         summary.not_dead_letters += 1
@@ -334,21 +448,8 @@ def _transform(
             msg.offset(),
         )
         return None
-    if dl.get("raw_ref") is not None:
-        # Its bytes are chunk records or an offloaded object, not in ``raw`` (which is empty):
-        # decoding ``raw`` would publish an empty mail. Left for an operator (connector.consumer
-        # rebuilds the raw mail from the reference).
-        summary.by_reference += 1
-        log.warning(
-            "dlq replay: %s[%s]@%s holds its raw mail by reference (%s); not replayable yet, passed over",
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            dl["raw_ref"].get("placement"),
-        )
-        return None
     p = dl["provenance"]
-    mailbox = by_id.get(p["mailbox_id"])
+    mailbox = ctx.by_id.get(p["mailbox_id"])
     if mailbox is None:
         summary.unknown_mailbox += 1
     options = mailbox.decode if mailbox is not None else DEFAULT_OPTIONS
@@ -360,12 +461,33 @@ def _transform(
         raw_size=p["raw_size"],
         raw_sha256=p["raw_sha256"],
     )
-    try:
-        record = build_mail_record(decode_mail(dl["raw"], options=options), prov)
-        out = encode_single_object(mail_schema(), record)
-    except DecodeError as exc:
-        summary.still_failing[exc.reason] += 1
-        return None
+    with contextlib.ExitStack() as stack:
+        raw: bytes | SpoolMap = dl["raw"]
+        ref = dl.get("raw_ref")
+        if ref is not None:
+            path = _raw_by_reference(msg, ref, ctx)
+            if path is None:
+                summary.by_reference += 1
+                return None
+            fh = stack.enter_context(open(path, "rb"))
+            raw = stack.enter_context(SpoolMap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+        try:
+            mail = decode_mail(raw, options=options)
+            placed = raw_placed = None
+            if ctx.producer is not None and mailbox is not None:
+                # As the poll cycle would: attachments (and raw mail) inline, chunked or offloaded.
+                rid = record_id(mailbox.id, p["uidl"])
+                chunk_key = (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
+                store = open_store(ctx.config.offload) if ctx.config.offload is not None else None
+                placer = Placer(ctx.config, mailbox, rid, chunk_key, ctx.send, store)
+                placed = placer.attachments(mail.attachments)
+                if mailbox.raw_mail == "include" or mail.raw is not None:
+                    raw_placed = placer.raw(raw, p["raw_sha256"])
+            record = build_mail_record(mail, prov, placed, raw_placed)
+            out = encode_single_object(mail_schema(), record)
+        except DecodeError as exc:
+            summary.still_failing[exc.reason] += 1
+            return None
     headers: list[tuple[str, str | bytes | None]] = [
         (HEADER_RECORD_ID, dl["record_id"].encode()),
         (HEADER_MAILBOX, p["mailbox_id"].encode()),

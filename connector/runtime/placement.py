@@ -104,29 +104,37 @@ class Placer:
         self.stored.append((stored.uri, stored.reused))
         return Placed(ref=ContentRef(cid, "offload", size, sha256, uri=stored.uri))
 
-    def raw(self, buffer: bytes | mmap.mmap, sha256: str, *, force_ref: bool = False) -> Placed:
+    def raw(
+        self, buffer: bytes | mmap.mmap, sha256: str, *, force_ref: bool = False, dead_letter: bool = False
+    ) -> Placed:
         """The raw mail: inline when small (or with placement none), else like an attachment.
-        ``force_ref``: never inline (a dead letter for mail too large for any record)."""
+        ``force_ref``: never inline (a dead letter for mail too large for any record).
+        ``dead_letter``: the raw mail of a dead letter; its chunk records go to the dead-letter
+        topic itself, so they share its retention (kept until an operator removes them) and a
+        replay finds them in the partition it reads, before the dead letter."""
         size = len(buffer)
         policy = self.mailbox.attachments
         if policy.placement == "none" or (size <= policy.inline_max_bytes and not force_ref):
             return Placed(data=bytes(buffer))
-        return self._raw_ref(buffer, size, sha256)
+        return self._raw_ref(buffer, size, sha256, self.config.topics.dead_letter if dead_letter else None)
 
-    def _raw_ref(self, buffer: bytes | mmap.mmap, size: int, sha256: str) -> Placed:
+    def _raw_ref(self, buffer: bytes | mmap.mmap, size: int, sha256: str, topic: str | None) -> Placed:
         cid = content_id(self.record_id, RAW_CONTENT)
         if self.mailbox.attachments.placement == "chunked":
-            return Placed(ref=self._chunks(cid, size, sha256, buffer_pieces(buffer)))
+            return Placed(ref=self._chunks(cid, size, sha256, buffer_pieces(buffer), topic))
         if self.store is None:
             raise DeliveryError("placement offload without an offload store")
         stored = self.store.put(sha256, size, buffer_pieces(buffer))
         self.stored.append((stored.uri, stored.reused))
         return Placed(ref=ContentRef(cid, "offload", size, sha256, uri=stored.uri))
 
-    def _chunks(self, cid: str, size: int, sha256: str, pieces: Iterator[bytes]) -> ContentRef:
-        """Cut ``pieces`` into chunk records of topics.chunk_bytes and produce them."""
+    def _chunks(
+        self, cid: str, size: int, sha256: str, pieces: Iterator[bytes], topic: str | None = None
+    ) -> ContentRef:
+        """Cut ``pieces`` into chunk records of topics.chunk_bytes and produce them to ``topic``
+        (default topics.attachments)."""
         step = self.config.topics.chunk_bytes
-        topic = self.config.topics.attachments
+        topic = topic or self.config.topics.attachments
         count = chunk_count(size, step)
         header = ChunkHeader(self.record_id, self.mailbox.id, cid, count, size, sha256)
         digest = hashlib.sha256()

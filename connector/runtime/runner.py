@@ -30,6 +30,7 @@ from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
 from connector.delivery.transactional import ShardProducer, load_shard_ledger
 from connector.errors import Pop3LoginDelayError
+from connector.protocol import spool
 from connector.records.ledger import shard_of
 from connector.runtime.cycle import (
     CycleContext,
@@ -61,6 +62,9 @@ class Runner:
         session_factory: Callable[[MailboxConfig], MailboxSession] | None = None,
     ) -> None:
         self.config = config
+        removed = spool.sweep(config.runtime.spool_directory)
+        if removed:
+            log.warning("removed %d spool file(s) left by a crashed process", removed)
         self.stop = threading.Event()
         self.hooks = hooks or CycleHooks()
         self.session_factory = session_factory or open_session

@@ -311,3 +311,47 @@ def test_offloaded_large_mail_to_a_directory(services, topic: str, tmp_path: Pat
         assert got.sha256 == hashlib.sha256(files[name]).hexdigest()
         assert (tmp_path / name).read_bytes() == files[name]
     assert services.dovecot.count("t20") == 0
+
+
+def test_large_dead_letter_keeps_its_raw_mail_as_chunks_and_replays(services, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 12 MB mail that cannot be decoded (the mailbox wants a body part it lacks) becomes a
+    dead letter whose raw mail travels as chunk records on the dead-letter topic; after the
+    config is fixed, `dlq replay` (in small batches, so chunks and dead letter fall in different
+    transactions) rebuilds it and publishes the mail record with its attachments chunked."""
+    from connector.records.dead_letter import decode_dead_letter
+
+    services.dovecot.clear("t19")
+    raw, files = big_mail(12, seed=21)
+    services.dovecot.put("t19", raw)
+    box = mailbox("dlbig", "t19", services.dovecot.pop3s_port, services.cafile, **big_limits())
+    strict = {**box, "body_part": {"content_type": "application/x-missing"}}
+    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, [strict])
+    proc = run_cli("poll-once", "--config", str(cfg), env={"PW_DLBIG": "t19-pw"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dlbig: ok: 0 published, 1 dead-lettered, 1 deleted" in proc.stdout, proc.stdout
+    assert services.dovecot.count("t19") == 0
+
+    s = chunk_schema()
+    from connector.consumer import decode_value
+
+    everything = consume_all(services.bootstrap, f"{topic}.dlq", expect=30, timeout=60, decode=lambda v: {"v": v})
+    [dead] = [decode_dead_letter(c.record["v"]) for c in everything if c.record["v"][2:10] != s.fingerprint]
+    chunks = [decode_value(c.record["v"]).record for c in everything if c.record["v"][2:10] == s.fingerprint]
+    ref = dead["raw_ref"]
+    crlf = raw.replace(b"\n", b"\r\n")
+    assert dead["reason"] == "body_part_missing" and dead["raw"] == b""
+    assert ref["placement"] == "chunked" and ref["topic"] == f"{topic}.dlq" and ref["size"] == len(crlf)
+    assert (
+        len(chunks) == ref["chunks"] and b"".join(c["data"] for c in sorted(chunks, key=lambda c: c["index"])) == crlf
+    )
+
+    fixed = write_config(tmp_path / "fixed.yaml", services.bootstrap, topic, [box])
+    replay = run_cli("dlq", "replay", "--config", str(fixed), "--batch", "5", env={"PW_DLBIG": "t19-pw"}, timeout=600)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert "1 replayed" in replay.stdout, replay.stdout
+    [mail] = consume_all(services.bootstrap, topic, expect=1, timeout=60)
+    atts = check_attachments(mail.record, files)
+    total = sum(a["ref"]["chunks"] for a in atts.values() if a["ref"] is not None)
+    got = chunks_by_content(services.bootstrap, f"{topic}.attachments", total)
+    for name in ("scan.pdf", "drawing.dwg", "notes.txt"):
+        assert rebuild(got[atts[name]["ref"]["id"]]) == files[name]

@@ -229,3 +229,35 @@ def test_max_line_bytes_below_the_rfc_minimum_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="max_line_bytes"):
         spool_config({}, max_line_bytes=100)
+
+
+def test_sweep_removes_only_spool_files_left_by_a_crash(tmp_path: Path) -> None:
+    from connector.protocol.spool import SPOOL_PREFIX, sweep
+
+    (tmp_path / f"{SPOOL_PREFIX}abc123").write_bytes(b"half a mail")
+    (tmp_path / f"{SPOOL_PREFIX}def456").write_bytes(b"")
+    (tmp_path / "someone-elses.txt").write_text("keep")
+    (tmp_path / f"{SPOOL_PREFIX}dir").mkdir()
+    assert sweep(str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SPOOL_PREFIX}dir", "someone-elses.txt"]
+    assert sweep(str(tmp_path / "missing")) == 0
+
+
+def test_runner_sweeps_the_spool_directory_at_start(tmp_path: Path) -> None:
+    from connector.config import parse_config
+    from connector.protocol.spool import SPOOL_PREFIX
+    from connector.runtime.runner import Runner
+
+    left = tmp_path / f"{SPOOL_PREFIX}crash"
+    left.write_bytes(b"x")
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+            "topics": {"mail": "m"},
+            "runtime": {"spool_directory": str(tmp_path)},
+            "mailboxes": [{"id": "a", "host": "h", "username": "u", "password": {"env": "PW"}}],
+        },
+        environ={"PW": "x"},
+    )
+    Runner(cfg).close()
+    assert not left.exists()
