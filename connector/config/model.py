@@ -46,7 +46,9 @@ FINGERPRINT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
 #: attachment parts larger than this (encoded) are decoded piece by piece, never held whole.
-STREAM_ABOVE = 1024 * 1024
+#: Low on purpose: a mail of many medium-sized parts (60 photos of 800 KB) must not be held
+#: part by part either; the price is a second transfer-decoding pass over such parts.
+STREAM_ABOVE = 64 * 1024
 #: bytes a chunk record may take beyond its data: Avro fields (ids, sizes, sha256), the
 #: single-object header, Kafka record headers and batch framing. Generous on purpose.
 CHUNK_RECORD_OVERHEAD = 4096

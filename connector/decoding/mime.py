@@ -41,7 +41,7 @@ import hashlib
 import re
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 
@@ -304,6 +304,17 @@ def _children(part: Entity) -> list[Entity] | None:
     return [p for p in payload if isinstance(p, (Message, fastmime.Node))] if isinstance(payload, list) else None
 
 
+def _entities(roots: list[Entity]) -> Iterator[Entity]:
+    """Every entity under ``roots`` (depth-first); depth was bounded by survey()."""
+    stack = list(reversed(roots))
+    while stack:
+        e = stack.pop()
+        yield e
+        children = _children(e)
+        if children:
+            stack.extend(reversed(children))
+
+
 def _kept_boundary_eol(part: Entity) -> bool:
     """Whether compat32 left the line break that belongs to the next boundary on ``part``.
 
@@ -351,6 +362,8 @@ MAX_SMIME_LAYERS = 3
 #: A text/plain or text/html part over this many encoded octets is not taken as the mail's
 #: body (it could not travel in a record anyway) but kept as an attachment, placed like one.
 MAX_HELD_BODY = 8 * 1024 * 1024
+#: An embedded message streamed from the buffer passes on what it flattened at about this size.
+_FLUSH_BYTES = 1 << 20
 
 
 def _p7m_name(ct: _Params, disposition: _Params) -> bool:
@@ -711,7 +724,8 @@ class _Decoder:
         if children is not None:
             # message/rfc822 and other message/* (RFC 2046 §5.2): one attachment, the whole
             # embedded message as bytes. Bodies are never taken from inside it.
-            data = self._serialise(children, headers, where, inside_multipart=bool(path))
+            large = self._large_message(children, headers, subtype, where, inside_multipart=bool(path))
+            data = b"" if large is not None else self._serialise(children, headers, where, inside_multipart=bool(path))
             nl = self.linesep.encode("ascii")
             if (
                 subtype in _FIELD_BLOCK_SUBTYPES
@@ -1023,7 +1037,9 @@ class _Decoder:
                 if cte == "base64"
                 else f"{where}: invalid quoted-printable escape kept as is"
             )
-        return LargeContent(payload.data, payload.start, payload.stop, cte, stream.decoded_bytes, digest.hexdigest())
+        return LargeContent.span(
+            payload.data, payload.start, payload.stop, cte, stream.decoded_bytes, digest.hexdigest()
+        )
 
     def _transfer_decode(self, part: Entity, headers: dict[str, str], where: str, *, strip_eol: bool) -> bytes:
         """The part's body with its Content-Transfer-Encoding (RFC 2045 §6) removed."""
@@ -1055,12 +1071,75 @@ class _Decoder:
         self.warn(f"{where}: unknown Content-Transfer-Encoding {_safe_label(cte)}, body kept encoded")
         return data
 
+    def _large_message(
+        self, children: list[Entity], headers: dict[str, str], subtype: str, where: str, *, inside_multipart: bool
+    ) -> LargeContent | None:
+        """An embedded message holding a part the parser left in the buffer (a forwarded mail
+        with a large attachment): its bytes are produced by flattening it again whenever they
+        are read, never held. None when it is small, or when its serialisation needs the whole
+        (a transfer encoding on the message part, RFC 3464 field blocks): then it is held."""
+        if not any(isinstance(getattr(e, "_payload", None), fastmime.Span) for e in _entities(children)):
+            return None
+        cte = headers.get("content-transfer-encoding", "").strip().lower()
+        if cte in ("base64", "quoted-printable") or subtype in _FIELD_BLOCK_SUBTYPES:
+            return None
+
+        def pieces(read_bytes: int) -> Iterator[bytes]:
+            return self._serialised_pieces(children, read_bytes, inside_multipart=inside_multipart)
+
+        digest, size = hashlib.sha256(), 0
+        for piece in pieces(1 << 20):
+            digest.update(piece)
+            size += len(piece)
+            if time.monotonic() > self.deadline:
+                raise MailTooLargeError(
+                    f"decoding took longer than {self.limits.max_decode_seconds:g} s", reason="max_decode_seconds"
+                )
+        return LargeContent.of(pieces, size, digest.hexdigest())
+
+    def _serialised_pieces(self, children: list[Entity], read_bytes: int, *, inside_multipart: bool) -> Iterator[bytes]:
+        """What _serialise returns, as pieces: the children flattened, large payloads read in
+        ``read_bytes`` slices (pages handed back), the final line break held back until the
+        end, where _serialise's rule may drop it."""
+        last = children[-1] if children else None
+        while last is not None and last.get_content_maintype() == "message" and (inner := _children(last)):
+            last = inner[-1]
+        strip = inside_multipart and last is not None and _kept_boundary_eol(last)
+        tail = b""
+        for item in self._flatten_items(children):
+            if isinstance(item, fastmime.Span):
+                release = getattr(item.data, "release", None)
+                for a in range(item.start, item.stop, read_bytes):
+                    b = min(item.stop, a + read_bytes)
+                    chunk, tail = tail + bytes(item.data[a:b]), b""
+                    if release is not None:
+                        release(b)
+                    tail, chunk = chunk[-2:], chunk[:-2]
+                    if chunk:
+                        yield chunk
+            else:
+                chunk = tail + item
+                tail, chunk = chunk[-2:], chunk[:-2]
+                if chunk:
+                    yield chunk
+        if strip:
+            tail = _strip_eol(tail)
+        if tail:
+            yield tail
+
+    def _flatten_items(self, children: list[Entity]) -> Iterator[bytes | fastmime.Span]:
+        for child in children:
+            out = bytearray()
+            yield from self._flatten(child, out, lazy=True)
+            if out:
+                yield bytes(out)
+
     def _serialise(
         self, children: list[Entity], headers: dict[str, str], where: str, *, inside_multipart: bool
     ) -> bytes:
         out = bytearray()
         for child in children:
-            self._flatten(child, out)
+            self._flatten_into(child, out)
         data = bytes(out)
         last = children[-1] if children else None
         while last is not None and last.get_content_maintype() == "message" and (inner := _children(last)):
@@ -1076,13 +1155,18 @@ class _Decoder:
             data = _b64decode(data)[0] if cte == "base64" else _qpdecode(data)[0]
         return data
 
-    def _flatten(self, msg: Entity, out: bytearray) -> None:
+    def _flatten(self, msg: Entity, out: bytearray, *, lazy: bool = False) -> Iterator[fastmime.Span]:
         """Write ``msg`` back as bytes, as close to the original as compat32 allows.
 
         Not email.generator: it re-derives boundaries through lossy Header objects and fails on
         8-bit ones. Here header fields are written as stored (original folding kept), bodies
         byte for byte, and a multipart is re-assembled per RFC 2046 §5.1.1 with the boundary as
         it appeared. Recursion is bounded: survey() has checked the depth.
+
+        A generator: with ``lazy``, a payload left in the buffer (a Span) is not copied into
+        ``out``: what ``out`` holds so far is yielded as bytes, then the Span, and ``out`` starts
+        again empty (see _serialised_pieces). Otherwise every Span is copied and nothing is
+        yielded; run it with :meth:`_flatten_into`.
         """
         nl = self.linesep.encode("ascii")
         for name, value in msg.raw_items():
@@ -1091,18 +1175,27 @@ class _Decoder:
         payload = getattr(msg, "_payload", None)
         if isinstance(payload, str):
             out += _to_bytes(payload)
+            if lazy and len(out) >= _FLUSH_BYTES:  # many small parts: pass them on, keep none
+                held = bytes(out)
+                out.clear()
+                yield fastmime.Span(held, 0, len(held))
             return
         if isinstance(payload, fastmime.Span):
-            # An embedded message is one attachment, held whole (its parts are not placed
-            # one by one): a forwarded mail with a huge attachment costs its size here.
-            out += payload.tobytes()
+            if lazy:
+                held = bytes(out)
+                out.clear()
+                if held:
+                    yield fastmime.Span(held, 0, len(held))
+                yield payload
+            else:
+                out += payload.tobytes()
             return
         children = _children(msg)
         if children is None:
             return
         if msg.get_content_maintype() != "multipart":
             for child in children:
-                self._flatten(child, out)
+                yield from self._flatten(child, out, lazy=lazy)
             return
         raw_type = next((str(v) for k, v in msg.raw_items() if str(k).lower() == "content-type"), "")
         boundary = _to_bytes(self.parse_params(_unfold(raw_type), "message").params.get("boundary", ""))
@@ -1110,10 +1203,14 @@ class _Decoder:
             out += _to_bytes(msg.preamble) + nl
         for i, child in enumerate(children):
             out += (nl if i else b"") + b"--" + boundary + nl
-            self._flatten(child, out)
+            yield from self._flatten(child, out, lazy=lazy)
         out += nl + b"--" + boundary + b"--"
         if msg.epilogue is not None:
             out += nl + _to_bytes(msg.epilogue)
+
+    def _flatten_into(self, msg: Entity, out: bytearray) -> None:
+        for _ in self._flatten(msg, out):
+            pass
 
 
 def _first(headers: Iterable[Header], name: str) -> Header | None:

@@ -7,7 +7,7 @@ records layer can serialise it without further checks.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,28 +53,39 @@ class MessageSummary:
 class LargeContent:
     """The decoded bytes of a part too large to be held: its encoded octets stay in the mail's
     buffer (the spool mapping of a large mail) and are transfer-decoded again, piece by piece,
-    whenever they are read (connector/decoding/stream.py). Size and SHA-256 were computed by
-    the first such pass, during decoding."""
+    whenever they are read (connector/decoding/stream.py); for an embedded message, its parts
+    are flattened again. Size and SHA-256 were computed by the first such pass, during
+    decoding."""
 
-    __slots__ = ("buffer", "cte", "sha256", "size", "start", "stop")
+    __slots__ = ("_source", "sha256", "size")
 
-    def __init__(self, buffer: Any, start: int, stop: int, cte: str, size: int, sha256: str) -> None:  # noqa: PLR0917
-        self.buffer = buffer
-        self.start = start
-        self.stop = stop
-        self.cte = cte
+    def __init__(self, source: Callable[[int], Iterator[bytes]], size: int, sha256: str) -> None:
+        self._source = source
         self.size = size
         self.sha256 = sha256
+
+    @classmethod
+    def of(cls, source: Callable[[int], Iterator[bytes]], size: int, sha256: str) -> LargeContent:
+        return cls(source, size, sha256)
+
+    @classmethod
+    def span(cls, buffer: Any, start: int, stop: int, cte: str, size: int, sha256: str) -> LargeContent:  # noqa: PLR0917
+        """``buffer[start:stop]`` with Content-Transfer-Encoding ``cte``."""
+
+        def source(read_bytes: int) -> Iterator[bytes]:
+            from connector.decoding.stream import DecodedStream  # noqa: PLC0415 - keeps this module plain data
+
+            release = getattr(buffer, "release", None)
+            return iter(DecodedStream(buffer, start, stop, cte, read_bytes=read_bytes, release=release))
+
+        return cls(source, size, sha256)
 
     def __repr__(self) -> str:  # no content
         return f"<LargeContent {self.size} bytes>"
 
     def pieces(self, read_bytes: int = 1 << 20) -> Iterator[bytes]:
         """The decoded bytes again, in pieces of about ``read_bytes``."""
-        from connector.decoding.stream import DecodedStream  # noqa: PLC0415 - keeps this module plain data
-
-        release = getattr(self.buffer, "release", None)
-        yield from DecodedStream(self.buffer, self.start, self.stop, self.cte, read_bytes=read_bytes, release=release)
+        yield from self._source(read_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,10 @@ from connector.records.content import (
 
 #: how much of a buffer one read takes (the spool mapping hands pages back after each).
 READ_BYTES = 1 << 20
+#: inline content of one record, all attachments together (or inline_max_bytes when larger):
+#: beyond it, content under inline_max_bytes goes by reference too, so that the record keeps
+#: well under the broker's default message.max.bytes (1 MB) with its bodies and headers.
+INLINE_BUDGET = 512 * 1024
 
 Send = Callable[[str, bytes, bytes, Sequence[tuple[str, bytes]]], Delivery]
 
@@ -76,6 +80,8 @@ class Placer:
     deliveries: list[Delivery] = field(default_factory=list)
     #: offloaded objects (uri, reused) for the cycle's log line and tests.
     stored: list[tuple[str, bool]] = field(default_factory=list)
+    #: bytes placed inline in this record so far (see INLINE_BUDGET).
+    inline_total: int = 0
 
     def attachments(self, attachments: Sequence[Attachment]) -> list[Placed]:
         """One Placed per attachment, in order. Content ids are ``<record_id>/<part path>``; a
@@ -93,7 +99,10 @@ class Placer:
         policy = self.mailbox.attachments
         if policy.placement == "none":
             return Placed()
-        if size <= policy.inline_max_bytes:
+        if size <= policy.inline_max_bytes and self.inline_total + size <= max(INLINE_BUDGET, policy.inline_max_bytes):
+            # Inline while the record stays small: many small attachments together would make a
+            # record Kafka refuses (message.max.bytes); past the budget they go by reference.
+            self.inline_total += size
             return Placed(data=b"".join(pieces()))
         cid = content_id(self.record_id, part)
         if policy.placement == "chunked":
@@ -114,7 +123,11 @@ class Placer:
         replay finds them in the partition it reads, before the dead letter."""
         size = len(buffer)
         policy = self.mailbox.attachments
-        if policy.placement == "none" or (size <= policy.inline_max_bytes and not force_ref):
+        budget = max(INLINE_BUDGET, policy.inline_max_bytes)
+        if policy.placement == "none" or (
+            not force_ref and size <= policy.inline_max_bytes and self.inline_total + size <= budget
+        ):
+            self.inline_total += size
             return Placed(data=bytes(buffer))
         return self._raw_ref(buffer, size, sha256, self.config.topics.dead_letter if dead_letter else None)
 

@@ -254,7 +254,7 @@ def test_large_mail_defaults() -> None:
         "skip",
     )
     assert (cfg.topics.attachments, cfg.topics.chunk_bytes, cfg.offload) == ("mail.attachments", 512 * 1024, None)
-    assert m.decode.stream_above == 1024 * 1024
+    assert m.decode.stream_above == 64 * 1024
 
 
 def test_offload_placement_needs_an_offload_section() -> None:

@@ -257,3 +257,41 @@ def test_raw_mail_placement(tmp_path: Path) -> None:
     assert reassemble(iter(send.records))["m:u/raw"] == raw
     small = placer.raw(b"Subject: x\r\n\r\nhi\r\n", "")
     assert small.data == b"Subject: x\r\n\r\nhi\r\n" and small.ref is None
+
+
+def test_forwarded_mail_with_a_large_attachment_is_not_held(tmp_path: Path) -> None:
+    inner, files = big_mail([2_500_000])
+    outer = (
+        b"From: fw@example.com\r\nSubject: Fwd: big\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=OUT\r\n\r\n--OUT\r\nContent-Type: text/plain\r\n\r\nsee below\r\n"
+        b"--OUT\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--OUT--\r\n"
+    )
+    held = decode_mail(outer)
+    [h_msg] = [a for a in held.attachments if a.kind == "message"]
+    view = spool_map(tmp_path, outer)
+    try:
+        mail = decode_mail(view, options=DecodeOptions(stream_above=1 << 20))
+        [msg] = [a for a in mail.attachments if a.kind == "message"]
+        assert msg.large is not None and msg.content == b""
+        assert (msg.size, msg.sha256) == (h_msg.size, h_msg.sha256)
+        assert msg.message is not None and msg.message.subject == "big"
+        pieces = list(msg.pieces(64 * 1024))
+        assert b"".join(pieces) == h_msg.content and max(len(p) for p in pieces) <= 64 * 1024 + 2
+        assert build_mail_record(mail, PROV) == build_mail_record(held, PROV)
+    finally:
+        view.close()
+    assert files  # the inner attachment itself is inside the message's bytes
+
+
+def test_many_small_attachments_stay_within_the_inline_budget(tmp_path: Path) -> None:
+    raw, files = big_mail([200_000] * 6)  # each under inline_max_bytes, together 1.2 MB
+    cfg = config(tmp_path, "chunked", inline=256 * 1024)
+    mail = decode_mail(raw, options=DecodeOptions(stream_above=64 * 1024))
+    send = FakeSend()
+    placed = Placer(cfg, cfg.mailboxes[0], "m:u", b"m", send).attachments(mail.attachments)
+    inline = [p for p in placed if p.data is not None]
+    assert len(inline) == 2 and sum(len(p.data or b"") for p in inline) <= 512 * 1024
+    refs = [p.ref for p in placed if p.ref is not None]
+    assert len(refs) == 4 and all(r.placement == "chunked" for r in refs)
+    got = reassemble(iter(send.records))
+    assert [got[r.id] for r in refs] == files[2:]
