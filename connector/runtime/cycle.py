@@ -725,8 +725,29 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 placer=placer_for(ctx.config, mailbox, ctx.publisher.send),
             )
         ) as mails:
-            for got in mails:
+            while True:
+                try:
+                    got = next(mails)
+                except StopIteration:
+                    break
+                except DeliveryError as exc:
+                    # Placing a mail's content failed (a chunk refused, the store down): stop
+                    # fetching, but settle what is already queued, like a failed produce below.
+                    failure = exc
+                    res.more_pending = True
+                    break
                 step = "produce"
+                if got.chunks:
+                    # Its chunk records first: a mail record is only sent once every chunk it
+                    # points at is confirmed, so no record ever refers to chunks that failed
+                    # (at-least-once has no transaction to take them back).
+                    chunks = list(got.chunks)
+                    ctx.publisher.wait(chunks, stop=ctx.stop, stop_grace=grace / 2)
+                    bad = ctx.publisher.check(chunks)
+                    if bad is not None:
+                        failure = bad
+                        res.more_pending = True
+                        break
                 try:
                     d = send_record(
                         ctx.publisher,

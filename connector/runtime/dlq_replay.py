@@ -14,8 +14,9 @@ therefore published at most once per progress group, and exactly once when it de
 
 Large mail (docs/record.md, "Large content"): a dead letter whose raw mail is by reference
 (``raw_ref``) is rebuilt first, from the chunk records that precede it in the same partition of
-the dead-letter topic (connector.consumer.ChunkAssembler, in temporary files; progress is never
-committed past the first chunk of a content still incomplete) or from its offloaded object; the
+the dead-letter topic (connector.consumer.ChunkAssembler, in temporary files; chunks read in an
+earlier run, or before ``--since``, are read again from the partition, searching back from the
+dead letter) or from its offloaded object; the
 replayed record's attachments are placed as the poll cycle places them (chunk records in the
 same transaction, or the offload store).
 
@@ -28,9 +29,11 @@ nothing: no records, no progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import mmap
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -42,13 +45,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from connector import faults
-from connector.config.model import Config, MailboxConfig
+from connector.config.model import STREAM_ABOVE, Config, MailboxConfig
 from connector.consumer import ChunkAssembler, ConsumerError, decode_value, fetch_offloaded
 from connector.decoding import decode_mail
 from connector.decoding.fastmime import SpoolMap
 from connector.decoding.options import DEFAULT_OPTIONS
 from connector.delivery.kafka import Delivery, client_config_error
-from connector.delivery.offload import open_store
+from connector.delivery.offload import ContentStore
 from connector.errors import DecodeError, DeliveryError
 from connector.records import (
     HEADER_MAILBOX,
@@ -63,6 +66,7 @@ from connector.records import (
 from connector.records.avro import Schema, load_schema
 from connector.records.content import chunk_schema
 from connector.records.dead_letter import dead_letter_schema
+from connector.runtime.cycle import content_store
 from connector.runtime.placement import Placer
 
 log = logging.getLogger("pop3kafka.dlq")
@@ -123,20 +127,63 @@ def _dead_letter_schemas() -> dict[bytes, Schema]:
 
 
 def _collect_chunk(msg: Message, value: bytes, ctx: _Context) -> None:
-    """A chunk of a large dead letter's raw mail: into the assembler, remembering where the
-    content's first chunk was so progress is not committed past an incomplete content."""
+    """A chunk of a large dead letter's raw mail: into the assembler (duplicates of a resent
+    chunk set are ignored there)."""
     ctx.summary.chunks += 1
     try:
-        chunk = decode_value(value)
-        done = ctx.assembler.add(chunk)
+        ctx.assembler.add(decode_value(value))
     except ConsumerError as exc:
         log.warning("dlq replay: chunk %s[%s]@%s passed over: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-        return
-    cid = chunk.record["content_id"]
-    if done is not None:
-        ctx.first_chunk.pop(cid, None)
-    else:
-        ctx.first_chunk.setdefault(cid, (_partition(msg), msg.offset() or 0))
+
+
+def _read_back(msg: Message, ref: dict[str, Any], ctx: _Context) -> None:
+    """The chunks of ``ref`` were not all read in this run (an earlier run or ``--since``
+    passed them): read the partition again in growing windows back from the dead letter,
+    which they precede, feeding the assembler until the content is complete or the start of
+    the partition is reached. Bounded: at most the partition up to the dead letter."""
+    partition, before = _partition(msg), msg.offset() or 0
+    topic = ctx.config.topics.dead_letter
+    c = Consumer(
+        {
+            **_client(ctx.config),
+            "group.id": progress_group(ctx.config),  # assign() only: nothing is committed
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "logger": logging.getLogger("pop3kafka.rdkafka.dlq"),
+        }
+    )
+    try:
+        low = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)[0]
+        window = max(64, 4 * int(ref.get("chunks") or 1))
+        lo = before
+        while lo > low and ctx.assembler.completed(ref["id"]) is None:
+            lo = max(low, before - window)
+            c.assign([TopicPartition(topic, partition, lo)])
+            done = False
+            while not done:
+                batch = c.consume(500, POLL_S)
+                if not batch:
+                    break
+                for m in batch:
+                    err = m.error()
+                    if err is not None:
+                        done = err.code() == KafkaError._PARTITION_EOF
+                        continue
+                    if (m.offset() or 0) >= before:
+                        done = True
+                        break
+                    value = m.value()
+                    if value is not None and value[2:10] == chunk_schema().fingerprint:
+                        try:
+                            chunk = decode_value(value)
+                            if chunk.record["content_id"] == ref["id"]:
+                                ctx.assembler.add(chunk)
+                        except ConsumerError:
+                            continue
+            window *= 4
+    finally:
+        c.close()
 
 
 def _raw_by_reference(msg: Message, ref: dict[str, Any], ctx: _Context) -> Path | None:
@@ -145,6 +192,9 @@ def _raw_by_reference(msg: Message, ref: dict[str, Any], ctx: _Context) -> Path 
     where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
     if ref["placement"] == "chunked":
         done = ctx.assembler.completed(ref["id"])
+        if done is None:
+            _read_back(msg, ref, ctx)
+            done = ctx.assembler.completed(ref["id"])
         if done is None:
             log.warning(
                 "dlq replay: %s: the chunks of its raw mail were not all read in this run (missing %d); passed over",
@@ -163,6 +213,43 @@ def _raw_by_reference(msg: Message, ref: dict[str, Any], ctx: _Context) -> Path 
         log.warning("dlq replay: %s: its offloaded raw mail could not be fetched: %s; passed over", where, exc)
         return None
     return dest
+
+
+#: prefix of a replay's working directory under runtime.spool_directory.
+WORK_PREFIX = "pop3k-replay-"
+#: a dead letter of a mailbox no longer configured: default decoding, large parts not held.
+_UNKNOWN_MAILBOX_OPTIONS = dataclasses.replace(DEFAULT_OPTIONS, stream_above=STREAM_ABOVE)
+
+
+def _forget(ref: dict[str, Any], ctx: _Context) -> None:
+    """The raw mail of a handled dead letter is not needed again in this run: remove its file."""
+    done = ctx.assembler.completed(ref["id"])
+    paths = [done.path] if done is not None and done.path is not None else []
+    paths.append(Path(ctx.work) / f"raw-{ref['sha256']}")
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    # Forgotten by the assembler too: a later copy of this dead letter (at-least-once resends)
+    # reassembles it again instead of pointing at the removed file.
+    ctx.assembler.discard(ref["id"])
+
+
+def _sweep_work_dirs(directory: str | None, *, older_than_s: float) -> None:
+    """Remove working directories of replays that were killed (they hold raw mail). Only old
+    ones: a replay of another progress group may be running now."""
+    where = Path(directory or tempfile.gettempdir())
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list(where.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        try:
+            if d.name.startswith(WORK_PREFIX) and d.is_dir() and not d.is_symlink() and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("dlq replay: removed %s, left by a replay that was stopped", d)
+        except OSError:
+            continue
 
 
 def progress_group(config: Config) -> str:
@@ -203,9 +290,12 @@ def replay(
     except KafkaException as exc:
         raise client_config_error(exc) from exc
     producer: Producer | None = None
-    # Reassembled and downloaded raw mail of large dead letters: anonymous-ish temporary files
-    # (0600, under runtime.spool_directory), all removed when the run ends.
-    work = tempfile.TemporaryDirectory(prefix="pop3k-replay-", dir=config.runtime.spool_directory)
+    ctx: _Context | None = None
+    # Reassembled and downloaded raw mail of large dead letters: temporary files (0600, in a
+    # 0700 directory under runtime.spool_directory), each removed once its dead letter is
+    # handled, the directory when the run ends; a killed run's directory is swept next time.
+    _sweep_work_dirs(config.runtime.spool_directory, older_than_s=2 * config.delivery.transaction_timeout_seconds)
+    work = tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=config.runtime.spool_directory)
     try:
         meta = consumer.list_topics(topic, timeout=30)
         tmeta = meta.topics.get(topic)
@@ -276,6 +366,8 @@ def replay(
         consumer.close()
         if producer is not None:
             producer.flush(10)
+        if ctx is not None:
+            ctx.assembler.close()
         work.cleanup()
 
 
@@ -291,18 +383,11 @@ class _Context:
     producer: Producer | None
     work: str
     assembler: ChunkAssembler = field(init=False)
-    #: content id -> (partition, offset of its first chunk seen), while incomplete.
-    first_chunk: dict[str, tuple[int, int]] = field(default_factory=dict)
+    store: ContentStore | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.assembler = ChunkAssembler(Path(self.work) / "chunks")
-
-    def hold_back(self, commit_to: dict[int, int]) -> None:
-        """Never commit progress past the first chunk of a content still incomplete: a run
-        that ends (or dies) there reads those chunks again next time."""
-        for partition, offset in self.first_chunk.values():
-            if partition in commit_to:
-                commit_to[partition] = min(commit_to[partition], offset)
+        self.store = content_store(self.config.offload) if self.config.offload is not None else None
 
     def send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
         """Placement's produce: chunk records of replayed mail go into the open transaction."""
@@ -344,7 +429,6 @@ def _transact(
                 sent += 1
             else:
                 summary.still_failing["too_large"] += 1
-        ctx.hold_back(commit_to)
         offsets = [TopicPartition(topic, p, o) for p, o in sorted(commit_to.items())]
         producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60)
         faults.point("dlq_before_commit")
@@ -353,12 +437,22 @@ def _transact(
     except KafkaException as exc:
         err: KafkaError = exc.args[0]
         if not err.fatal():
-            try:
-                producer.abort_transaction(30)
-            except KafkaException:
-                log.warning("dlq replay: abort_transaction failed; the broker aborts it after the timeout")
+            _abort(producer)
         raise DeliveryError(f"dlq replay: the batch failed and was rolled back ({err.str()}); run again") from exc
+    except BaseException:
+        # Anything else (a chunk refused, the offload store down, a bug): the open transaction
+        # must not wait for its timeout while read_committed consumers of the mail and
+        # attachments partitions are held up behind it.
+        _abort(producer)
+        raise
     return sent
+
+
+def _abort(producer: Producer) -> None:
+    try:
+        producer.abort_transaction(30)
+    except KafkaException:
+        log.warning("dlq replay: abort_transaction failed; the broker aborts it after the timeout")
 
 
 def _produce(
@@ -452,7 +546,7 @@ def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[t
     mailbox = ctx.by_id.get(p["mailbox_id"])
     if mailbox is None:
         summary.unknown_mailbox += 1
-    options = mailbox.decode if mailbox is not None else DEFAULT_OPTIONS
+    options = mailbox.decode if mailbox is not None else _UNKNOWN_MAILBOX_OPTIONS
     prov = Provenance(
         mailbox_id=p["mailbox_id"],
         uidl=p["uidl"],
@@ -478,8 +572,7 @@ def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[t
                 # As the poll cycle would: attachments (and raw mail) inline, chunked or offloaded.
                 rid = record_id(mailbox.id, p["uidl"])
                 chunk_key = (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
-                store = open_store(ctx.config.offload) if ctx.config.offload is not None else None
-                placer = Placer(ctx.config, mailbox, rid, chunk_key, ctx.send, store)
+                placer = Placer(ctx.config, mailbox, rid, chunk_key, ctx.send, ctx.store)
                 placed = placer.attachments(mail.attachments)
                 if mailbox.raw_mail == "include" or mail.raw is not None:
                     raw_placed = placer.raw(raw, p["raw_sha256"])
@@ -488,6 +581,10 @@ def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[t
         except DecodeError as exc:
             summary.still_failing[exc.reason] += 1
             return None
+        finally:
+            if ref is not None:
+                stack.close()  # unmap before the file goes
+                _forget(ref, ctx)
     headers: list[tuple[str, str | bytes | None]] = [
         (HEADER_RECORD_ID, dl["record_id"].encode()),
         (HEADER_MAILBOX, p["mailbox_id"].encode()),

@@ -470,3 +470,55 @@ def test_large_attachment_goes_as_chunks_before_its_mail_record() -> None:
     rec = decode_single_object(pub.sent[-1][2])
     [att] = rec["attachments"]
     assert att["ref"]["chunks"] == 2 and att["sha256"] == hashlib.sha256(blob).hexdigest() and att["data"] is None
+
+
+def _with_attachment(tag: str) -> bytes:
+    import base64
+    import random
+
+    blob = random.Random(tag).randbytes(700_000)
+    return (
+        b"Subject: " + tag.encode() + b"\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(blob).replace(b"\n", b"\r\n") + b"--b--\r\n"
+    )
+
+
+class ChunkFailingPublisher(RecordingPublisher):
+    """Chunk records fail (delivery error), or raise at produce time with ``raise_on_chunk``."""
+
+    def __init__(self, *, raise_on_chunk: bool = False) -> None:
+        super().__init__()
+        self.raise_on_chunk = raise_on_chunk
+
+    def send(self, topic: str, key: bytes, value: bytes, headers: Any) -> Any:
+        if topic.endswith(".attachments"):
+            if self.raise_on_chunk:
+                raise DeliveryTimeoutError("local producer queue stayed full")
+            self.sent.append((topic, key, value, list(headers)))
+            d = Delivery(topic)
+            d.error = KafkaError(KafkaError._MSG_TIMED_OUT)
+            d.done.set()
+            return d
+        return super().send(topic, key, value, headers)
+
+
+def test_at_least_once_sends_no_record_whose_chunks_failed() -> None:
+    m = mails(2)
+    m["BIG"] = _with_attachment("big")
+    s = FakeSession(m)
+    pub = ChunkFailingPublisher()
+    res = run(s, pub)
+    assert isinstance(res.error, DeliveryError) and res.error.step == "produce"
+    # the two mails before it are delivered and deleted; no mail record for the big one
+    assert s.deleted == {1, 2} and res.published == 2 and s.log[-1] == "QUIT"
+    assert [t for t, *_ in pub.sent if t == "mail"] == ["mail", "mail"]
+
+
+def test_a_placement_error_still_settles_what_was_confirmed() -> None:
+    m = mails(2)
+    m["BIG"] = _with_attachment("big")
+    s = FakeSession(m)
+    res = run(s, ChunkFailingPublisher(raise_on_chunk=True))
+    assert isinstance(res.error, DeliveryTimeoutError)
+    assert s.deleted == {1, 2} and res.deleted == 2 and "ABORT" not in s.log and s.log[-1] == "QUIT"
