@@ -49,6 +49,8 @@ HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.
 #: Low on purpose: a mail of many medium-sized parts (60 photos of 800 KB) must not be held
 #: part by part either; the price is a second transfer-decoding pass over such parts.
 STREAM_ABOVE = 64 * 1024
+#: room a record keeps under message.max.bytes for bodies and headers besides inline content.
+INLINE_HEADROOM = 64 * 1024
 #: bytes a chunk record may take beyond its data: Avro fields (ids, sizes, sha256), the
 #: single-object header, Kafka record headers and batch framing. Generous on purpose.
 CHUNK_RECORD_OVERHEAD = 4096
@@ -557,7 +559,13 @@ ROOT_SCHEMA: dict[str, Field] = {
             "secret_access_key_file": Field("str"),
             "server_side_encryption": Field("str", choices=("AES256", "aws:kms")),
             "sse_kms_key_id": Field("str"),
-            "part_bytes": Field("int", default=8 * 1024 * 1024, minimum=5 * 1024 * 1024, maximum=512 * 1024 * 1024),
+            "part_bytes": Field(
+                "int",
+                default=8 * 1024 * 1024,
+                minimum=5 * 1024 * 1024,
+                maximum=64 * 1024 * 1024,
+                help="S3 multipart part size; one part is held in memory per upload",
+            ),
             "ca_bundle": Field("str"),
             "timeout_seconds": Field("float", default=30.0, minimum=1, maximum=600),
         },
@@ -723,7 +731,9 @@ def _runtime(r: dict[str, Any], base: Path) -> RuntimeConfig:
     return RuntimeConfig(**r)
 
 
-def _decode_options(m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str]) -> DecodeOptions:
+def _decode_options(
+    m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str], spool_directory: str | None = None
+) -> DecodeOptions:
     body = m["body_part"]
     smime = m["smime"] or {"mode": "decrypt", "keys": []}
     keys = None
@@ -750,6 +760,7 @@ def _decode_options(m: dict[str, Any], path: str, base: Path, environ: Mapping[s
         smime=smime["mode"],
         keys=keys,
         stream_above=STREAM_ABOVE,
+        spool_directory=spool_directory,
     )
 
 
@@ -946,6 +957,7 @@ def parse_config(
             f"delivery.transaction_timeout_seconds ({delivery.transaction_timeout_seconds:g}); lower it or raise "
             "the transaction timeout"
         )
+    runtime = _runtime(v["runtime"], base)
     for i, m in enumerate(v["mailboxes"]):
         path = f"mailboxes[{i}]"
         if m["id"] in seen:
@@ -994,7 +1006,7 @@ def parse_config(
                 abort_with=m["abort_with"],
                 identity=m["identity"],
                 on_undecodable=m["on_undecodable"],
-                decode=_decode_options(m, path, base, env),
+                decode=_decode_options(m, path, base, env, runtime.spool_directory),
                 attachments=AttachmentsConfig(**m["attachments"]),
                 raw_mail=m["raw_mail"],
                 oversized=m["oversized"],
@@ -1006,6 +1018,14 @@ def parse_config(
     offload = _offload(v["offload"], base)
     # The producer refuses a record over its message.max.bytes before it reaches the broker.
     producer_max = int(k_client_value(v["kafka"]["client"], "message.max.bytes", 1_000_000))
+    for i, m in enumerate(v["mailboxes"]):
+        inline = m["attachments"]["inline_max_bytes"]
+        if m["attachments"]["placement"] != "none" and inline > producer_max - INLINE_HEADROOM:
+            raise ConfigError(
+                f"mailboxes[{i}].attachments.inline_max_bytes: {inline} leaves no room in a record under the "
+                f"producer's message.max.bytes ({producer_max}, kafka.client) for bodies and headers; keep it "
+                f"below {producer_max - INLINE_HEADROOM} (content above it goes by reference anyway)"
+            )
     if any(m["attachments"]["placement"] == "chunked" for m in v["mailboxes"]) and (
         producer_max < topics.chunk_bytes + CHUNK_RECORD_OVERHEAD
     ):
@@ -1025,7 +1045,7 @@ def parse_config(
         ),
         topics=topics,
         record=RecordConfig(key=v["record"]["key"]),
-        runtime=_runtime(v["runtime"], base),
+        runtime=runtime,
         mailboxes=tuple(mailboxes),
         delivery=delivery,
         ledger=ledger,

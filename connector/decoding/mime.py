@@ -38,7 +38,9 @@ import email.policy
 import email.utils
 import functools
 import hashlib
+import mmap
 import re
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -392,7 +394,7 @@ class _Decoder:
         self.parts: list[Part] = []
         #: every leaf in document order: (path, content type, charset, bytes) for body selection;
         #: None for a part too large to be held (options.stream_above).
-        self.leaves: list[tuple[str, str, str | None, bytes | None]] = []
+        self.leaves: list[tuple[str, str, str | None, bytes | LargeContent]] = []
         self.linesep = "\r\n"
         self.entities = 0
         self.decoded_bytes = 0
@@ -783,7 +785,7 @@ class _Decoder:
             att = dataclasses.replace(att, kind="tnef")
         self.attachments.append(att)
         self.add_part(pstr, path, ctype, ct, headers, disposition, data, "attachment", kind=att.kind, att=att)
-        self.leaves.append((pstr, ctype, ct.params.get("charset"), data if large is None else None))
+        self.leaves.append((pstr, ctype, ct.params.get("charset"), data if large is None else large))
         if maintype == "application" and subtype in _SIGNATURE_SUBTYPES and path[:-1] in self.smime_body_paths:
             self.note_signed("detached")
         return False
@@ -1010,8 +1012,13 @@ class _Decoder:
         is to be held like any other (S/MIME and uuencoded content, a text body of a size a
         record can carry, a multipart that could not be split)."""
         payload = getattr(part, "_payload", None)
-        if not isinstance(payload, fastmime.Span) or (strip_eol and _kept_boundary_eol(part)):
+        if not isinstance(payload, fastmime.Span):
             return None
+        if strip_eol and _kept_boundary_eol(part):
+            # A multipart that could not be split keeps the delimiter's line break (compat32);
+            # _transfer_decode drops it: so does a copy of the span (the node keeps its own).
+            payload = fastmime.Span(payload.data, payload.start, payload.stop)
+            payload.strip_eol()
         cte = headers.get("content-transfer-encoding", "").split(";")[0].strip().strip('"').lower()
         if cte in _UU_CTES:
             return None
@@ -1292,9 +1299,11 @@ def _select_body(dec: _Decoder, options: DecodeOptions) -> SelectedBody | None:
             f"body_part: the mail has {len(candidates)} leaf parts{shown}; index {sel.index} does not exist",
             reason="body_part_missing",
         )
-    if data is None:
-        dec.warn("body_part: the selected part is too large to be held; see its attachment entry")
-        return SelectedBody(path=path, content_type=ctype, text=None, data=None)
+    if isinstance(data, LargeContent):
+        if data.size > MAX_HELD_BODY:
+            dec.warn("body_part: the selected part is too large to be held; see its attachment entry")
+            return SelectedBody(path=path, content_type=ctype, text=None, data=None)
+        data = b"".join(data.pieces())  # chosen as the body: held like a text body would be
     if ctype.startswith("text/"):
         return SelectedBody(
             path=path, content_type=ctype, text=clean_str(dec.decode_bytes(data, charset, "body_part")), data=None
@@ -1318,18 +1327,22 @@ _HEADER_END = re.compile(rb"\n\r?\n")
 _NOT_BLANK = re.compile(rb"\S")
 
 
-def _repair_obs_colons(raw: fastmime.Buffer) -> fastmime.Buffer:
+def _repair_obs_colons(raw: fastmime.Buffer, spool_directory: str | None = None) -> fastmime.Buffer:
     """``raw`` with ``Name<WSP>:`` turned into ``Name:`` in the top-level header block.
 
     Only lines up to where the parser ends the header block anyway (a blank line, or a line
     that is neither a field, a continuation nor an obsolete field) are looked at: nothing that
     the parser would treat as body is ever changed. Part headers are left as they are.
+
+    A spool mapping is not copied into memory: the repaired header block and the rest are
+    written to an anonymous file in ``spool_directory`` and that file is mapped instead (the
+    mapping keeps it alive; it vanishes with the mapping).
     """
     m = _HEADER_END.search(raw)
     end = m.end() if m else len(raw)
     if not _OBS_COLON.search(raw, 0, end):
         return raw
-    lines = raw[:end].splitlines(keepends=True)
+    lines = bytes(raw[:end]).splitlines(keepends=True)
     out: list[bytes] = []
     for i, line in enumerate(lines):
         if (obs := _OBS_COLON.match(line)) is not None:
@@ -1337,8 +1350,18 @@ def _repair_obs_colons(raw: fastmime.Buffer) -> fastmime.Buffer:
         elif line.strip(b"\r\n") and _HEADER_LINE.match(line):
             out.append(line)
         else:
-            return b"".join(out) + b"".join(lines[i:]) + raw[end:]
-    return b"".join(out) + raw[end:]
+            out.extend(lines[i:])
+            break
+    head = b"".join(out)
+    if not isinstance(raw, fastmime.SpoolMap):
+        return head + raw[end:]
+    with tempfile.TemporaryFile(prefix="pop3k-spool-", dir=spool_directory) as f:
+        f.write(head)
+        for a in range(end, len(raw), 1 << 20):
+            f.write(raw[a : a + (1 << 20)])
+            raw.release(a + (1 << 20))
+        f.flush()
+        return fastmime.SpoolMap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
@@ -1350,7 +1373,7 @@ def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
         return _empty(dec.warnings)
     if b"\r\n" not in raw[:65536]:
         dec.linesep = "\n"
-    repaired = _repair_obs_colons(raw)
+    repaired = _repair_obs_colons(raw, options.spool_directory)
     if isinstance(_PARSER, fastmime.FastParser):
         msg: Entity = _PARSER.parse(repaired, lazy_above=options.stream_above)
     else:

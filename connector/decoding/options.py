@@ -53,6 +53,9 @@ class DecodeOptions:
     #: transfer-decoded piece by piece from the mail's buffer (size and SHA-256 while decoding,
     #: the bytes again when placed). None: every part is held (small mail, tests).
     stream_above: int | None = None
+    #: where a mapped mail whose header block needs repair is rewritten (an anonymous file):
+    #: runtime.spool_directory; None = the system temp directory.
+    spool_directory: str | None = None
 
 
 DEFAULT_OPTIONS = DecodeOptions()

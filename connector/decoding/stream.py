@@ -131,6 +131,24 @@ def _qp_piece(piece: bytes) -> tuple[bytes, int, int]:
     return decoded, decoded.count(b"="), piece.count(b"=3D") + piece.count(b"=3d")
 
 
+#: a quoted-printable line is held for at most this many windows before it is cut mid-line.
+_QP_HOLD_WINDOWS = 4
+
+
+def _qp_safe_cut(data: bytes) -> int:
+    """A position near the end of ``data`` (which has no LF) where quoted-printable may be cut
+    with the same result as decoding it whole, or 0. binascii.a2b_qp reads '=' + two hex
+    digits (or '==') as one token, '=' + CR as a soft break that swallows everything up to the
+    next LF, and _qpdecode strips blanks before a line end or the end of data: so no '=' in
+    the two bytes before the cut, no blank or CR just before it, and no '=' CR before it."""
+    if b"=\r" in data:
+        return 0
+    for cut in range(len(data), max(2, len(data) - 64), -1):
+        if data[cut - 1] not in b" \t\r=" and data[cut - 2] != 0x3D:  # 0x3D: '='
+            return cut
+    return 0
+
+
 class DecodedStream:
     """Iterate to get the decoded bytes of ``buf[start:stop]`` piece by piece.
 
@@ -263,9 +281,24 @@ class DecodedStream:
             pos = hi
             nl = window.rfind(b"\n")
             if nl < 0:
-                # No line end yet: keep reading until one is found, however long the line.
+                # No line end yet: keep reading until one is found. A line longer than a few
+                # windows (hostile, or bare-CR line ends; max_line_bytes stops most of them at
+                # RETR) is cut where no escape, soft break or trailing blank can span the cut.
                 held.append(window)
                 held_len += len(window)
+                if held_len > _QP_HOLD_WINDOWS * read_bytes:
+                    joined = b"".join(held)
+                    cut = _qp_safe_cut(joined)
+                    if cut > 0:
+                        decoded, n_eq, n_esc = _qp_piece(joined[:cut])
+                        eq_out += n_eq
+                        eq_escaped += n_esc
+                        rest = joined[cut:]
+                        held, held_len = ([rest] if rest else []), len(rest)
+                        if decoded:
+                            yield decoded
+                    else:
+                        held, held_len = [joined], len(joined)
                 continue
             cut = nl + 1
             if held:

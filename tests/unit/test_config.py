@@ -291,3 +291,18 @@ def test_chunk_size_must_fit_the_producer_limit() -> None:
 def test_attachments_topic_needs_its_own_name() -> None:
     with pytest.raises(ConfigError, match=r"topics.attachments: .mail. is also the mail, dead-letter or ledger topic"):
         _large(topics={"attachments": "mail"})
+
+
+def test_inline_limit_must_leave_room_under_the_producer_limit() -> None:
+    with pytest.raises(ConfigError, match=r"attachments.inline_max_bytes: 2097152 leaves no room"):
+        _large({"attachments": {"inline_max_bytes": 2 * 1024 * 1024}})
+    ok = _large(
+        {"attachments": {"inline_max_bytes": 2 * 1024 * 1024}}, kafka={"client": {"message.max.bytes": 8_000_000}}
+    )
+    assert ok.mailboxes[0].attachments.inline_max_bytes == 2 * 1024 * 1024
+    assert _large({"attachments": {"placement": "none", "inline_max_bytes": 2 * 1024 * 1024}})
+
+
+def test_offload_part_size_is_bounded() -> None:
+    with pytest.raises(ConfigError, match="part_bytes"):
+        _large(offload={"kind": "s3", "bucket": "b", "part_bytes": 128 * 1024 * 1024})

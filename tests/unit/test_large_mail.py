@@ -295,3 +295,38 @@ def test_many_small_attachments_stay_within_the_inline_budget(tmp_path: Path) ->
     assert len(refs) == 4 and all(r.placement == "chunked" for r in refs)
     got = reassemble(iter(send.records))
     assert [got[r.id] for r in refs] == files[2:]
+
+
+def test_nested_multipart_without_boundary_is_streamed_like_a_leaf(tmp_path: Path, tiny_windows: None) -> None:
+    body = b"x" * 300_000
+    raw = (
+        b"Subject: nb\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=OUT\r\n\r\n"
+        b"--OUT\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        b"--OUT\r\nContent-Type: multipart/related\r\n\r\n" + body + b"\r\n--OUT--\r\n"
+    )
+    held = decode_mail(raw)
+    view = spool_map(tmp_path, raw)
+    try:
+        mail = decode_mail(view, options=DecodeOptions(stream_above=1000))
+        [att] = [a for a in mail.attachments if a.content_type == "multipart/related"]
+        assert att.large is not None and b"".join(att.pieces()) == body
+        assert build_mail_record(mail, PROV) == build_mail_record(held, PROV)
+    finally:
+        view.close()
+
+
+def test_body_part_selection_of_a_streamed_part_is_held_up_to_the_body_limit(tmp_path: Path) -> None:
+    from connector.decoding.options import BodySelection
+
+    text = b"line of the selected part\r\n" * 4000  # 108,000 bytes, streamed above 64 KiB
+    raw = (
+        b"Subject: sel\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n--B\r\nContent-Type: text/plain\r\n"
+        b"Content-Disposition: attachment; filename=a.txt\r\n\r\n" + text + b"--B--\r\n"
+    )
+    options = DecodeOptions(body_part=BodySelection(content_type="text/plain"))
+    held = decode_mail(raw, options=options)
+    streamed = decode_mail(raw, options=DecodeOptions(body_part=options.body_part, stream_above=64 * 1024))
+    assert streamed.body is not None and streamed.body.text == text[:-2].decode()  # CRLF: the delimiter's
+    assert streamed.attachments[0].large is not None
+    assert build_mail_record(streamed, PROV) == build_mail_record(held, PROV)

@@ -308,13 +308,30 @@ def test_qp_bad_escape_flag_sums_counts_over_pieces() -> None:
     assert decode(real_bad, 0, len(real_bad), "quoted-printable", 3).stream.repaired is True
 
 
-def test_qp_long_line_is_kept_whole_and_bounded_otherwise() -> None:
+def test_qp_long_line_is_cut_where_it_is_safe_and_pieces_stay_bounded() -> None:
     lines = [b"short line =C3=A9\r\n"] * 40 + [b"L" * 5000 + b"\r\n"] + [b"tail line\r\n"] * 40
     data = b"".join(lines)
     run = decode(data, 0, len(data), "quoted-printable", 64)
     assert run.out == mime._qpdecode(data)[0]
-    assert max(map(len, run.pieces)) >= 5000  # the long line came out in one piece
+    # The long line is cut after at most 4 windows held (plus the window read): never whole.
+    assert max(map(len, run.pieces)) <= 6 * 64
     assert all(len(p) <= 64 + 4 for p in run.pieces if b"L" not in p)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 8, 13])
+def test_qp_without_line_ends_is_equal_to_the_whole_decoder(read_bytes: int) -> None:
+    rnd = random.Random(read_bytes)
+    alphabet = [b"a", b" ", b"\t", b"=", b"=3D", b"=C3", b"==", b"=4", b"\r", b"x y", b"=0A"]
+    for _ in range(300):
+        data = b"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 60)))
+        run = decode(data, 0, len(data), "quoted-printable", read_bytes)
+        assert (run.out, run.stream.repaired) == mime._qpdecode(data), data
+
+
+def test_qp_soft_break_with_cr_only_is_held_until_the_line_ends() -> None:
+    data = b"abc=\r" + b"swallowed " * 100 + b"\nafter\n"
+    run = decode(data, 0, len(data), "quoted-printable", 8)
+    assert (run.out, run.stream.repaired) == mime._qpdecode(data)
 
 
 def test_qp_trailing_blank_rule_is_the_one_of_mime() -> None:
