@@ -248,8 +248,9 @@ class ShardWorker:
             step = "quit"
             p.session.quit()
             p.session = None
-            res.deleted = len(p.to_delete)
+            # As in at-least-once mode: ``deleted`` counts delivered mail, unread deletes apart.
             res.deleted_unread = len(res.delete_unread)
+            res.deleted = len(p.to_delete) - res.deleted_unread
             with self._state_lock:  # settles run in parallel threads
                 for _, uidl in p.to_delete:
                     self._tombstones.append((p.mailbox.id, uidl))

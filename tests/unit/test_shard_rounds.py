@@ -304,3 +304,20 @@ def test_transactions_are_counted_by_outcome(drop: Maildrop) -> None:
     h = Harness(cfg([{"id": "a"}]), {"a": drop})
     h.round()
     assert metrics.value("pop3kafka_transactions_total", labels) == before + 1
+
+
+def test_oversized_mail_in_exactly_once_delete_and_dead_letter(drop: Maildrop) -> None:
+    big = b"Subject: big\r\nMessage-ID: <big@x>\r\n\r\n" + b"0123456789abcdef\r\n" * 40_000  # 720,000 bytes
+    drop.mails["BIGDEL"] = big
+    h = Harness(cfg([{"id": "a", "max_message_bytes": 100_000, "oversized": "delete"}]), {"a": drop})
+    (r,) = h.round()
+    assert r.ok and r.published == 4 and r.deleted_unread == 1 and r.deleted == 4 and drop.mails == {}
+    assert "RETR 5" not in drop.log  # never read
+
+    other = Maildrop({"U9": make_mail(9)[0], "BIGDL": big})
+    h2 = Harness(cfg([{"id": "b", "max_message_bytes": 100_000, "oversized": "dead_letter"}]), {"b": other})
+    (r,) = h2.round()
+    assert r.ok and r.published == 1 and r.dead_lettered == 1 and other.mails == {}
+    states = {e.uidl: e.state for e in h2.ledger.known("b").values()} or None
+    # both were deleted after the commit, so the ledger forgot them; the tombstones are queued
+    assert states is None and len(h2.worker._tombstones) == 2
