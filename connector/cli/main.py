@@ -295,7 +295,7 @@ def _run(cfg: Config) -> int:
 
 
 def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
-    from connector.delivery.doctor import check_kafka
+    from connector.delivery.doctor import check_kafka, check_offload
     from connector.runtime.doctor import check_mailbox
 
     findings = []
@@ -303,6 +303,7 @@ def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
         for mb in [cfg.mailbox(m) for m in dict.fromkeys(only)] if only else cfg.mailboxes:
             findings += check_mailbox(mb)
     findings += check_kafka(cfg)
+    findings += check_offload(cfg)
     for f in findings:
         # WARN: works, but something deserves the operator's attention; does not fail doctor.
         line = f"{'FAIL' if not f.ok else 'WARN' if f.warning else 'ok  '} {f.check}: {f.detail}"

@@ -677,4 +677,23 @@ def check_kafka(config: Config, *, timeout: float = 10.0) -> list[Finding]:
     return _Doctor(config, timeout).run()
 
 
-__all__ = ["Finding", "check_kafka"]
+def check_offload(config: Config) -> list[Finding]:
+    """The offload store (``offload:``), when a mailbox uses ``placement: offload``: reachable,
+    writable (a temporary object, removed at once), server-side encryption accepted. Nothing
+    when no mailbox offloads."""
+    if config.offload is None or not any(m.attachments.placement == "offload" for m in config.mailboxes):
+        return []
+    from connector.delivery.offload import OffloadConfigError, open_store  # noqa: PLC0415 - boto3 only here
+
+    s = config.offload
+    where = f"directory {s.directory!r}" if s.kind == "filesystem" else f"bucket {s.bucket!r}"
+    try:
+        problems = open_store(s).check()
+    except OffloadConfigError as exc:
+        problems = [str(exc)]
+    if not problems:
+        return [Finding("offload.store", True, f"{where} is usable (a test write was removed at once)")]
+    return [Finding("offload.store", False, "; ".join(problems), "see docs/configuration.md, offload")]
+
+
+__all__ = ["Finding", "check_kafka", "check_offload"]

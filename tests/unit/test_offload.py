@@ -17,6 +17,7 @@ import tempfile
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -433,3 +434,38 @@ def test_s3_uri_and_key_shape() -> None:
     ):
         with pytest.raises(ValueError):
             store.open(bad)
+
+
+def test_doctor_checks_the_offload_store(tmp_path: Path) -> None:
+    from connector.config import parse_config
+    from connector.delivery.doctor import check_offload
+
+    def config(directory: Path, placement: str = "offload") -> Any:
+        return parse_config(
+            {
+                "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+                "topics": {"mail": "m"},
+                "offload": {"kind": "filesystem", "directory": str(directory)},
+                "mailboxes": [
+                    {
+                        "id": "a",
+                        "host": "h",
+                        "username": "u",
+                        "password": {"env": "PW"},
+                        "attachments": {"placement": placement},
+                    }
+                ],
+            },
+            environ={"PW": "x"},
+        )
+
+    store = tmp_path / "store"
+    store.mkdir()
+    [ok] = check_offload(config(store))
+    assert ok.ok and ok.check == "offload.store" and "usable" in ok.detail
+    assert list((store / "sha256").iterdir()) == []  # the test write is gone
+    assert check_offload(config(store, placement="chunked")) == []
+    cfg = config(store)
+    store.rename(tmp_path / "moved")
+    [bad] = check_offload(cfg)
+    assert not bad.ok and "store" in bad.detail
