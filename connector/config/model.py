@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -102,6 +103,34 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """A mailbox's schedule (config: ``schedule:``, or ``poll_interval_seconds`` alone)."""
+
+    interval_seconds: float = 60.0
+    #: 5-field cron expression; when set, it replaces the interval.
+    cron: str | None = None
+    #: IANA time zone the cron expression is read in.
+    timezone: str = "UTC"
+    #: spread: each mailbox polls at a stable offset in [0, jitter_seconds) from its plan.
+    jitter_seconds: float = 0.0
+    backoff_initial_seconds: float = 10.0
+    backoff_max_seconds: float = 900.0
+    auth_backoff_seconds: float = 900.0
+    in_use_retry_seconds: float = 60.0
+
+
+def validate_cron(expr: str) -> str | None:
+    """None when ``expr`` is a valid 5-field cron expression, else why not."""
+    from croniter import croniter  # noqa: PLC0415
+
+    if len(expr.split()) != 5:
+        return "a cron expression has 5 fields: minute hour day-of-month month day-of-week"
+    if not croniter.is_valid(expr):
+        return "not a valid cron expression"
+    return None
+
+
+@dataclass(frozen=True)
 class AttachmentsConfig:
     """Per mailbox: what happens to attachment bytes (and raw mail, and large dead letters).
 
@@ -177,6 +206,8 @@ class MailboxConfig:
     on_undecodable: OnUndecodable = "dead_letter"
     #: where attachment bytes go (docs/configuration.md, "Large mail").
     attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
+    #: when it is polled: interval or cron, jitter, backoff (connector/runtime/schedule.py).
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     #: "include": the raw mail travels too (inline, chunked or offloaded like an attachment).
     raw_mail: Literal["none", "include"] = "none"
     #: mail over max_message_bytes (by LIST): "skip" (left, counted, logged once per UIDL),
@@ -347,6 +378,19 @@ def _check_topic(value: Any, path: str) -> None:
         )
 
 
+def _check_cron(value: Any, path: str) -> None:
+    why = validate_cron(value)
+    if why is not None:
+        raise ConfigError(f"{path}: {value!r}: {why} (e.g. '*/15 * * * *' or '0 9 * * mon-fri')")
+
+
+def _check_timezone(value: Any, path: str) -> None:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{path}: {value!r} is not an IANA time zone name (e.g. 'Europe/Berlin', 'UTC')") from None
+
+
 def _check_client(value: Any, path: str) -> None:
     for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, (str, int, float, bool)):
@@ -467,6 +511,24 @@ MAILBOX_SCHEMA: dict[str, Field] = {
     "abort_with": Field("str", default="rset_quit", choices=("rset_quit", "disconnect")),
     "identity": Field("str", default="uidl", choices=("uidl", "headers")),
     "on_undecodable": Field("str", default="dead_letter", choices=("dead_letter", "leave")),
+    "schedule": Field(
+        "map",
+        default=dict,
+        schema={
+            "interval_seconds": Field(
+                "float", minimum=1, maximum=30 * 86400, help="default: poll_interval_seconds; exclusive with cron"
+            ),
+            "cron": Field("str", check=_check_cron, help="5 fields, e.g. '*/15 * * * *'"),
+            "timezone": Field("str", default="UTC", check=_check_timezone, help="IANA name the cron is read in"),
+            "jitter_seconds": Field(
+                "float", minimum=0, maximum=86400, help="default: 10% of the interval, at most 30 s (cron: 0)"
+            ),
+            "backoff_initial_seconds": Field("float", default=10.0, minimum=1, maximum=86400),
+            "backoff_max_seconds": Field("float", default=900.0, minimum=1, maximum=7 * 86400),
+            "auth_backoff_seconds": Field("float", default=900.0, minimum=60, maximum=86400),
+            "in_use_retry_seconds": Field("float", default=60.0, minimum=1, maximum=86400),
+        },
+    ),
     "attachments": Field(
         "map",
         default=dict,
@@ -896,6 +958,30 @@ def k_client_value(client: Mapping[str, Any], key: str, default: int) -> Any:
         raise ConfigError(f"kafka.client.{key}: {value!r} is not a number") from None
 
 
+def _schedule(m: dict[str, Any], path: str) -> ScheduleSpec:
+    s = m["schedule"]
+    if s["cron"] is not None and s["interval_seconds"] is not None:
+        raise ConfigError(f"{path}.schedule: give interval_seconds or cron, not both")
+    interval = s["interval_seconds"] if s["interval_seconds"] is not None else m["poll_interval_seconds"]
+    if s["backoff_max_seconds"] < s["backoff_initial_seconds"]:
+        raise ConfigError(f"{path}.schedule.backoff_max_seconds: below backoff_initial_seconds")
+    jitter = s["jitter_seconds"]
+    if jitter is None:
+        # Default spread: enough that many mailboxes on one interval do not log in together,
+        # small enough to keep each one near its plan. Cron schedules run on the minute asked.
+        jitter = 0.0 if s["cron"] is not None else min(30.0, interval / 10)
+    return ScheduleSpec(
+        interval_seconds=interval,
+        cron=s["cron"],
+        timezone=s["timezone"],
+        jitter_seconds=jitter,
+        backoff_initial_seconds=s["backoff_initial_seconds"],
+        backoff_max_seconds=s["backoff_max_seconds"],
+        auth_backoff_seconds=s["auth_backoff_seconds"],
+        in_use_retry_seconds=s["in_use_retry_seconds"],
+    )
+
+
 def _offload(o: dict[str, Any] | None, base: Path) -> OffloadSettings | None:
     """offload: the claim-check store; paths resolved against the config file's directory."""
     if o is None:
@@ -1008,6 +1094,7 @@ def parse_config(
                 on_undecodable=m["on_undecodable"],
                 decode=_decode_options(m, path, base, env, runtime.spool_directory),
                 attachments=AttachmentsConfig(**m["attachments"]),
+                schedule=_schedule(m, path),
                 raw_mail=m["raw_mail"],
                 oversized=m["oversized"],
             )

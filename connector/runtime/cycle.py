@@ -41,6 +41,7 @@ from connector.errors import (
     DeliveryFatalError,
     MailTooLargeError,
     Pop3LoginDelayError,
+    Pop3MailboxBusyError,
     Pop3ProtocolError,
     Pop3UnsupportedError,
     RecordTooLargeError,
@@ -287,6 +288,12 @@ def policy_after_refusal(session: MailboxSession | None, exc: BaseException, res
         return
     with contextlib.suppress(ConnectorError):
         res.policy = session.server_policy()
+
+
+def failure_level(exc: BaseException) -> int:
+    """How loud a failed cycle is logged: [IN-USE] (RFC 2449 §8.1.1, another session holds the
+    maildrop) is expected now and then and retried shortly, so INFO, not an alarm."""
+    return logging.INFO if isinstance(exc, Pop3MailboxBusyError) else logging.ERROR
 
 
 def policy_text(res: CycleResult) -> str:
@@ -800,7 +807,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             raise failure
     except ConnectorError as exc:
         res.error = exc.with_context(mailbox=mailbox.id, step=step)
-        log.error("%s", res.error.describe(), extra=extra)
+        log.log(failure_level(exc), "%s", res.error.describe(), extra=extra)
         policy_after_refusal(session, exc, res)
     except Exception as exc:  # a bug: keep the mail, say so loudly, let other mailboxes go on
         res.error = exc

@@ -56,6 +56,7 @@ from connector.runtime.cycle import (
     MailboxSession,
     after_login,
     end_without_deletes,
+    failure_level,
     list_mailbox,
     open_session,
     placer_for,
@@ -393,7 +394,7 @@ class ShardWorker:
             p.kafka_error = exc
         except ConnectorError as exc:
             res.error = exc.with_context(mailbox=m.id, step=step)
-            log.error("%s", res.error.describe(), extra=extra)
+            log.log(failure_level(exc), "%s", res.error.describe(), extra=extra)
             policy_after_refusal(p.session, exc, res)
             if p.session is not None and isinstance(exc, Pop3Error):
                 end_without_deletes(p.session, m)

@@ -41,6 +41,7 @@ from connector.runtime.cycle import (
     run_cycle,
 )
 from connector.runtime.exactly_once import ShardWorker
+from connector.runtime.schedule import Scheduler, error_kind
 
 log = logging.getLogger("pop3kafka.runner")
 
@@ -57,7 +58,7 @@ class Runner:
         config: Config,
         *,
         hooks: CycleHooks | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         idle_wait: Callable[[float], object] | None = None,
         session_factory: Callable[[MailboxConfig], MailboxSession] | None = None,
     ) -> None:
@@ -80,6 +81,8 @@ class Runner:
             session_factory=self.session_factory,
         )
         self._clock = clock
+        #: when each mailbox is due (interval or cron, jitter, backoff): connector/runtime/schedule.py.
+        self.scheduler = Scheduler({m.id: m.schedule for m in config.mailboxes}, now=clock())
         #: how the loop idles for up to N clock units when nothing runs (stop.wait); tests with
         #: a virtual ``clock`` advance it here instead of sleeping.
         self._idle_wait: Callable[[float], object] = idle_wait or self.stop.wait
@@ -170,7 +173,6 @@ class Runner:
         if self.exactly_once:
             self.prepare()
         mailboxes = self.config.mailboxes
-        next_due = {m.id: self._clock() for m in mailboxes}
         sessions_n = max(1, min(len(mailboxes), self.config.runtime.max_concurrent_sessions))
         sessions = ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle")
         # exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle.
@@ -192,18 +194,18 @@ class Runner:
                 for unit, ms in units.items():
                     if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
                         continue
-                    due = [m for m in ms if next_due[m.id] <= now]
+                    due = [m for m in ms if self.scheduler.due(m.id) <= now]
                     if due:
                         running[pool.submit(self._work, unit, due, sessions)] = unit
-                idle = [next_due[m.id] for m in mailboxes]
-                sleep = max(0.05, min(idle) - now) if idle else 1.0
+                earliest = self.scheduler.earliest()
+                sleep = max(0.05, earliest - now) if earliest is not None else 1.0
                 if running:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
                     for f in done:
                         running.pop(f)
                         for r in f.result():
                             m = self.config.mailbox(r.mailbox)
-                            next_due[m.id] = self.next_poll(m, r, self._clock())
+                            self.next_poll(m, r, self._clock())
                 else:
                     self._idle_wait(min(sleep, 1.0))
         finally:
@@ -211,10 +213,13 @@ class Runner:
             sessions.shutdown(wait=False, cancel_futures=True)
 
     def next_poll(self, m: MailboxConfig, r: CycleResult, now: float) -> float:
-        """When to poll ``m`` next, given its cycle result ``r`` that arrived at ``now``.
+        """When to poll ``m`` next, given its cycle result ``r`` that arrived at ``now``; the
+        scheduler is updated with it.
 
-        A cycle that stopped at a bound goes again at once, but only if it made progress: mail
-        it had to leave must not become a hot loop. Otherwise after poll_interval_seconds.
+        The mailbox's schedule (connector/runtime/schedule.py) decides first: the next slot of
+        its interval or cron plus its jitter; at once when a cycle stopped at a bound and made
+        progress (mail it had to leave must not become a hot loop); after a failure, its
+        backoff (long for authentication failures, short for [IN-USE]).
 
         RFC 2449 §6.8 LOGIN-DELAY: the server accepts a login only that many seconds after the
         last successful one, so no login starts earlier. The login of a cycle happened before
@@ -224,7 +229,10 @@ class Runner:
         delay it is retried after poll_interval_seconds.
         """
         again = r.ok and r.more_pending and (r.deleted > 0 or r.published > 0)
-        due = now + (0.0 if again else m.poll_interval_seconds)
+        due = self.scheduler.next_due(m.id, now, ok=r.ok, repoll=again, error=error_kind(r.error))
+        if isinstance(r.error, Pop3LoginDelayError):
+            # Refused for logging in too soon: never retried before one interval.
+            due = max(due, now + m.schedule.interval_seconds)
         if r.policy is not None:
             advertised = r.policy.login_delay_seconds
             if advertised is None:
@@ -241,6 +249,7 @@ class Runner:
             last = self._last_login.get(m.id)
             if last is not None:
                 due = max(due, last + delay)
+        self.scheduler.states[m.id].due = due
         return due
 
     def _note_login_delay(self, m: MailboxConfig, advertised: int) -> None:

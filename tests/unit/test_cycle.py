@@ -321,7 +321,9 @@ def test_runner_repolls_at_once_only_when_a_bounded_cycle_made_progress() -> Non
     from connector.runtime.runner import Runner
 
     def run_for(mail_maker: Any, seconds: float, **session: Any) -> int:
-        cfg, _ = config(max_messages_per_cycle=1, poll_interval_seconds=3600, max_message_bytes=8192)
+        cfg, _ = config(
+            max_messages_per_cycle=1, poll_interval_seconds=3600, max_message_bytes=8192, schedule={"jitter_seconds": 0}
+        )
         cfg = dataclasses.replace(cfg, delivery=dataclasses.replace(cfg.delivery, mode="at_least_once"))
         calls: list[int] = []
 
@@ -522,3 +524,23 @@ def test_a_placement_error_still_settles_what_was_confirmed() -> None:
     res = run(s, ChunkFailingPublisher(raise_on_chunk=True))
     assert isinstance(res.error, DeliveryTimeoutError)
     assert s.deleted == {1, 2} and res.deleted == 2 and "ABORT" not in s.log and s.log[-1] == "QUIT"
+
+
+def test_in_use_is_logged_at_info_and_counted_by_the_scheduler(
+    mock_publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from connector.errors import Pop3MailboxBusyError
+    from connector.runtime.schedule import error_kind
+
+    class Busy(FakeSession):
+        def login_user_pass(self, username: str, password: str) -> None:
+            raise Pop3MailboxBusyError("-ERR [IN-USE] maildrop locked")
+
+    with caplog.at_level(logging.INFO, logger="pop3kafka.cycle"):
+        res = run(Busy(mails(1)), mock_publisher)
+    assert isinstance(res.error, Pop3MailboxBusyError) and error_kind(res.error) == "in_use"
+    [rec] = [r for r in caplog.records if "IN-USE" in r.getMessage()]
+    assert rec.levelno == logging.INFO
+    assert error_kind(Pop3AuthError("bad")) == "auth" and error_kind(None) is None

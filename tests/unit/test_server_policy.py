@@ -287,7 +287,8 @@ def result(m: MailboxConfig, *, logged_in: bool = True, error: Exception | None 
 
 @pytest.fixture
 def runner() -> Runner:
-    return Runner(config("at_least_once", poll_interval_seconds=60))
+    # Plans start at 0 on this clock; no jitter, so the figures below are exact.
+    return Runner(config("at_least_once", poll_interval_seconds=60, schedule={"jitter_seconds": 0}), clock=lambda: 0.0)
 
 
 def test_next_poll_waits_for_login_delay(runner: Runner, caplog: pytest.LogCaptureFixture) -> None:
@@ -296,7 +297,7 @@ def test_next_poll_waits_for_login_delay(runner: Runner, caplog: pytest.LogCaptu
         assert runner.next_poll(m, result(m, login_delay=["900"]), 1000.0) == 1900.0
         # the next cycle fails to connect: no new login, so still 900 s after the last one
         failed = result(m, logged_in=False, error=Pop3ConnectError("reset"))
-        assert runner.next_poll(m, failed, 1910.0) == 1970.0  # poll interval: already past 1900
+        assert runner.next_poll(m, failed, 1910.0) == 1920.0  # first backoff (10 s): already past 1900
         assert runner.next_poll(m, failed, 1200.0) == 1900.0  # an early failure still waits for 1900
         assert runner.next_poll(m, result(m, login_delay=["900"]), 2000.0) == 2900.0
     notes = [r for r in caplog.records if "LOGIN-DELAY" in r.getMessage()]
@@ -323,7 +324,7 @@ def test_next_poll_short_or_withdrawn_delay(runner: Runner, caplog: pytest.LogCa
     with caplog.at_level(logging.INFO, logger="pop3kafka.runner"):
         assert runner.next_poll(m, result(m, login_delay=["30"]), 0.0) == 60.0  # the interval is longer
         assert runner.next_poll(m, result(m, login_delay=["900"]), 100.0) == 1000.0
-        assert runner.next_poll(m, result(m, expire=["5"]), 1000.0) == 1060.0  # no longer advertised
+        assert runner.next_poll(m, result(m, expire=["5"]), 1000.0) == 1020.0  # no longer advertised: the plan
     assert not [r for r in caplog.records if "30 s" in r.getMessage()]
 
 

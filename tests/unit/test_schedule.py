@@ -1,0 +1,101 @@
+"""The scheduler with an injected clock: interval, cron, jitter bounds, backoff, re-poll."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+
+from connector.config.model import ScheduleSpec, validate_cron
+from connector.runtime.schedule import MAX_AUTH_BACKOFF_SECONDS, Scheduler, stable_offset
+
+T0 = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC).timestamp()  # a Thursday
+
+
+def one(spec: ScheduleSpec, mid: str = "m") -> Scheduler:
+    return Scheduler({mid: spec}, now=T0)
+
+
+def test_interval_polls_at_once_then_on_the_plan_without_drift() -> None:
+    s = one(ScheduleSpec(interval_seconds=60))
+    assert s.due("m") == T0
+    assert s.next_due("m", T0 + 5, ok=True) == T0 + 60  # planned from the slot, not from the cycle's end
+    assert s.next_due("m", T0 + 61, ok=True) == T0 + 120
+    # a cycle that overran two slots skips them instead of catching up
+    assert s.next_due("m", T0 + 250, ok=True) == T0 + 300
+
+
+def test_more_mail_waiting_polls_again_at_once() -> None:
+    s = one(ScheduleSpec(interval_seconds=60))
+    assert s.next_due("m", T0 + 3, ok=True, repoll=True) == T0 + 3
+    assert s.next_due("m", T0 + 4, ok=True) == T0 + 60
+
+
+def test_jitter_is_stable_bounded_and_spread() -> None:
+    ids = [f"mailbox-{i}" for i in range(2000)]
+    offsets = [stable_offset(i, 30.0) for i in ids]
+    assert all(0 <= o < 30.0 for o in offsets)
+    assert offsets == [stable_offset(i, 30.0) for i in ids]  # the same in every process
+    buckets = Counter(int(o // 3) for o in offsets)  # ten 3-second buckets
+    assert len(buckets) == 10 and all(150 <= n <= 250 for n in buckets.values()), buckets
+    s = Scheduler({i: ScheduleSpec(interval_seconds=60, jitter_seconds=30) for i in ids[:50]}, now=T0)
+    for i in ids[:50]:
+        first = s.due(i)
+        assert T0 <= first < T0 + 30
+        assert s.next_due(i, first + 2, ok=True) == pytest.approx(first + 60)
+    assert stable_offset("x", 0) == 0
+
+
+def test_cron_in_utc_and_in_a_time_zone() -> None:
+    s = one(ScheduleSpec(cron="*/5 * * * *"))
+    assert s.due("m") == T0 + 300  # 10:00 exactly is not "after" 10:00
+    assert s.next_due("m", T0 + 301, ok=True) == T0 + 600
+    berlin = one(ScheduleSpec(cron="0 9 * * mon-fri", timezone="Europe/Berlin"))
+    # 10:00 UTC on Thursday is 11:00 in Berlin (CET, UTC+1): next is Friday 09:00 CET = 08:00 UTC
+    assert berlin.due("m") == datetime(2026, 11, 27, 8, 0, tzinfo=UTC).timestamp()
+    friday = datetime(2026, 11, 27, 8, 0, 30, tzinfo=UTC).timestamp()
+    # after Friday's poll: Monday 09:00 CET
+    assert berlin.next_due("m", friday, ok=True) == datetime(2026, 11, 30, 8, 0, tzinfo=UTC).timestamp()
+
+
+def test_error_backoff_doubles_to_its_cap_and_resets_on_success() -> None:
+    s = one(ScheduleSpec(interval_seconds=60, backoff_initial_seconds=10, backoff_max_seconds=100))
+    now = T0
+    waits = []
+    for _ in range(6):
+        due = s.next_due("m", now, ok=False, error="other")
+        waits.append(due - now)
+        now = due
+    assert waits == [10, 20, 40, 80, 100, 100]
+    st = s.states["m"]
+    assert st.failures == 6 and st.last_error == "other" and st.backoff_until == now
+    back = s.next_due("m", now + 1, ok=True)
+    assert st.failures == 0 and st.backoff_until is None and back > now and (back - T0) % 60 == 0
+
+
+def test_auth_failures_back_off_long_and_are_never_retried_hot() -> None:
+    s = one(ScheduleSpec(interval_seconds=60, auth_backoff_seconds=900))
+    now, waits = T0, []
+    for _ in range(8):
+        due = s.next_due("m", now, ok=False, error="auth")
+        waits.append(due - now)
+        now = due
+    assert waits[:5] == [900, 1800, 3600, 7200, 14400]
+    assert max(waits) == MAX_AUTH_BACKOFF_SECONDS and min(waits) >= 900
+
+
+def test_in_use_is_retried_later_and_counted() -> None:
+    s = one(ScheduleSpec(interval_seconds=3600, in_use_retry_seconds=60))
+    assert s.next_due("m", T0 + 1, ok=False, error="in_use") == T0 + 61
+    assert s.next_due("m", T0 + 62, ok=False, error="in_use") == T0 + 122
+    assert s.states["m"].in_use_count == 2
+    assert s.next_due("m", T0 + 130, ok=True) == T0 + 3600
+
+
+def test_earliest_and_cron_validation() -> None:
+    s = Scheduler({"a": ScheduleSpec(interval_seconds=60), "b": ScheduleSpec(cron="0 * * * *")}, now=T0 + 10)
+    assert s.earliest() == T0 + 10
+    assert validate_cron("*/5 * * * *") is None
+    assert validate_cron("61 * * * *") == "not a valid cron expression"
+    assert "5 fields" in (validate_cron("* * * * * *") or "")
