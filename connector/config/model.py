@@ -292,6 +292,8 @@ class LedgerConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     max_concurrent_sessions: int = 8
+    #: POP3 sessions open at once to one server (host:port); providers throttle per client.
+    max_sessions_per_server: int = 4
     shutdown_grace_seconds: float = 30.0
     #: a mail larger than this is received into a spool file instead of memory.
     spool_threshold_bytes: int = 4 * 1024 * 1024
@@ -662,6 +664,9 @@ ROOT_SCHEMA: dict[str, Field] = {
         default=dict,
         schema={
             "max_concurrent_sessions": Field("int", default=8, minimum=1, maximum=1024),
+            "max_sessions_per_server": Field(
+                "int", default=4, minimum=1, maximum=1024, help="sessions open at once to one host:port"
+            ),
             "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
             "spool_threshold_bytes": Field("int", default=4 * 1024 * 1024, minimum=0),
             "spool_directory": Field("str", help="a writable directory (an emptyDir in Kubernetes)"),

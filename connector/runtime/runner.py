@@ -50,6 +50,20 @@ log = logging.getLogger("pop3kafka.runner")
 MAX_LOGIN_DELAY_SECONDS = 86_400.0
 
 
+def waves(mailboxes: Sequence[MailboxConfig], per_server: int) -> list[list[MailboxConfig]]:
+    """Split ``mailboxes`` into consecutive groups with at most ``per_server`` of each server
+    (host:port) in a group, keeping their order within a server."""
+    out: list[list[MailboxConfig]] = []
+    seen: dict[str, int] = defaultdict(int)
+    for m in mailboxes:
+        k = seen[m.server] // per_server
+        seen[m.server] += 1
+        while len(out) <= k:
+            out.append([])
+        out[k].append(m)
+    return out
+
+
 class Runner:
     """Owns the producers, the shard workers and the thread pools for one configuration."""
 
@@ -146,8 +160,17 @@ class Runner:
     # ------------------------------------------------------------------ poll-once
 
     def poll_once(self, mailboxes: Sequence[MailboxConfig] | None = None) -> list[CycleResult]:
-        """One cycle per mailbox (concurrently, bounded); results in the order given."""
+        """One cycle per mailbox (concurrently, bounded globally and per server); results in
+        the order given. Mailboxes of one server beyond runtime.max_sessions_per_server go in
+        later waves."""
         targets = list(mailboxes if mailboxes is not None else self.config.mailboxes)
+        by_id: dict[str, CycleResult] = {}
+        for wave in waves(targets, self.config.runtime.max_sessions_per_server):
+            for r in self._poll_wave(wave):
+                by_id[r.mailbox] = r
+        return [by_id[m.id] for m in targets]
+
+    def _poll_wave(self, targets: list[MailboxConfig]) -> list[CycleResult]:
         sessions_n = max(1, min(len(targets), self.config.runtime.max_concurrent_sessions))
         if not self.exactly_once:
             with ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle") as pool:
@@ -183,6 +206,10 @@ class Runner:
         )
         pool = ThreadPoolExecutor(max_workers=max(1, len(units)), thread_name_prefix="unit")
         running: dict[Future[list[CycleResult]], object] = {}
+        #: sessions in flight per server (host:port), by the units that hold them.
+        per_server: dict[str, int] = defaultdict(int)
+        holding: dict[Future[list[CycleResult]], list[str]] = {}
+        limit = self.config.runtime.max_sessions_per_server
         try:
             while not self.stop.is_set():
                 if self._no_way_forward():
@@ -194,15 +221,24 @@ class Runner:
                 for unit, ms in units.items():
                     if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
                         continue
-                    due = [m for m in ms if self.scheduler.due(m.id) <= now]
+                    due = []
+                    for m in ms:
+                        # Over the per-server limit: stays due, taken when a slot frees.
+                        if self.scheduler.due(m.id) <= now and per_server[m.server] < limit:
+                            per_server[m.server] += 1
+                            due.append(m)
                     if due:
-                        running[pool.submit(self._work, unit, due, sessions)] = unit
+                        f = pool.submit(self._work, unit, due, sessions)
+                        running[f] = unit
+                        holding[f] = [m.server for m in due]
                 earliest = self.scheduler.earliest()
                 sleep = max(0.05, earliest - now) if earliest is not None else 1.0
                 if running:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
                     for f in done:
                         running.pop(f)
+                        for server in holding.pop(f, []):
+                            per_server[server] -= 1
                         for r in f.result():
                             m = self.config.mailbox(r.mailbox)
                             self.next_poll(m, r, self._clock())

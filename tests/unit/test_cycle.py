@@ -544,3 +544,82 @@ def test_in_use_is_logged_at_info_and_counted_by_the_scheduler(
     [rec] = [r for r in caplog.records if "IN-USE" in r.getMessage()]
     assert rec.levelno == logging.INFO
     assert error_kind(Pop3AuthError("bad")) == "auth" and error_kind(None) is None
+
+
+def _many(n: int, per_server: int, mode: str, host_of: Any) -> tuple[Any, list[MailboxConfig]]:
+    boxes = [
+        {
+            "id": f"b{i}",
+            "host": host_of(i),
+            "username": "u",
+            "password": {"env": "PW"},
+            "schedule": {"jitter_seconds": 0},
+        }
+        for i in range(n)
+    ]
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
+            "topics": {"mail": "mail"},
+            "delivery": {"mode": mode},
+            "runtime": {"max_concurrent_sessions": 16, "max_sessions_per_server": per_server},
+            "mailboxes": boxes,
+        },
+        environ={"PW": "pw"},
+    )
+    return cfg, list(cfg.mailboxes)
+
+
+def test_waves_keep_at_most_n_per_server_in_order() -> None:
+    from connector.runtime.runner import waves
+
+    _, ms = _many(7, 2, "at_least_once", lambda i: "a.test" if i % 3 else "b.test")
+    got = [[m.id for m in w] for w in waves(ms, 2)]
+    assert got == [["b0", "b1", "b2", "b3"], ["b4", "b5", "b6"]]
+    for w in waves(ms, 2):
+        assert max(sum(1 for m in w if m.host == h) for h in ("a.test", "b.test")) <= 2
+
+
+def test_run_loop_respects_the_per_server_session_limit() -> None:
+    from connector.runtime.runner import Runner
+
+    cfg, _ = _many(6, 2, "at_least_once", lambda i: "slow.test" if i < 4 else "other.test")
+    lock = threading.Lock()
+    active: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    logins: list[str] = []
+
+    class Slow(FakeSession):
+        host: str = ""
+
+        def login_user_pass(self, username: str, password: str) -> None:
+            with lock:
+                active[self.host] = active.get(self.host, 0) + 1
+                peak[self.host] = max(peak.get(self.host, 0), active[self.host])
+                logins.append(self.host)
+            time.sleep(0.2)
+
+        def quit(self) -> None:
+            with lock:
+                active[self.host] -= 1
+            super().quit()
+
+    def factory(m: MailboxConfig) -> FakeSession:
+        s = Slow({})
+        s.host = m.host
+        if len(logins) >= 5:
+            runner.stop.set()
+        return s
+
+    runner = Runner(cfg, session_factory=factory)
+    runner.publisher = Publisher("mock:9092", MOCK, 5)
+    runner.ctx.publisher = runner.publisher
+    guard = threading.Timer(10, runner.stop.set)
+    guard.start()
+    try:
+        runner.run()
+    finally:
+        guard.cancel()
+        runner.close()
+    assert peak["slow.test"] == 2 and peak["other.test"] <= 2
+    assert logins.count("slow.test") >= 3  # the third slow mailbox got its turn when a slot freed
