@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--getmail-oldmail", type=Path, help="getmail's oldmail-<server>-<port>-<user> file")
     imp.add_argument("--account", help="fetchmail account user@server, when the file holds several")
 
+    show = ledger_sub.add_parser(
+        "show", help="where did this mail go: its ledger history (topic, partition, offset, when, deleted or not)"
+    )
+    show.add_argument("--config", "-c", required=True)
+    show.add_argument("--mailbox", "-m", required=True)
+    show.add_argument("--uidl", "-u", required=True)
+
     dlq = sub.add_parser("dlq", help="dead-letter topic commands")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     replay = dlq_sub.add_parser(
@@ -173,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             return _doctor(cfg, args.mailbox, kafka_only=args.kafka_only)
         if args.command == "ledger":
+            if args.ledger_command == "show":
+                return _ledger_show(cfg, args)
             return _ledger_import(cfg, args)
         if args.command == "dlq":
             return _dlq_replay(cfg, args)
@@ -315,6 +324,15 @@ def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
     also = f" ({warned} with a warning)" if warned else ""
     print(f"{len(findings) - failed} ok{also}, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _ledger_show(cfg: Config, args: argparse.Namespace) -> int:
+    from connector.runtime.ledger_show import describe, ledger_history
+
+    history = ledger_history(cfg, args.mailbox, args.uidl)
+    for line in describe(history):
+        print(line)
+    return EXIT_OK if history.events else EXIT_FAILED
 
 
 def _ledger_import(cfg: Config, args: argparse.Namespace) -> int:
