@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--mailbox", "-m", required=True)
     show.add_argument("--uidl", "-u", required=True)
 
+    adm = sub.add_parser("admin", help="talk to a running `pop3-kafka run` through its admin endpoint (admin.bind)")
+    adm.add_argument("action", choices=("list", "poll", "pause", "resume"))
+    adm.add_argument("--config", "-c", required=True)
+    adm.add_argument("--mailbox", "-m", help="the mailbox (poll, pause, resume)")
+    adm.add_argument("--wait", type=float, default=60.0, help="poll: seconds to wait for the cycle's outcome")
+
     dlq = sub.add_parser("dlq", help="dead-letter topic commands")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     replay = dlq_sub.add_parser(
@@ -185,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ledger_import(cfg, args)
         if args.command == "dlq":
             return _dlq_replay(cfg, args)
+        if args.command == "admin":
+            return _admin(cfg, args)
         if args.command == "tail":
             try:
                 return _tail(cfg, args)
@@ -280,10 +288,22 @@ def _run(cfg: Config) -> int:
     runner = Runner(cfg)
     _stop_on_signals(runner.stop)
     _ensure_topics(cfg)
+    admin = None
+    if cfg.admin is not None:
+        from connector.runtime.admin_server import AdminServer
+
+        try:
+            admin = AdminServer(runner, cfg.admin.host, cfg.admin.port, cfg.admin.token)
+        except OSError as exc:
+            where = f"{cfg.admin.host}:{cfg.admin.port}"
+            raise ConfigError(f"admin.bind: cannot listen on {where}: {exc.strerror}") from None
+        admin.start()
     log.info("pop3-kafka %s running %d mailbox(es)", __version__, len(cfg.mailboxes))
     try:
         runner.run()
     finally:
+        if admin is not None:
+            admin.close()
         runner.close()
     stragglers = [t for t in threading.enumerate() if t.name.startswith(("cycle", "round", "unit")) and t.is_alive()]
     if stragglers:
@@ -324,6 +344,47 @@ def _doctor(cfg: Config, only: list[str] | None, *, kafka_only: bool) -> int:
     also = f" ({warned} with a warning)" if warned else ""
     print(f"{len(findings) - failed} ok{also}, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _admin(cfg: Config, args: argparse.Namespace) -> int:
+    """HTTP client of the admin endpoint (the running process is the one that owns the
+    schedule): prints the JSON answer; exit 0 on 2xx."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if cfg.admin is None:
+        raise ConfigError("admin: no admin section in the configuration; the running process has no endpoint")
+    if args.action != "list" and not args.mailbox:
+        raise ConfigError(f"admin {args.action}: --mailbox is required")
+    cfg.mailbox(args.mailbox) if args.mailbox else None  # unknown ids fail here, naming the known ones
+    # A wildcard bind is reached on loopback from the same machine or pod.
+    host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "::", "") else cfg.admin.host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    base = f"http://{host}:{cfg.admin.port}"
+    if args.action == "list":
+        req = urllib.request.Request(f"{base}/mailboxes")  # noqa: S310 - http:// built here
+    else:
+        mid = urllib.parse.quote(args.mailbox, safe="")
+        query = f"?wait={args.wait:g}" if args.action == "poll" else ""
+        url = f"{base}/mailboxes/{mid}/{args.action}{query}"
+        req = urllib.request.Request(url, method="POST", data=b"")  # noqa: S310 - http:// built here
+    if cfg.admin.token is not None:
+        req.add_header("Authorization", f"Bearer {cfg.admin.token.reveal()}")
+    try:
+        with urllib.request.urlopen(req, timeout=args.wait + 10) as resp:  # noqa: S310 - our own http URL
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"pop3-kafka: admin endpoint {base} not reachable ({reason}); is `pop3-kafka run` up?", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        print(json.dumps(json.loads(body), indent=1))
+    except ValueError:
+        print(body.decode("utf-8", "replace"))
+    return EXIT_OK if 200 <= status < 300 else EXIT_FAILED
 
 
 def _ledger_show(cfg: Config, args: argparse.Namespace) -> int:

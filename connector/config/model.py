@@ -302,6 +302,15 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """``admin:``: the HTTP endpoint of ``run`` (connector/runtime/admin_server.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+    token: Secret | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig
     topics: TopicsConfig
@@ -313,6 +322,8 @@ class Config:
     source: str = "<memory>"
     #: the offload store (connector/delivery/offload.py), needed by ``placement: offload``.
     offload: OffloadSettings | None = None
+    #: the admin endpoint of ``run``; None: off.
+    admin: AdminConfig | None = None
 
     def mailbox(self, mailbox_id: str) -> MailboxConfig:
         for m in self.mailboxes:
@@ -659,6 +670,15 @@ ROOT_SCHEMA: dict[str, Field] = {
             "create": Field("bool", default=True),
         },
     ),
+    "admin": Field(
+        "map",
+        schema={
+            "bind": Field("str", default="127.0.0.1:9108", help="host:port the admin endpoint listens on"),
+            "token": Field(
+                "map", schema=SECRET_SCHEMA, secret=True, help="{env: VAR} or {file: /path}: bearer token required"
+            ),
+        },
+    ),
     "runtime": Field(
         "map",
         default=dict,
@@ -963,6 +983,19 @@ def k_client_value(client: Mapping[str, Any], key: str, default: int) -> Any:
         raise ConfigError(f"kafka.client.{key}: {value!r} is not a number") from None
 
 
+def _admin(a: dict[str, Any] | None, base: Path, environ: Mapping[str, str]) -> AdminConfig | None:
+    if a is None:
+        return None
+    host, sep, port = a["bind"].rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"admin.bind: {a['bind']!r} is not host:port (e.g. 127.0.0.1:9108, 0.0.0.0:9108)")
+    token = _resolve_secret(a["token"], "admin.token", base, environ) if a["token"] else None
+    if token is not None and len(token.reveal()) < 16:
+        raise ConfigError("admin.token: at least 16 characters (it is the only thing between the network and pause)")
+    return AdminConfig(host=host, port=int(port), token=token)
+
+
 def _schedule(m: dict[str, Any], path: str) -> ScheduleSpec:
     s = m["schedule"]
     if s["cron"] is not None and s["interval_seconds"] is not None:
@@ -1143,6 +1176,7 @@ def parse_config(
         ledger=ledger,
         source=source,
         offload=offload,
+        admin=_admin(v["admin"], base, env),
     )
 
 

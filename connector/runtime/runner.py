@@ -19,17 +19,20 @@ without QUIT, which by RFC 1939 applies no deletes.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 from connector.config.model import Config, MailboxConfig
 from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
 from connector.delivery.transactional import ShardProducer, load_shard_ledger
-from connector.errors import Pop3LoginDelayError
+from connector.errors import ConnectorError, Pop3LoginDelayError
 from connector.protocol import spool
 from connector.records.ledger import shard_of
 from connector.runtime.cycle import (
@@ -62,6 +65,15 @@ def waves(mailboxes: Sequence[MailboxConfig], per_server: int) -> list[list[Mail
             out.append([])
         out[k].append(m)
     return out
+
+
+def error_text(error: BaseException) -> str:
+    """A failure as on-call sees it: ConnectorError.describe() (mailbox, step, class, message;
+    messages never carry secrets or mail content), only the class of anything else (a bug's
+    message might quote anything)."""
+    if isinstance(error, ConnectorError):
+        return error.describe()
+    return f"internal error ({type(error).__name__}); see the log"
 
 
 class Runner:
@@ -97,9 +109,17 @@ class Runner:
         self._clock = clock
         #: when each mailbox is due (interval or cron, jitter, backoff): connector/runtime/schedule.py.
         self.scheduler = Scheduler({m.id: m.schedule for m in config.mailboxes}, now=clock())
-        #: how the loop idles for up to N clock units when nothing runs (stop.wait); tests with
-        #: a virtual ``clock`` advance it here instead of sleeping.
-        self._idle_wait: Callable[[float], object] = idle_wait or self.stop.wait
+        #: set to cut the loop's idle wait short (a poll request, a resume, a stop).
+        self._wake = threading.Event()
+        #: how the loop idles for up to N clock units when nothing runs; tests with a virtual
+        #: ``clock`` advance it here instead of sleeping.
+        self._idle_wait: Callable[[float], object] = idle_wait or self._wait_for_wake
+        #: on-call controls (admin endpoint): guards the scheduler's states and the waiters.
+        self._control = threading.Lock()
+        self._poll_requests: set[str] = set()
+        self._waiters: dict[str, list[Future[CycleResult]]] = defaultdict(list)
+        #: this process, as GET /mailboxes names the owner of a mailbox.
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
         #: exactly-once: shard -> worker (filled by prepare()).
         self.workers: dict[int, ShardWorker] = {}
         self.shards = 0
@@ -218,20 +238,27 @@ class Runner:
                     break
                 now = self._clock()
                 busy = set(running.values())
-                for unit, ms in units.items():
-                    if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
-                        continue
-                    due = []
-                    for m in ms:
-                        # Over the per-server limit: stays due, taken when a slot frees.
-                        if self.scheduler.due(m.id) <= now and per_server[m.server] < limit:
-                            per_server[m.server] += 1
-                            due.append(m)
-                    if due:
-                        f = pool.submit(self._work, unit, due, sessions)
-                        running[f] = unit
-                        holding[f] = [m.server for m in due]
-                earliest = self.scheduler.earliest()
+                with self._control:
+                    for mid in self._poll_requests:  # on demand: due now
+                        self.scheduler.states[mid].due = now
+                    self._poll_requests.clear()
+                    for unit, ms in units.items():
+                        if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
+                            continue
+                        due = []
+                        for m in ms:
+                            st = self.scheduler.states[m.id]
+                            # Over the per-server limit: stays due, taken when a slot frees.
+                            if not st.paused and st.due <= now and per_server[m.server] < limit:
+                                per_server[m.server] += 1
+                                st.running = True
+                                due.append(m)
+                        if due:
+                            f = pool.submit(self._work, unit, due, sessions)
+                            running[f] = unit
+                            holding[f] = [m.server for m in due]
+                with self._control:
+                    earliest = self.scheduler.earliest(skip_paused=True)
                 sleep = max(0.05, earliest - now) if earliest is not None else 1.0
                 if running:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
@@ -241,12 +268,86 @@ class Runner:
                             per_server[server] -= 1
                         for r in f.result():
                             m = self.config.mailbox(r.mailbox)
-                            self.next_poll(m, r, self._clock())
+                            with self._control:
+                                self.next_poll(m, r, self._clock())
+                                self.scheduler.states[m.id].running = False
+                                waiters = self._waiters.pop(m.id, [])
+                            for w in waiters:
+                                w.set_result(r)
                 else:
                     self._idle_wait(min(sleep, 1.0))
         finally:
             self._drain(pool, list(running))
             sessions.shutdown(wait=False, cancel_futures=True)
+            with self._control:
+                pending = [w for ws in self._waiters.values() for w in ws]
+                self._waiters.clear()
+            for w in pending:
+                if not w.done():
+                    w.cancel()  # shutting down: the poll request is answered as not run
+
+    # ------------------------------------------------------------------ on-call controls
+
+    def _wait_for_wake(self, seconds: float) -> None:
+        if self._wake.wait(seconds):
+            self._wake.clear()
+
+    def request_poll(self, mailbox_id: str) -> Future[CycleResult] | None:
+        """Start a cycle of ``mailbox_id`` now; the future gets its result. None when a cycle of
+        it is running already. KeyError for an unknown mailbox, PermissionError when paused."""
+        with self._control:
+            st = self.scheduler.states[mailbox_id]
+            if st.paused:
+                raise PermissionError(mailbox_id)
+            if st.running:
+                return None
+            f: Future[CycleResult] = Future()
+            self._waiters[mailbox_id].append(f)
+            self._poll_requests.add(mailbox_id)
+        self._wake.set()
+        return f
+
+    def pause(self, mailbox_id: str) -> None:
+        """No new cycle of the mailbox starts until resume(); one in flight finishes."""
+        with self._control:
+            self.scheduler.states[mailbox_id].paused = True
+        log.info("paused by an operator", extra={"mailbox": mailbox_id})
+
+    def resume(self, mailbox_id: str) -> None:
+        """Back to its schedule, polled at once."""
+        with self._control:
+            st = self.scheduler.states[mailbox_id]
+            st.paused = False
+            self._poll_requests.add(mailbox_id)
+        log.info("resumed by an operator", extra={"mailbox": mailbox_id})
+        self._wake.set()
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each mailbox's state for GET /mailboxes: ids, times (epoch seconds), no secrets."""
+        out = []
+        with self._control:
+            for m in self.config.mailboxes:
+                st = self.scheduler.states[m.id]
+                shard = shard_of(m.id, self.shards) if self.exactly_once and self.shards else None
+                state = "paused" if st.paused else "running" if st.running else "backoff" if st.failures else "idle"
+                out.append(
+                    {
+                        "id": m.id,
+                        "server": m.server,
+                        "state": state,
+                        "next_due": st.due,
+                        "last_cycle": st.last_cycle_at,
+                        "last_success": st.last_success_at,
+                        "last_error": st.last_error_text,
+                        "last_error_kind": st.last_error,
+                        "failures": st.failures,
+                        "backoff_until": st.backoff_until,
+                        "in_use": st.in_use_count,
+                        "shard": shard,
+                        "owner": self.identity,
+                    }
+                )
+        return out
 
     def next_poll(self, m: MailboxConfig, r: CycleResult, now: float) -> float:
         """When to poll ``m`` next, given its cycle result ``r`` that arrived at ``now``; the
@@ -266,6 +367,7 @@ class Runner:
         """
         again = r.ok and r.more_pending and (r.deleted > 0 or r.published > 0)
         due = self.scheduler.next_due(m.id, now, ok=r.ok, repoll=again, error=error_kind(r.error))
+        self.scheduler.states[m.id].last_error_text = None if r.error is None else error_text(r.error)
         if isinstance(r.error, Pop3LoginDelayError):
             # Refused for logging in too soon: never retried before one interval.
             due = max(due, now + m.schedule.interval_seconds)

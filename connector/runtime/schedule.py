@@ -73,6 +73,13 @@ class MailboxState:
     last_error: ErrorKind | None = None
     backoff_until: float | None = None
     in_use_count: int = 0
+    #: on-call controls and what GET /mailboxes shows (connector/runtime/admin_server.py).
+    paused: bool = False
+    running: bool = False
+    last_cycle_at: float | None = None
+    last_success_at: float | None = None
+    #: the last failure, as ConnectorError.describe() says it (no secrets, no mail content).
+    last_error_text: str | None = None
 
 
 @dataclass
@@ -99,8 +106,8 @@ class Scheduler:
     def due(self, mailbox_id: str) -> float:
         return self.states[mailbox_id].due
 
-    def earliest(self) -> float | None:
-        return min((s.due for s in self.states.values()), default=None)
+    def earliest(self, *, skip_paused: bool = False) -> float | None:
+        return min((s.due for s in self.states.values() if not (skip_paused and s.paused)), default=None)
 
     def next_due(
         self, mailbox_id: str, now: float, *, ok: bool, repoll: bool = False, error: ErrorKind | None = None
@@ -113,7 +120,9 @@ class Scheduler:
         spec, st = self.specs[mailbox_id], self.states[mailbox_id]
         st.planned = self._advance(spec, st.planned, now)
         regular = st.planned + stable_offset(mailbox_id, spec.jitter_seconds)
+        st.last_cycle_at = now
         if ok:
+            st.last_success_at = now
             st.failures, st.last_error, st.backoff_until = 0, None, None
             st.due = now if repoll else regular
             return st.due

@@ -1,0 +1,192 @@
+"""The admin endpoint of `run` (issue 7): on-demand poll, pause/resume, GET /mailboxes, the
+bearer token; against the real scheduling loop with scripted POP3 sessions and librdkafka's
+mock cluster."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from support.fakepop import FakeSessionBase
+from support.mailgen import make_mail
+
+from connector.config import parse_config
+from connector.config.model import AdminConfig, Config, Secret
+from connector.delivery.kafka import Publisher
+from connector.runtime.admin_server import AdminServer
+from connector.runtime.runner import Runner
+
+MOCK = {"test.mock.num.brokers": 1}
+TOKEN = "s3cret-admin-token-0123456789"
+
+
+class Session(FakeSessionBase):
+    """A maildrop that refills: every cycle finds two new mails; ``slow`` holds the login."""
+
+    slow = 0.0
+
+    def __init__(self, tag: str) -> None:
+        self.mails = {f"{tag}-{time.monotonic_ns()}-{i}": make_mail(i)[0] for i in range(2)}
+
+    def login_user_pass(self, username: str, password: str) -> None:
+        time.sleep(Session.slow)
+
+    def uidl(self) -> list[tuple[int, str]]:
+        return [(i + 1, u) for i, u in enumerate(self.mails)]
+
+    def list(self) -> list[tuple[int, int]]:
+        return [(i + 1, len(m)) for i, m in enumerate(self.mails.values())]
+
+    def retr(self, msg_num: int) -> bytes:
+        return list(self.mails.values())[msg_num - 1]
+
+    def dele(self, msg_num: int) -> None:
+        pass
+
+    def quit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def top(self, msg_num: int, lines: int = 0) -> bytes:
+        return b""
+
+
+def config() -> Config:
+    boxes = [
+        {
+            "id": i,
+            "host": "pop.test",
+            "username": "u",
+            "password": {"env": "PW"},
+            "poll_interval_seconds": 3600,
+            "schedule": {"jitter_seconds": 0},
+        }
+        for i in ("a", "b")
+    ]
+    return parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 5},
+            "topics": {"mail": "mail"},
+            "delivery": {"mode": "at_least_once"},
+            "mailboxes": boxes,
+        },
+        environ={"PW": "pw"},
+    )
+
+
+@pytest.fixture
+def running() -> Iterator[tuple[Runner, str]]:
+    Session.slow = 0.0
+    runner = Runner(config(), session_factory=lambda m: Session(m.id))
+    runner.publisher = Publisher("mock:9092", MOCK, 5)
+    runner.ctx.publisher = runner.publisher
+    admin = AdminServer(runner, "127.0.0.1", 0, Secret(TOKEN, "test"))
+    admin.start()
+    loop = threading.Thread(target=runner.run, daemon=True)
+    loop.start()
+    host, port = admin.address
+    base = f"http://{host}:{port}"
+    deadline = time.monotonic() + 10
+    while any(s.last_success_at is None for s in runner.scheduler.states.values()):
+        assert time.monotonic() < deadline, "the first cycles did not run"
+        time.sleep(0.05)
+    try:
+        yield runner, base
+    finally:
+        runner.stop.set()
+        runner._wake.set()
+        loop.join(15)
+        admin.close()
+        runner.close()
+
+
+def call(base: str, method: str, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)  # noqa: S310
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - http://127.0.0.1
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_list_poll_pause_resume(running: tuple[Runner, str]) -> None:
+    runner, base = running
+    status, body = call(base, "GET", "/mailboxes")
+    assert status == 200 and [m["id"] for m in body["mailboxes"]] == ["a", "b"]
+    a = body["mailboxes"][0]
+    assert a["state"] == "idle" and a["last_success"] is not None and a["server"] == "pop.test:995"
+    assert a["next_due"] > time.time() + 3000 and a["owner"] == runner.identity
+
+    status, out = call(base, "POST", "/mailboxes/a/poll")
+    assert status == 200 and out["ok"] and out["published"] == 2 and out["deleted"] == 2 and out["error"] is None
+
+    assert call(base, "POST", "/mailboxes/b/pause") == (200, {"mailbox": "b", "state": "paused"})
+    status, out = call(base, "POST", "/mailboxes/b/poll")
+    assert status == 409 and "paused" in out["error"]
+    assert call(base, "GET", "/mailboxes")[1]["mailboxes"][1]["state"] == "paused"
+    before = runner.scheduler.states["b"].last_cycle_at
+    assert call(base, "POST", "/mailboxes/b/resume")[0] == 200
+    deadline = time.monotonic() + 10
+    while runner.scheduler.states["b"].last_cycle_at == before:  # resumed: polled at once
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    assert call(base, "POST", "/mailboxes/nope/poll")[0] == 404
+    assert call(base, "GET", "/nothing")[0] == 404
+
+
+def test_poll_of_a_running_mailbox_answers_202(running: tuple[Runner, str]) -> None:
+    _, base = running
+    Session.slow = 1.5
+    status, out = call(base, "POST", "/mailboxes/a/poll?wait=0.2")
+    assert status == 202 and "not finished" in out["status"]
+    status, out = call(base, "POST", "/mailboxes/a/poll")
+    assert status == 202 and "already running" in out["status"]
+    assert call(base, "GET", "/mailboxes")[1]["mailboxes"][0]["state"] == "running"
+    assert call(base, "POST", "/mailboxes/a/poll?wait=x")[0] == 400
+
+
+def test_the_token_is_required_and_never_echoed(running: tuple[Runner, str]) -> None:
+    _, base = running
+    for token in (None, "wrong-token-wrong-token"):
+        status, body = call(base, "GET", "/mailboxes", token=token)
+        assert status == 401 and TOKEN not in json.dumps(body)
+    status, body = call(base, "GET", "/mailboxes")
+    assert status == 200 and TOKEN not in json.dumps(body)
+
+
+def test_admin_config() -> None:
+    from connector.errors import ConfigError
+
+    def parse(admin: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+        return parse_config(
+            {
+                "kafka": {"bootstrap_servers": "k:1"},
+                "topics": {"mail": "m"},
+                "admin": admin,
+                "mailboxes": [{"id": "a", "host": "h", "username": "u", "password": {"env": "PW"}}],
+            },
+            environ={"PW": "x", **(env or {})},
+        ).admin
+
+    assert parse({}) == AdminConfig("127.0.0.1", 9108, None)
+    assert parse({"bind": "0.0.0.0:8080"}) == AdminConfig("0.0.0.0", 8080, None)  # noqa: S104
+    got = parse({"bind": "[::1]:9000", "token": {"env": "T"}}, {"T": TOKEN})
+    assert (got.host, got.port, got.token.reveal()) == ("::1", 9000, TOKEN)
+    with pytest.raises(ConfigError, match=r"admin\.bind"):
+        parse({"bind": "localhost"})
+    with pytest.raises(ConfigError, match="at least 16"):
+        parse({"token": {"env": "T"}}, {"T": "short"})
