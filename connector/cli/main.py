@@ -287,6 +287,9 @@ def _run(cfg: Config) -> int:
 
     runner = Runner(cfg)
     _stop_on_signals(runner.stop)
+    # SIGHUP: reload the configuration (the mailbox list and mailbox settings; the file is also
+    # watched for changes); Kafka-side settings need a restart.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: runner.request_reload())
     _ensure_topics(cfg)
     admin = None
     if cfg.admin is not None:

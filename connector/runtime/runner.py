@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from connector.config.model import Config, MailboxConfig
+from connector.config.model import Config, MailboxConfig, load_config
 from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
 from connector.delivery.transactional import ShardProducer, load_shard_ledger
-from connector.errors import ConnectorError, Pop3LoginDelayError
+from connector.errors import ConfigError, ConnectorError, Pop3LoginDelayError
 from connector.protocol import spool
 from connector.records.ledger import shard_of
 from connector.runtime.cycle import (
@@ -48,6 +48,9 @@ from connector.runtime.schedule import Scheduler, error_kind
 
 log = logging.getLogger("pop3kafka.runner")
 
+#: How often the configuration file is checked for changes (Kubernetes updates a mounted
+#: ConfigMap in place, within a minute or so).
+RELOAD_CHECK_SECONDS = 10.0
 #: The longest a server's LOGIN-DELAY holds a mailbox back: RFC 2449 §6.8 sets no upper bound,
 #: and a garbled or hostile value must not stop a mailbox for good.
 MAX_LOGIN_DELAY_SECONDS = 86_400.0
@@ -120,6 +123,13 @@ class Runner:
         self._waiters: dict[str, list[Future[CycleResult]]] = defaultdict(list)
         #: this process, as GET /mailboxes names the owner of a mailbox.
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        #: reloading (SIGHUP, or the file changed): see _maybe_reload().
+        self._reload_requested = False
+        self._reload_checked = time.monotonic()
+        try:
+            self._config_mtime = os.stat(config.source).st_mtime_ns
+        except OSError:
+            self._config_mtime = 0
         #: exactly-once: shard -> worker (filled by prepare()).
         self.workers: dict[int, ShardWorker] = {}
         self.shards = 0
@@ -215,32 +225,29 @@ class Runner:
         """Poll every mailbox on its interval until :attr:`stop` is set."""
         if self.exactly_once:
             self.prepare()
-        mailboxes = self.config.mailboxes
-        sessions_n = max(1, min(len(mailboxes), self.config.runtime.max_concurrent_sessions))
+        sessions_n = max(1, self.config.runtime.max_concurrent_sessions)
         sessions = ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle")
-        # exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle.
-        units: dict[object, list[MailboxConfig]] = (
-            {s: list(ms) for s, ms in self._by_shard(mailboxes).items()}
-            if self.exactly_once
-            else {m.id: [m] for m in mailboxes}
-        )
-        pool = ThreadPoolExecutor(max_workers=max(1, len(units)), thread_name_prefix="unit")
+        # Units run in parallel, each one thread: shards (exactly_once) or mailboxes.
+        pool = ThreadPoolExecutor(max_workers=max(1, sessions_n), thread_name_prefix="unit")
         running: dict[Future[list[CycleResult]], object] = {}
         #: sessions in flight per server (host:port), by the units that hold them.
         per_server: dict[str, int] = defaultdict(int)
         holding: dict[Future[list[CycleResult]], list[str]] = {}
-        limit = self.config.runtime.max_sessions_per_server
         try:
             while not self.stop.is_set():
                 if self._no_way_forward():
                     self.fatal = True
                     self.stop.set()
                     break
+                self._maybe_reload()
+                limit = self.config.runtime.max_sessions_per_server
+                units = self._units()
                 now = self._clock()
                 busy = set(running.values())
                 with self._control:
                     for mid in self._poll_requests:  # on demand: due now
-                        self.scheduler.states[mid].due = now
+                        if mid in self.scheduler.states:
+                            self.scheduler.states[mid].due = now
                     self._poll_requests.clear()
                     for unit, ms in units.items():
                         if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
@@ -267,11 +274,14 @@ class Runner:
                         for server in holding.pop(f, []):
                             per_server[server] -= 1
                         for r in f.result():
-                            m = self.config.mailbox(r.mailbox)
                             with self._control:
-                                self.next_poll(m, r, self._clock())
-                                self.scheduler.states[m.id].running = False
-                                waiters = self._waiters.pop(m.id, [])
+                                mb = self._mailboxes.get(r.mailbox)
+                                if mb is None:  # removed by a reload while its cycle ran
+                                    self.scheduler.remove(r.mailbox)
+                                else:
+                                    self.next_poll(mb, r, self._clock())
+                                    self.scheduler.states[mb.id].running = False
+                                waiters = self._waiters.pop(r.mailbox, [])
                             for w in waiters:
                                 w.set_result(r)
                 else:
@@ -285,6 +295,90 @@ class Runner:
             for w in pending:
                 if not w.done():
                     w.cancel()  # shutting down: the poll request is answered as not run
+
+    # ------------------------------------------------------------------ reload
+
+    def _units(self) -> dict[object, list[MailboxConfig]]:
+        """exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle."""
+        mailboxes = self.config.mailboxes
+        if self.exactly_once:
+            return {s: list(ms) for s, ms in self._by_shard(mailboxes).items()}
+        return {m.id: [m] for m in mailboxes}
+
+    @property
+    def _mailboxes(self) -> dict[str, MailboxConfig]:
+        return {m.id: m for m in self.config.mailboxes}
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the configuration file before the next scheduling decision."""
+        self._reload_requested = True
+        self._wake.set()
+
+    def _maybe_reload(self) -> None:
+        source = self.config.source
+        if source == "<memory>":
+            return
+        now = time.monotonic()
+        if not self._reload_requested and now - self._reload_checked < RELOAD_CHECK_SECONDS:
+            return
+        self._reload_checked = now
+        try:
+            mtime = os.stat(source).st_mtime_ns
+        except OSError:
+            mtime = self._config_mtime
+        if not self._reload_requested and mtime == self._config_mtime:
+            return
+        self._reload_requested = False
+        self._config_mtime = mtime
+        try:
+            new = load_config(source)
+            self.apply_config(new)
+        except ConnectorError as exc:
+            # The process goes on with what it has; the fix is in the file.
+            log.error("configuration %s not reloaded, still running the previous one: %s", source, exc)
+
+    def apply_config(self, new: Config) -> None:
+        """Take a reloaded configuration: the mailbox list and mailbox settings change at once
+        (cycles in flight finish with the settings they started with); Kafka, topics, ledger,
+        delivery and runtime pool sizes need a restart and are refused here."""
+        old = self.config
+        fixed = ("kafka", "topics", "record", "delivery", "ledger", "offload", "admin")
+        changed = [name for name in fixed if getattr(old, name) != getattr(new, name)]
+        if new.runtime.max_concurrent_sessions != old.runtime.max_concurrent_sessions:
+            changed.append("runtime.max_concurrent_sessions")
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} changed: these need a restart (the mailbox list reloads live)")
+        before = {m.id: m for m in old.mailboxes}
+        after = {m.id: m for m in new.mailboxes}
+        added = [i for i in after if i not in before]
+        removed = [i for i in before if i not in after]
+        edited = [i for i in after if i in before and after[i] != before[i]]
+        if self.exactly_once and added:
+            self.prepare([after[i] for i in added])  # their shards fenced in and loaded first
+        with self._control:
+            self.config = new
+            self.ctx.config = new
+            for w in self.workers.values():
+                w.config = new
+            for i in added:
+                self.scheduler.specs[i] = after[i].schedule
+                self.scheduler.add(i, self._clock())
+            for i in edited:
+                if after[i].schedule != before[i].schedule:
+                    self.scheduler.specs[i] = after[i].schedule
+                    self.scheduler.add(i, self._clock())
+            for i in removed:
+                if not self.scheduler.states[i].running:
+                    self.scheduler.remove(i)
+                else:
+                    self.scheduler.states[i].paused = True  # no new cycle; removed when it ends
+        log.info(
+            "configuration reloaded: %d mailbox(es) added, %d removed, %d changed",
+            len(added),
+            len(removed),
+            len(edited),
+            extra={"mailboxes": ",".join(added + removed + edited)[:500]},
+        )
 
     # ------------------------------------------------------------------ on-call controls
 

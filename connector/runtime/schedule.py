@@ -103,6 +103,10 @@ class Scheduler:
             planned=planned, due=planned + stable_offset(mailbox_id, spec.jitter_seconds)
         )
 
+    def remove(self, mailbox_id: str) -> None:
+        self.states.pop(mailbox_id, None)
+        self.specs.pop(mailbox_id, None)
+
     def due(self, mailbox_id: str) -> float:
         return self.states[mailbox_id].due
 

@@ -6,12 +6,14 @@ marks, QUIT applies the marks, abort()/close() apply nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from connector.errors import Pop3ConnectError
 from connector.protocol import BodySink, MultilineReader, ServerPolicy, SpoolPolicy, dot_stuff, parse_server_policy
+from support.mailgen import make_mail
 
 
 @dataclass
@@ -131,3 +133,39 @@ class MaildropSession(FakeSessionBase):
     def close(self) -> None:
         self.drop.log.append("CLOSE")
         self.open = False
+
+
+class RefillingSession(FakeSessionBase):
+    """A maildrop that refills: every cycle finds two new mails; ``slow`` holds the login."""
+
+    slow = 0.0
+
+    def __init__(self, tag: str) -> None:
+        self.mails = {f"{tag}-{time.monotonic_ns()}-{i}": make_mail(i)[0] for i in range(2)}
+
+    def login_user_pass(self, username: str, password: str) -> None:
+        time.sleep(RefillingSession.slow)
+
+    def uidl(self) -> list[tuple[int, str]]:
+        return [(i + 1, u) for i, u in enumerate(self.mails)]
+
+    def list(self) -> list[tuple[int, int]]:
+        return [(i + 1, len(m)) for i, m in enumerate(self.mails.values())]
+
+    def retr(self, msg_num: int) -> bytes:
+        return list(self.mails.values())[msg_num - 1]
+
+    def dele(self, msg_num: int) -> None:
+        pass
+
+    def quit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def top(self, msg_num: int, lines: int = 0) -> bytes:
+        return b""

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support.fakepop import FakeSessionBase
-from support.mailgen import make_mail
+from support.fakepop import RefillingSession as Session
 
 from connector.config import parse_config
 from connector.config.model import AdminConfig, Config, Secret
@@ -24,42 +23,6 @@ from connector.runtime.runner import Runner
 
 MOCK = {"test.mock.num.brokers": 1}
 TOKEN = "s3cret-admin-token-0123456789"
-
-
-class Session(FakeSessionBase):
-    """A maildrop that refills: every cycle finds two new mails; ``slow`` holds the login."""
-
-    slow = 0.0
-
-    def __init__(self, tag: str) -> None:
-        self.mails = {f"{tag}-{time.monotonic_ns()}-{i}": make_mail(i)[0] for i in range(2)}
-
-    def login_user_pass(self, username: str, password: str) -> None:
-        time.sleep(Session.slow)
-
-    def uidl(self) -> list[tuple[int, str]]:
-        return [(i + 1, u) for i, u in enumerate(self.mails)]
-
-    def list(self) -> list[tuple[int, int]]:
-        return [(i + 1, len(m)) for i, m in enumerate(self.mails.values())]
-
-    def retr(self, msg_num: int) -> bytes:
-        return list(self.mails.values())[msg_num - 1]
-
-    def dele(self, msg_num: int) -> None:
-        pass
-
-    def quit(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def top(self, msg_num: int, lines: int = 0) -> bytes:
-        return b""
 
 
 def config() -> Config:
