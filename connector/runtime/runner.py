@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -121,6 +121,9 @@ class Runner:
         self._control = threading.Lock()
         self._poll_requests: set[str] = set()
         self._waiters: dict[str, list[Future[CycleResult]]] = defaultdict(list)
+        #: schedule lag of each cycle started by run(): seconds after its due time (the last
+        #: 100,000; bench/many_mailboxes.py and, later, a metric read it).
+        self.lags: deque[float] = deque(maxlen=100_000)
         #: this process, as GET /mailboxes names the owner of a mailbox.
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         #: reloading (SIGHUP, or the file changed): see _maybe_reload().
@@ -260,6 +263,8 @@ class Runner:
                                 per_server[m.server] += 1
                                 st.running = True
                                 due.append(m)
+                                # How late against its (jittered) plan it starts: the schedule lag.
+                                self.lags.append(now - st.due)
                         if due:
                             f = pool.submit(self._work, unit, due, sessions)
                             running[f] = unit
