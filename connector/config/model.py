@@ -294,6 +294,13 @@ class RuntimeConfig:
     max_concurrent_sessions: int = 8
     #: POP3 sessions open at once to one server (host:port); providers throttle per client.
     max_sessions_per_server: int = 4
+    #: "all": this process owns every shard; "group": replicas share the shards through a
+    #: consumer group on the ledger topic (docs/decisions/0005).
+    ownership: Literal["all", "group"] = "all"
+    #: static group membership (group.instance.id); default: $POD_NAME when set.
+    instance_id: str | None = None
+    #: how long the group waits for a replica that stopped heartbeating before its shards move.
+    group_session_timeout_seconds: float = 45.0
     shutdown_grace_seconds: float = 30.0
     #: a mail larger than this is received into a spool file instead of memory.
     spool_threshold_bytes: int = 4 * 1024 * 1024
@@ -687,6 +694,9 @@ ROOT_SCHEMA: dict[str, Field] = {
             "max_sessions_per_server": Field(
                 "int", default=4, minimum=1, maximum=1024, help="sessions open at once to one host:port"
             ),
+            "ownership": Field("str", default="all", choices=("all", "group"), help="group: replicas share shards"),
+            "instance_id": Field("str", help="static group membership id; default $POD_NAME"),
+            "group_session_timeout_seconds": Field("float", default=45.0, minimum=6, maximum=1800),
             "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
             "spool_threshold_bytes": Field("int", default=4 * 1024 * 1024, minimum=0),
             "spool_directory": Field("str", help="a writable directory (an emptyDir in Kubernetes)"),
@@ -805,7 +815,10 @@ def _oauth2_source(
     return shared[key]
 
 
-def _runtime(r: dict[str, Any], base: Path) -> RuntimeConfig:
+def _runtime(r: dict[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    if r.get("instance_id") is None and environ is not None and environ.get("POD_NAME"):
+        # A StatefulSet pod's stable name: static membership survives its restarts.
+        r = {**r, "instance_id": environ["POD_NAME"]}
     spool = r.get("spool_directory")
     if spool is not None:
         p = Path(spool) if Path(spool).is_absolute() else base / spool
@@ -1081,7 +1094,12 @@ def parse_config(
             f"delivery.transaction_timeout_seconds ({delivery.transaction_timeout_seconds:g}); lower it or raise "
             "the transaction timeout"
         )
-    runtime = _runtime(v["runtime"], base)
+    runtime = _runtime(v["runtime"], base, env)
+    if runtime.ownership == "group" and delivery.mode != "exactly_once":
+        raise ConfigError(
+            "runtime.ownership: 'group' shares the ledger's shards between replicas; it needs delivery.mode: "
+            "exactly_once (at-least-once replicas would poll the same mailboxes)"
+        )
     for i, m in enumerate(v["mailboxes"]):
         path = f"mailboxes[{i}]"
         if m["id"] in seen:

@@ -44,6 +44,7 @@ from connector.runtime.cycle import (
     run_cycle,
 )
 from connector.runtime.exactly_once import ShardWorker
+from connector.runtime.membership import Membership
 from connector.runtime.schedule import Scheduler, error_kind
 
 log = logging.getLogger("pop3kafka.runner")
@@ -121,6 +122,13 @@ class Runner:
         self._control = threading.Lock()
         self._poll_requests: set[str] = set()
         self._waiters: dict[str, list[Future[CycleResult]]] = defaultdict(list)
+        #: group ownership (runtime.ownership: group): the membership, shards waiting to be
+        #: fenced in and loaded, shards being handed over, the unit of each round in flight.
+        self.membership: Membership | None = None
+        self._to_prepare: set[int] = set()
+        self._revoking: set[int] = set()
+        self._running_units: dict[Future[list[CycleResult]], object] = {}
+        self._ready = threading.Event()
         #: schedule lag of each cycle started by run(): seconds after its due time (the last
         #: 100,000; bench/many_mailboxes.py and, later, a metric read it).
         self.lags: deque[float] = deque(maxlen=100_000)
@@ -146,9 +154,9 @@ class Runner:
 
     # ------------------------------------------------------------------ start
 
-    def prepare(self, mailboxes: Sequence[MailboxConfig] | None = None) -> None:
-        """exactly_once: check the ledger topic, then for each shard with mailboxes:
-        init_transactions() (fences a zombie) and rebuild its ledger. No-op otherwise."""
+    def prepare(self, mailboxes: Sequence[MailboxConfig] | None = None, *, shards: Sequence[int] | None = None) -> None:
+        """exactly_once: check the ledger topic, then for each shard with mailboxes (or each of
+        ``shards``): init_transactions() (fences a zombie) and rebuild its ledger. No-op otherwise."""
         if not self.exactly_once:
             return
         c = self.config
@@ -161,7 +169,8 @@ class Runner:
             replication_factor=c.topics.replication_factor,
         )
         targets = mailboxes if mailboxes is not None else c.mailboxes
-        for shard in sorted({shard_of(m.id, self.shards) for m in targets}):
+        wanted = shards if shards is not None else {shard_of(m.id, self.shards) for m in targets}
+        for shard in sorted(wanted):
             if shard in self.workers:
                 continue
             producer = ShardProducer(
@@ -225,9 +234,34 @@ class Runner:
     # ------------------------------------------------------------------ run
 
     def run(self) -> None:
-        """Poll every mailbox on its interval until :attr:`stop` is set."""
-        if self.exactly_once:
+        """Poll every mailbox on its interval until :attr:`stop` is set.
+
+        runtime.ownership ``all``: this process owns every shard. ``group``: the shards this
+        replica owns come from a consumer group on the ledger topic (docs/decisions/0005);
+        they are fenced in and loaded as they are assigned, stopped before they are revoked.
+        """
+        if self.exactly_once and self.config.runtime.ownership == "group":
+            self.membership = Membership(
+                self.config,
+                self._on_assign,
+                self._on_revoke,
+                instance_id=self.config.runtime.instance_id,
+                session_timeout_ms=int(self.config.runtime.group_session_timeout_seconds * 1000),
+            )
+            self.shards = ensure_ledger_topic(
+                self.config.kafka.bootstrap_servers,
+                self.config.kafka.client_conf(),
+                self.config.ledger.topic,
+                shards=self.config.ledger.shards,
+                create=self.config.ledger.create,
+                replication_factor=self.config.topics.replication_factor,
+            )
+            self.membership.start()
+        elif self.exactly_once:
             self.prepare()
+            self._ready.set()
+        else:
+            self._ready.set()
         sessions_n = max(1, self.config.runtime.max_concurrent_sessions)
         sessions = ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle")
         # Units run in parallel, each one thread: shards (exactly_once) or mailboxes.
@@ -243,6 +277,7 @@ class Runner:
                     self.stop.set()
                     break
                 self._maybe_reload()
+                self._take_assignments()
                 limit = self.config.runtime.max_sessions_per_server
                 units = self._units()
                 now = self._clock()
@@ -253,6 +288,8 @@ class Runner:
                             self.scheduler.states[mid].due = now
                     self._poll_requests.clear()
                     for unit, ms in units.items():
+                        if self.exactly_once and (unit not in self.workers or unit in self._revoking):
+                            continue  # not ours (group ownership), or being handed over
                         if unit in busy or (self.exactly_once and self.workers[unit].dead is not None):  # type: ignore[index]
                             continue
                         due = []
@@ -268,6 +305,7 @@ class Runner:
                         if due:
                             f = pool.submit(self._work, unit, due, sessions)
                             running[f] = unit
+                            self._running_units[f] = unit
                             holding[f] = [m.server for m in due]
                 with self._control:
                     earliest = self.scheduler.earliest(skip_paused=True)
@@ -276,6 +314,8 @@ class Runner:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
                     for f in done:
                         running.pop(f)
+                        with self._control:
+                            self._running_units.pop(f, None)
                         for server in holding.pop(f, []):
                             per_server[server] -= 1
                         for r in f.result():
@@ -294,12 +334,65 @@ class Runner:
         finally:
             self._drain(pool, list(running))
             sessions.shutdown(wait=False, cancel_futures=True)
+            if self.membership is not None:
+                self.membership.close()
             with self._control:
                 pending = [w for ws in self._waiters.values() for w in ws]
                 self._waiters.clear()
             for w in pending:
                 if not w.done():
                     w.cancel()  # shutting down: the poll request is answered as not run
+
+    # ------------------------------------------------------------------ group ownership
+
+    @property
+    def ready(self) -> bool:
+        """Every owned shard fenced in and loaded (also true when it owns no shard)."""
+        return self._ready.is_set() and not self._to_prepare
+
+    def _on_assign(self, shards: list[int]) -> None:
+        """Membership thread: new shards; the loop fences them in and loads their ledgers."""
+        with self._control:
+            self._to_prepare.update(shards)
+            self._revoking.difference_update(shards)
+        self._wake.set()
+
+    def _take_assignments(self) -> None:
+        """Loop thread: prepare the shards assigned since the last turn."""
+        if self.membership is None:
+            return
+        with self._control:
+            todo = sorted(self._to_prepare)
+        if todo:
+            self.prepare(shards=todo)
+            log.info("shards %s fenced in and loaded; polling their mailboxes", todo)
+            with self._control:
+                self._to_prepare.difference_update(todo)
+        if self.membership.settled.is_set():
+            self._ready.set()
+
+    def _on_revoke(self, shards: list[int]) -> None:
+        """Membership thread, inside the rebalance: stop the shards before another replica
+        gets them. No new round starts; a round in flight ends (commit or abort) within the
+        grace period; the last tombstones are written; the producers close."""
+        with self._control:
+            self._revoking.update(shards)
+            self._to_prepare.difference_update(shards)
+        deadline = time.monotonic() + self.config.runtime.shutdown_grace_seconds
+        while time.monotonic() < deadline:
+            with self._control:
+                busy = [f for f, u in self._running_units.items() if u in shards and not f.done()]
+            if not busy:
+                break
+            wait(busy, timeout=0.5)
+        for shard in shards:
+            with self._control:
+                worker = self.workers.pop(shard, None)
+            if worker is not None:
+                worker.flush_tombstones()
+                worker.producer.abort()
+                worker.producer.close(timeout=10.0)
+        log.info("shards %s handed over", shards)
 
     # ------------------------------------------------------------------ reload
 
@@ -443,6 +536,8 @@ class Runner:
                         "backoff_until": st.backoff_until,
                         "in_use": st.in_use_count,
                         "shard": shard,
+                        # this process polls it: it owns the shard (group ownership) or all of them
+                        "owned": (not self.exactly_once) or (shard in self.workers and shard not in self._revoking),
                         "owner": self.identity,
                     }
                 )
