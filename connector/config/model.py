@@ -96,7 +96,13 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        # A file secret is the same secret when it is the same file (it re-reads itself when the
+        # file is rotated): a reload must not see every rotated secret as a changed setting.
+        if not isinstance(other, Secret):
+            return False
+        if self._path is not None or other._path is not None:
+            return self._source == other._source
+        return other._value == self._value
 
     def __hash__(self) -> int:
         return hash(self._source)
@@ -1004,6 +1010,12 @@ def _admin(a: dict[str, Any] | None, base: Path, environ: Mapping[str, str]) -> 
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"admin.bind: {a['bind']!r} is not host:port (e.g. 127.0.0.1:9108, 0.0.0.0:9108)")
     token = _resolve_secret(a["token"], "admin.token", base, environ) if a["token"] else None
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if token is None and not loopback:
+        raise ConfigError(
+            f"admin.bind: {a['bind']!r} is reachable from other hosts; set admin.token (pause, resume and poll "
+            "must not be open to the network), or bind to 127.0.0.1"
+        )
     if token is not None and len(token.reveal()) < 16:
         raise ConfigError("admin.token: at least 16 characters (it is the only thing between the network and pause)")
     return AdminConfig(host=host, port=int(port), token=token)

@@ -11,8 +11,9 @@
 
 Configuration: ``admin: {bind: "127.0.0.1:9108", token: {file: ...}}`` (docs/configuration.md).
 With a token every request needs ``Authorization: Bearer <token>`` (compared in constant
-time), else 401. Responses carry ids, times and ConnectorError descriptions only: no
-passwords, tokens, addresses or mail content. Stdlib ``ThreadingHTTPServer``: a handful of
+time), else 401; binding to a non-loopback address needs a token. Responses carry mailbox ids,
+POP3 server host:port, times and ConnectorError descriptions only: no passwords, tokens, mail
+addresses or mail content. Stdlib ``ThreadingHTTPServer``: a handful of
 on-call requests, not a traffic path; each request has its own thread, a waiting poll blocks
 only its own.
 """
@@ -103,14 +104,17 @@ class AdminServer:
             mid, action = parts[1], parts[2]
             if mid not in self.runner.scheduler.states:
                 return 404, {"error": f"no mailbox {mid!r} in this configuration"}
-            if action == "pause":
-                self.runner.pause(mid)
-                return 200, {"mailbox": mid, "state": "paused"}
-            if action == "resume":
-                self.runner.resume(mid)
-                return 200, {"mailbox": mid, "state": "scheduled", "poll": "now"}
-            if action == "poll":
-                return self._poll(mid, query)
+            try:
+                if action == "pause":
+                    self.runner.pause(mid)
+                    return 200, {"mailbox": mid, "state": "paused"}
+                if action == "resume":
+                    self.runner.resume(mid)
+                    return 200, {"mailbox": mid, "state": "scheduled", "poll": "now"}
+                if action == "poll":
+                    return self._poll(mid, query)
+            except KeyError:  # removed by a reload meanwhile
+                return 404, {"error": f"no mailbox {mid!r} in this configuration"}
         if parts[:1] == ["mailboxes"]:
             return 405 if method not in ("GET", "POST") else 404, {"error": "see GET /mailboxes"}
         return 404, {"error": "endpoints: GET /mailboxes, POST /mailboxes/{id}/poll|pause|resume"}
@@ -124,6 +128,8 @@ class AdminServer:
             future = self.runner.request_poll(mid)
         except PermissionError:
             return 409, {"mailbox": mid, "error": "paused; POST /mailboxes/{id}/resume first"}
+        except LookupError:
+            return 409, {"mailbox": mid, "error": "its shard is owned by another replica; ask that one"}
         if future is None:
             return 202, {"mailbox": mid, "status": "a cycle of this mailbox is already running"}
         try:
@@ -138,6 +144,8 @@ def _handler(server: AdminServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "pop3-kafka-admin"
         sys_version = ""
+        # A slow or silent client (headers never finished) frees its thread after this.
+        timeout = 30
 
         def _serve(self, method: str) -> None:
             url = urllib.parse.urlsplit(self.path)

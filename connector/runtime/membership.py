@@ -44,6 +44,7 @@ class Membership:
         *,
         instance_id: str | None = None,
         session_timeout_ms: int = 45_000,
+        max_poll_interval_ms: int = 300_000,
     ) -> None:
         conf = {
             **config.kafka.client_conf(),
@@ -53,6 +54,9 @@ class Membership:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "session.timeout.ms": session_timeout_ms,
+            # A revocation waits for the shard's round (up to the shutdown grace) inside the
+            # rebalance callback, which runs in poll(): the member must not count as stuck then.
+            "max.poll.interval.ms": max_poll_interval_ms,
             "logger": logging.getLogger("pop3kafka.rdkafka.membership"),
         }
         if instance_id:
@@ -68,6 +72,8 @@ class Membership:
         self.owned: set[int] = set()
         #: set after the first assignment (possibly empty) arrived: the replica knows its shards.
         self.settled = threading.Event()
+        #: a rebalance callback failed: ownership is uncertain, readiness is withdrawn.
+        self.failed = False
         self.thread = threading.Thread(target=self._loop, name="membership", daemon=True)
 
     def start(self) -> None:
@@ -102,14 +108,21 @@ class Membership:
             except KafkaException as exc:
                 log.warning("membership: %s", exc.args[0])
                 continue
+            except Exception:  # a callback's bug must not silently end the membership
+                log.exception("membership: error in a rebalance callback; the replica is no longer ready")
+                self.failed = True
+                continue
             err = msg.error() if msg is not None else None
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 log.warning("membership: %s", err.str())
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
         """Leave the group (revoking our shards through on_revoke) and stop the thread."""
         self.stop.set()
-        self.thread.join(10)
+        self.thread.join(timeout)  # a revocation in progress ends first: poll() is not shared
+        if self.thread.is_alive():
+            log.warning("membership: still in a rebalance after %.0f s; leaving without a clean close", timeout)
+            return
         try:
             self.consumer.close()  # leaves the group: the shards move at once (dynamic members)
         except KafkaException as exc:

@@ -18,6 +18,7 @@ without QUIT, which by RFC 1939 applies no deletes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -69,6 +70,26 @@ def waves(mailboxes: Sequence[MailboxConfig], per_server: int) -> list[list[Mail
             out.append([])
         out[k].append(m)
     return out
+
+
+class LinkedEvent(threading.Event):
+    """A shard's own stop: set by its revocation, and set whenever the process's stop is."""
+
+    def __init__(self, parent: threading.Event) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.parent.is_set()
+
+
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    """What tells a changed file (a ConfigMap swaps a symlink; stat follows it): inode, mtime, size."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def error_text(error: BaseException) -> str:
@@ -127,6 +148,7 @@ class Runner:
         self.membership: Membership | None = None
         self._to_prepare: set[int] = set()
         self._revoking: set[int] = set()
+        self._preparing: set[int] = set()
         self._running_units: dict[Future[list[CycleResult]], object] = {}
         self._ready = threading.Event()
         #: schedule lag of each cycle started by run(): seconds after its due time (the last
@@ -137,10 +159,8 @@ class Runner:
         #: reloading (SIGHUP, or the file changed): see _maybe_reload().
         self._reload_requested = False
         self._reload_checked = time.monotonic()
-        try:
-            self._config_mtime = os.stat(config.source).st_mtime_ns
-        except OSError:
-            self._config_mtime = 0
+        self._config_mtime = _file_stamp(config.source)
+        self._bad_stamp: tuple[int, int, int] | None = None
         #: exactly-once: shard -> worker (filled by prepare()).
         self.workers: dict[int, ShardWorker] = {}
         self.shards = 0
@@ -188,7 +208,7 @@ class Runner:
                 shard,
                 producer,
                 ledger,
-                stop=self.stop,
+                stop=LinkedEvent(self.stop),
                 session_factory=self.session_factory,
                 hooks=self.hooks,
             )
@@ -247,6 +267,7 @@ class Runner:
                 self._on_revoke,
                 instance_id=self.config.runtime.instance_id,
                 session_timeout_ms=int(self.config.runtime.group_session_timeout_seconds * 1000),
+                max_poll_interval_ms=int(max(300.0, self.config.runtime.shutdown_grace_seconds + 120) * 1000),
             )
             self.shards = ensure_ledger_topic(
                 self.config.kafka.bootstrap_servers,
@@ -270,6 +291,7 @@ class Runner:
         #: sessions in flight per server (host:port), by the units that hold them.
         per_server: dict[str, int] = defaultdict(int)
         holding: dict[Future[list[CycleResult]], list[str]] = {}
+        started: dict[Future[list[CycleResult]], list[MailboxConfig]] = {}
         try:
             while not self.stop.is_set():
                 if self._no_way_forward():
@@ -303,12 +325,14 @@ class Runner:
                                 # How late against its (jittered) plan it starts: the schedule lag.
                                 self.lags.append(now - st.due)
                         if due:
-                            f = pool.submit(self._work, unit, due, sessions)
+                            work = self.workers[unit].round if self.exactly_once else None  # type: ignore[index]
+                            f = pool.submit(self._work, work, due, sessions)
                             running[f] = unit
                             self._running_units[f] = unit
                             holding[f] = [m.server for m in due]
+                            started[f] = due
                 with self._control:
-                    earliest = self.scheduler.earliest(skip_paused=True)
+                    earliest = self.scheduler.earliest(skip_paused=True, runnable=self._runnable)
                 sleep = max(0.05, earliest - now) if earliest is not None else 1.0
                 if running:
                     done, _ = wait(list(running), timeout=min(sleep, 1.0), return_when=FIRST_COMPLETED)
@@ -318,7 +342,7 @@ class Runner:
                             self._running_units.pop(f, None)
                         for server in holding.pop(f, []):
                             per_server[server] -= 1
-                        for r in f.result():
+                        for r in self._results(f, started.pop(f, [])):
                             with self._control:
                                 mb = self._mailboxes.get(r.mailbox)
                                 if mb is None:  # removed by a reload while its cycle ran
@@ -348,7 +372,8 @@ class Runner:
     @property
     def ready(self) -> bool:
         """Every owned shard fenced in and loaded (also true when it owns no shard)."""
-        return self._ready.is_set() and not self._to_prepare
+        failed = self.membership is not None and self.membership.failed
+        return self._ready.is_set() and not self._to_prepare and not failed
 
     def _on_assign(self, shards: list[int]) -> None:
         """Membership thread: new shards; the loop fences them in and loads their ledgers."""
@@ -363,11 +388,29 @@ class Runner:
             return
         with self._control:
             todo = sorted(self._to_prepare)
-        if todo:
-            self.prepare(shards=todo)
-            log.info("shards %s fenced in and loaded; polling their mailboxes", todo)
+        for shard in todo:
             with self._control:
-                self._to_prepare.difference_update(todo)
+                if shard not in self._to_prepare:
+                    continue  # revoked meanwhile
+                self._preparing.add(shard)
+            try:
+                self.prepare(shards=[shard])
+            except ConnectorError as exc:
+                log.error("shard %d not fenced in / loaded (%s); retried", shard, exc)
+                continue
+            finally:
+                with self._control:
+                    self._preparing.discard(shard)
+            with self._control:
+                stale = self.workers.pop(shard, None) if shard in self._revoking else None
+                self._to_prepare.discard(shard)
+            if stale is not None:
+                # Revoked while it was being prepared: never run it, hand it back at once.
+                stale.producer.abort()
+                stale.producer.close(timeout=10.0)
+                log.info("shard %d revoked while it was being fenced in; handed back", shard)
+            else:
+                log.info("shard %d fenced in and loaded; polling its mailboxes", shard)
         if self.membership.settled.is_set():
             self._ready.set()
 
@@ -378,13 +421,21 @@ class Runner:
         with self._control:
             self._revoking.update(shards)
             self._to_prepare.difference_update(shards)
+            for shard in shards:
+                w = self.workers.get(shard)
+                if w is not None and isinstance(w.stop, LinkedEvent):
+                    w.stop.set()  # its round stops fetching and settles what it has
         deadline = time.monotonic() + self.config.runtime.shutdown_grace_seconds
         while time.monotonic() < deadline:
             with self._control:
                 busy = [f for f, u in self._running_units.items() if u in shards and not f.done()]
-            if not busy:
+                preparing = bool(self._preparing & set(shards))
+            if not busy and not preparing:
                 break
-            wait(busy, timeout=0.5)
+            if busy:
+                wait(busy, timeout=0.5)
+            else:
+                time.sleep(0.1)
         for shard in shards:
             with self._control:
                 worker = self.workers.pop(shard, None)
@@ -420,20 +471,20 @@ class Runner:
         if not self._reload_requested and now - self._reload_checked < RELOAD_CHECK_SECONDS:
             return
         self._reload_checked = now
-        try:
-            mtime = os.stat(source).st_mtime_ns
-        except OSError:
-            mtime = self._config_mtime
-        if not self._reload_requested and mtime == self._config_mtime:
+        stamp = _file_stamp(source)
+        asked, self._reload_requested = self._reload_requested, False
+        if not asked and stamp in (self._config_mtime, self._bad_stamp):
             return
-        self._reload_requested = False
-        self._config_mtime = mtime
         try:
             new = load_config(source)
             self.apply_config(new)
         except ConnectorError as exc:
-            # The process goes on with what it has; the fix is in the file.
+            # The process goes on with what it has; the fix is in the file. Reported once per
+            # version of the file (a half-written file is read again when it changes).
+            self._bad_stamp = stamp
             log.error("configuration %s not reloaded, still running the previous one: %s", source, exc)
+            return
+        self._config_mtime = stamp
 
     def apply_config(self, new: Config) -> None:
         """Take a reloaded configuration: the mailbox list and mailbox settings change at once
@@ -442,8 +493,11 @@ class Runner:
         old = self.config
         fixed = ("kafka", "topics", "record", "delivery", "ledger", "offload", "admin")
         changed = [name for name in fixed if getattr(old, name) != getattr(new, name)]
-        if new.runtime.max_concurrent_sessions != old.runtime.max_concurrent_sessions:
-            changed.append("runtime.max_concurrent_sessions")
+        # runtime: only max_sessions_per_server applies live (pools, spool, ownership do not).
+        if dataclasses.replace(old.runtime, max_sessions_per_server=0) != dataclasses.replace(
+            new.runtime, max_sessions_per_server=0
+        ):
+            changed.append("runtime (other than max_sessions_per_server)")
         if changed:
             raise ConfigError(f"{', '.join(changed)} changed: these need a restart (the mailbox list reloads live)")
         before = {m.id: m for m in old.mailboxes}
@@ -451,25 +505,30 @@ class Runner:
         added = [i for i in after if i not in before]
         removed = [i for i in before if i not in after]
         edited = [i for i in after if i in before and after[i] != before[i]]
-        if self.exactly_once and added:
+        if self.exactly_once and added and self.membership is None:
             self.prepare([after[i] for i in added])  # their shards fenced in and loaded first
         with self._control:
             self.config = new
             self.ctx.config = new
-            for w in self.workers.values():
-                w.config = new
+            for worker in self.workers.values():
+                worker.config = new
             for i in added:
                 self.scheduler.specs[i] = after[i].schedule
                 self.scheduler.add(i, self._clock())
             for i in edited:
                 if after[i].schedule != before[i].schedule:
+                    # A new plan, the same state: a pause, a backoff (an auth failure's) stay.
                     self.scheduler.specs[i] = after[i].schedule
-                    self.scheduler.add(i, self._clock())
+                    self.scheduler.replan(i, self._clock())
+            cancelled: list[Future[CycleResult]] = []
             for i in removed:
                 if not self.scheduler.states[i].running:
                     self.scheduler.remove(i)
+                    cancelled += self._waiters.pop(i, [])
                 else:
                     self.scheduler.states[i].paused = True  # no new cycle; removed when it ends
+        for w in cancelled:
+            w.cancel()
         log.info(
             "configuration reloaded: %d mailbox(es) added, %d removed, %d changed",
             len(added),
@@ -491,6 +550,8 @@ class Runner:
             st = self.scheduler.states[mailbox_id]
             if st.paused:
                 raise PermissionError(mailbox_id)
+            if not self._runnable(mailbox_id):
+                raise LookupError(mailbox_id)  # its shard is owned by another replica
             if st.running:
                 return None
             f: Future[CycleResult] = Future()
@@ -599,14 +660,39 @@ class Runner:
             extra={"mailbox": m.id},
         )
 
-    def _work(self, unit: object, due: list[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
-        if self.exactly_once:
-            return self.workers[unit].round(due, sessions)  # type: ignore[index]
+    def _work(
+        self,
+        work: Callable[[list[MailboxConfig], ThreadPoolExecutor], list[CycleResult]] | None,
+        due: list[MailboxConfig],
+        sessions: ThreadPoolExecutor,
+    ) -> list[CycleResult]:
+        # The shard's worker was bound when the round was submitted: a revocation while it
+        # waited for a thread cannot make it look up a worker that is gone.
+        if work is not None:
+            return work(due, sessions)
         return [run_cycle(self.ctx, due[0])]
+
+    def _results(self, f: Future[list[CycleResult]], due: list[MailboxConfig]) -> list[CycleResult]:
+        """A unit's results; a unit that raised (a bug, or its shard's producer gone) gives a
+        failed result per mailbox, so the loop goes on and their state is not left running."""
+        try:
+            return f.result()
+        except Exception as exc:
+            log.exception("internal error in a unit of work (%d mailbox(es)); they are retried", len(due))
+            return [CycleResult(mailbox=m.id, cycle_id="-", error=exc) for m in due]
+
+    def _runnable(self, mailbox_id: str) -> bool:
+        """Whether this process may poll the mailbox now (group ownership: its shard is ours)."""
+        if not self.exactly_once or self.membership is None:
+            return True
+        shard = shard_of(mailbox_id, self.shards)
+        return shard in self.workers and shard not in self._revoking
 
     def _no_way_forward(self) -> bool:
         if self.exactly_once:
-            if self.workers and all(w.dead is not None for w in self.workers.values()):
+            with self._control:
+                workers = list(self.workers.values())
+            if self.membership is None and workers and all(w.dead is not None for w in workers):
                 log.error("every shard of this process is fenced or failed fatally; stopping")
                 return True
             return False
@@ -631,7 +717,10 @@ class Runner:
 
     def close(self) -> None:
         left = self.publisher.close(timeout=10.0)
-        for w in self.workers.values():
+        with self._control:
+            workers = list(self.workers.values())
+            self.workers.clear()
+        for w in workers:
             w.flush_tombstones()
             w.producer.abort()
             left += w.producer.close(timeout=10.0)

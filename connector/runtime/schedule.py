@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -110,8 +111,23 @@ class Scheduler:
     def due(self, mailbox_id: str) -> float:
         return self.states[mailbox_id].due
 
-    def earliest(self, *, skip_paused: bool = False) -> float | None:
-        return min((s.due for s in self.states.values() if not (skip_paused and s.paused)), default=None)
+    def earliest(self, *, skip_paused: bool = False, runnable: Callable[[str], bool] | None = None) -> float | None:
+        """The earliest due time, over mailboxes that can run (not paused, ``runnable``)."""
+        return min(
+            (
+                s.due
+                for mid, s in self.states.items()
+                if not (skip_paused and s.paused) and (runnable is None or runnable(mid))
+            ),
+            default=None,
+        )
+
+    def replan(self, mailbox_id: str, now: float) -> None:
+        """A changed schedule: a new plan from now; failures, backoff and pause are kept."""
+        spec, st = self.specs[mailbox_id], self.states[mailbox_id]
+        st.planned = now if spec.cron is None else self._cron_next(spec, now)
+        regular = st.planned + stable_offset(mailbox_id, spec.jitter_seconds)
+        st.due = max(regular, st.backoff_until or regular)
 
     def next_due(
         self, mailbox_id: str, now: float, *, ok: bool, repoll: bool = False, error: ErrorKind | None = None

@@ -146,7 +146,10 @@ def test_admin_config() -> None:
         ).admin
 
     assert parse({}) == AdminConfig("127.0.0.1", 9108, None)
-    assert parse({"bind": "0.0.0.0:8080"}) == AdminConfig("0.0.0.0", 8080, None)  # noqa: S104
+    with pytest.raises(ConfigError, match=r"reachable from other hosts; set admin\.token"):
+        parse({"bind": "0.0.0.0:8080"})
+    wide = parse({"bind": "0.0.0.0:8080", "token": {"env": "T"}}, {"T": TOKEN})
+    assert (wide.host, wide.port) == ("0.0.0.0", 8080)  # noqa: S104
     got = parse({"bind": "[::1]:9000", "token": {"env": "T"}}, {"T": TOKEN})
     assert (got.host, got.port, got.token.reveal()) == ("::1", 9000, TOKEN)
     with pytest.raises(ConfigError, match=r"admin\.bind"):

@@ -99,3 +99,38 @@ def test_earliest_and_cron_validation() -> None:
     assert validate_cron("*/5 * * * *") is None
     assert validate_cron("61 * * * *") == "not a valid cron expression"
     assert "5 fields" in (validate_cron("* * * * * *") or "")
+
+
+def test_a_changed_schedule_keeps_pause_and_backoff() -> None:
+    s = one(ScheduleSpec(interval_seconds=60, auth_backoff_seconds=3600))
+    due = s.next_due("m", T0 + 1, ok=False, error="auth")
+    st = s.states["m"]
+    st.paused = True
+    s.specs["m"] = ScheduleSpec(interval_seconds=30)
+    s.replan("m", T0 + 5)
+    assert st.paused and st.failures == 1 and st.due == due == T0 + 3601  # the backoff still holds
+    s.specs["m"] = ScheduleSpec(cron="*/5 * * * *")
+    st.backoff_until = None
+    s.replan("m", T0 + 5)
+    assert st.due == T0 + 300
+
+
+def test_earliest_skips_mailboxes_that_cannot_run() -> None:
+    s = Scheduler({"a": ScheduleSpec(interval_seconds=60), "b": ScheduleSpec(interval_seconds=60)}, now=T0)
+    s.states["a"].due = T0 - 100  # overdue, but its shard is owned elsewhere
+    assert s.earliest(runnable=lambda mid: mid != "a") == T0
+    s.states["b"].paused = True
+    assert s.earliest(skip_paused=True, runnable=lambda mid: mid != "a") is None
+
+
+def test_file_secrets_are_equal_by_file_so_a_rotation_is_no_config_change(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from connector.config.model import Secret
+
+    p = Path(str(tmp_path)) / "pw"
+    p.write_text("one")
+    a = Secret("one", f"file:{p}", p)
+    p.write_text("two-longer")
+    b = Secret("two-longer", f"file:{p}", p)
+    assert a == b and Secret("x", "env:A") != Secret("y", "env:A") and Secret("x", "env:A") == Secret("x", "env:A")
