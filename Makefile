@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail bench-large-mail
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -86,6 +86,12 @@ fuzz: venv
 # (tests/integration/test_large_mail_e2e.py).
 large-mail: deps venv objectstore
 	LARGE_MAIL_MB="50 120 200" $(BIN)/pytest tests/integration/test_large_mail_e2e.py -k "chunked_large_mail or offloaded_large_mail" -v --durations=0
+
+# Scale-out at full size (CI runs 2 replicas, 6 mailboxes): three `run` replicas sharing 60
+# mailboxes (own Dovecot with 60 users), kill -9 of one, takeover, restart and rejoin, every mail
+# once, no [IN-USE] (tests/integration/test_scale_out.py; results in bench/results/scale_out.md).
+scale-out: deps venv
+	SCALE_OUT_REPLICAS=3 SCALE_OUT_MAILBOXES=60 $(BIN)/pytest tests/integration/test_scale_out.py -v --durations=0
 
 bench: venv
 	$(BIN)/python bench/parsers.py
