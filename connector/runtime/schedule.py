@@ -10,9 +10,11 @@ Rules, in order (docs/configuration.md, "Schedules"):
   so a 60 s schedule does not drift by each cycle's length; a cycle longer than the interval
   skips the slots it overran), or the next time the ``cron`` expression matches (5 fields,
   croniter, in the mailbox's ``timezone``). Jitter: every mailbox is shifted by a stable offset
-  in ``[0, jitter_seconds)`` derived from its id, so thousands of mailboxes on the same
-  interval spread over the jitter window instead of logging in in the same second, and each
-  one's lag can still be measured against its own jittered plan.
+  in ``[0, jitter_seconds)`` derived from its id (default: the whole interval, at most 5
+  minutes), so thousands of mailboxes on the same interval spread evenly over it instead of
+  logging in in the same seconds (and, in exactly-once mode, queueing behind their shard's
+  round); each one's lag is measured against its own jittered plan. After a start the first
+  polls come within 10 s, the offsets' phases after that.
 * **more mail waiting**: a cycle that stopped at a bound and made progress goes again at once.
 * **errors**: the retry replaces the plan. Exponential backoff from
   ``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``; an authentication failure
@@ -36,6 +38,9 @@ from zoneinfo import ZoneInfo
 from connector.config.model import ScheduleSpec
 from connector.errors import Pop3AuthError, Pop3MailboxBusyError
 
+#: After a start, the first polls of interval mailboxes spread over at most this long (their
+#: phase within the interval comes after).
+STARTUP_SPREAD_SECONDS = 10.0
 #: The longest an authentication failure holds a mailbox back between attempts.
 MAX_AUTH_BACKOFF_SECONDS = 6 * 3600.0
 
@@ -96,13 +101,18 @@ class Scheduler:
             self.add(mid, self.now)
 
     def add(self, mailbox_id: str, now: float) -> None:
-        """Start scheduling a mailbox: its first poll is at once (plus its jitter), so a restart
-        does not leave mail waiting a whole interval."""
+        """Start scheduling a mailbox. Interval: the first poll comes soon (within
+        STARTUP_SPREAD_SECONDS, spread by the same stable offset), so a restart does not leave
+        mail waiting a whole interval; the later ones keep the offset's phase. Cron: the next
+        match plus the offset."""
         spec = self.specs[mailbox_id]
-        planned = now if spec.cron is None else self._cron_next(spec, now)
-        self.states[mailbox_id] = MailboxState(
-            planned=planned, due=planned + stable_offset(mailbox_id, spec.jitter_seconds)
-        )
+        offset = stable_offset(mailbox_id, spec.jitter_seconds)
+        if spec.cron is None:
+            first = now + min(offset, STARTUP_SPREAD_SECONDS * offset / max(spec.jitter_seconds, 1e-9))
+            self.states[mailbox_id] = MailboxState(planned=now, due=first)
+        else:
+            planned = self._cron_next(spec, now)
+            self.states[mailbox_id] = MailboxState(planned=planned, due=planned + offset)
 
     def remove(self, mailbox_id: str) -> None:
         self.states.pop(mailbox_id, None)
