@@ -446,7 +446,7 @@ def test_expire_and_login_delay_reach_the_cycle_result_and_the_scheduler(gnu_pol
     assert isinstance(second.error, Pop3LoginDelayError) and "[LOGIN-DELAY]" in str(second.error)
     assert not second.logged_in and second.login_delay_seconds == LOGIN_DELAY  # as announced before login
 
-    runner = Runner(cfg)
+    runner = Runner(cfg, clock=lambda: 0.0)  # plans start at 0 on this clock, like the times below
     try:
         assert runner.next_poll(mb, first, 1000.0) == 1000.0 + LOGIN_DELAY  # not after poll_interval (60)
         assert runner.next_poll(mb, second, 1001.0) == 1001.0 + LOGIN_DELAY  # a whole delay from the refusal
