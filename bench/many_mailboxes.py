@@ -1315,9 +1315,13 @@ def main() -> int:
     command = shlex.join(["python", "bench/many_mailboxes.py", *sys.argv[1:]])
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
+        # once: a second signal must not interrupt the clean-up (stopping Dovecot and Kafka)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     # Under /tmp with mode 0755: Dovecot's unprivileged processes must traverse every parent.
     state = Path(tempfile.mkdtemp(prefix="pop3k-many-"))
     state.chmod(0o755)
