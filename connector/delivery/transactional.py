@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from connector.delivery.kafka import Publisher, client_config_error
 from connector.errors import DeliveryError, DeliveryFatalError
@@ -137,19 +137,24 @@ class ShardProducer(Publisher):
             log.error("shard %d: abort_transaction failed: %s", self.shard, err.str())
 
 
-def load_shard_ledger(
-    bootstrap: str, client: Mapping[str, Any], topic: str, shard: int, *, timeout: float = 60.0
-) -> ShardLedger:
-    """Read the shard's ledger partition from the start to its end, read_committed.
-
-    Call after :meth:`ShardProducer.init`: the zombie's open transaction is then aborted, so
-    the last stable offset is the end of the partition and nothing committed is missed.
-    """
+def read_ledger_partition(
+    bootstrap: str,
+    client: Mapping[str, Any],
+    topic: str,
+    shard: int,
+    on_message: Callable[[Message], None],
+    *,
+    group_id: str,
+    timeout: float = 60.0,
+) -> tuple[int, int]:
+    """Read one ledger partition from its start to its end, read_committed, handing every
+    keyed record to ``on_message``; returns (records handed over, end offset). The consumer is
+    assigned, never subscribed: ``group_id`` commits nothing."""
     conf = dict(client)
     conf.update(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"pop3-kafka-ledger-loader-{shard}",
+            "group.id": group_id,
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             # An EOF event tells us we reached the end (past control records, which have
@@ -162,7 +167,6 @@ def load_shard_ledger(
         consumer = Consumer(conf)
     except KafkaException as exc:
         raise client_config_error(exc) from exc
-    ledger = ShardLedger(shard)
     try:
         consumer.assign([TopicPartition(topic, shard, -2)])  # OFFSET_BEGINNING
         deadline = time.monotonic() + timeout
@@ -178,8 +182,7 @@ def load_shard_ledger(
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    ledger.end_offset = msg.offset() or 0
-                    break
+                    return n, msg.offset() or 0
                 if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
                     # Not transient: say which ACL is missing instead of waiting out the deadline.
                     raise DeliveryError(
@@ -190,12 +193,29 @@ def load_shard_ledger(
                     log.warning("ledger %s[%d]: %s", topic, shard, err.str())
                     continue
                 raise DeliveryError(f"ledger {topic}[{shard}]: {err.str()}")
-            key = msg.key()
-            if key is None:
+            if msg.key() is None:
                 continue
-            ledger.apply(key, msg.value())
+            on_message(msg)
             n += 1
-        log.info("ledger %s[%d] loaded: %d messages, %d mailboxes", topic, shard, n, len(ledger.mailboxes))
-        return ledger
     finally:
         consumer.close()
+
+
+def load_shard_ledger(
+    bootstrap: str, client: Mapping[str, Any], topic: str, shard: int, *, timeout: float = 60.0
+) -> ShardLedger:
+    """Read the shard's ledger partition from the start to its end, read_committed.
+
+    Call after :meth:`ShardProducer.init`: the zombie's open transaction is then aborted, so
+    the last stable offset is the end of the partition and nothing committed is missed.
+    """
+    ledger = ShardLedger(shard)
+
+    def apply(msg: Message) -> None:
+        ledger.apply(msg.key(), msg.value())  # type: ignore[arg-type]  # keyed: checked by the reader
+
+    n, ledger.end_offset = read_ledger_partition(
+        bootstrap, client, topic, shard, apply, group_id=f"pop3-kafka-ledger-loader-{shard}", timeout=timeout
+    )
+    log.info("ledger %s[%d] loaded: %d messages, %d mailboxes", topic, shard, n, len(ledger.mailboxes))
+    return ledger

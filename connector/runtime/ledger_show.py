@@ -11,15 +11,14 @@ says.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message
 
 from connector.config.model import Config
 from connector.delivery.admin import partitions_of
-from connector.delivery.kafka import client_config_error
+from connector.delivery.transactional import read_ledger_partition
 from connector.errors import ConfigError, DeliveryError
 from connector.records import record_id
 from connector.records.ledger import LedgerEntry, shard_of
@@ -59,47 +58,25 @@ def ledger_history(config: Config, mailbox_id: str, uidl: str, *, timeout: float
         raise DeliveryError(f"ledger topic {topic!r} not found (ledger.topic); nothing was ever delivered with it")
     partition = shard_of(mailbox_id, shards)
     key = record_id(mailbox_id, uidl)
-    conf = {
-        **config.kafka.client_conf(),
-        "bootstrap.servers": config.kafka.bootstrap_servers,
-        "group.id": f"pop3-kafka-ledger-loader-show-{partition}",  # assign() only, nothing committed
-        "enable.auto.commit": False,
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-        "logger": logging.getLogger("pop3kafka.rdkafka.ledger"),
-    }
-    try:
-        consumer = Consumer(conf)
-    except KafkaException as exc:
-        raise client_config_error(exc) from exc
     events: list[LedgerEvent] = []
     wanted = key.encode()
-    try:
-        consumer.assign([TopicPartition(topic, partition, -2)])
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"ledger {topic}[{partition}]: not read to the end within {timeout:.0f}s")
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    break
-                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
-                    raise DeliveryError(f"ledger {topic}[{partition}]: {err.str()}; needs Read on topic {topic!r}")
-                if err.retriable() or not err.fatal():
-                    continue
-                raise DeliveryError(f"ledger {topic}[{partition}]: {err.str()}")
-            if msg.key() != wanted:
-                continue
-            value = msg.value()
-            _, ts = msg.timestamp()
-            entry = LedgerEntry.decode(value) if value is not None else None
-            events.append(LedgerEvent(msg.offset() or 0, ts, entry))
-    finally:
-        consumer.close()
+
+    def collect(msg: Message) -> None:
+        if msg.key() != wanted:
+            return
+        value = msg.value()
+        _, ts = msg.timestamp()
+        events.append(LedgerEvent(msg.offset() or 0, ts, LedgerEntry.decode(value) if value is not None else None))
+
+    read_ledger_partition(
+        config.kafka.bootstrap_servers,
+        config.kafka.client_conf(),
+        topic,
+        partition,
+        collect,
+        group_id=f"pop3-kafka-ledger-loader-show-{partition}",  # assign() only, nothing committed
+        timeout=timeout,
+    )
     return LedgerHistory(key, topic, partition, events)
 
 
