@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -27,6 +28,9 @@ from connector.config.model import Config
 from connector.delivery.kafka import client_config_error
 
 log = logging.getLogger("pop3kafka.membership")
+
+#: how often a lasting group authorization failure is logged again (it recurs at every retry).
+AUTH_ERROR_EVERY_S = 60.0
 
 
 def owners_group(config: Config) -> str:
@@ -66,6 +70,8 @@ class Membership:
         except KafkaException as exc:
             raise client_config_error(exc) from exc
         self.topic = config.ledger.topic
+        self.group = owners_group(config)
+        self._auth_logged_at: float | None = None
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self.stop = threading.Event()
@@ -106,15 +112,34 @@ class Membership:
             try:
                 msg = self.consumer.poll(1.0)
             except KafkaException as exc:
-                log.warning("membership: %s", exc.args[0])
+                if not self._group_denied(exc.args[0]):
+                    log.warning("membership: %s", exc.args[0])
                 continue
             except Exception:  # a callback's bug must not silently end the membership
                 log.exception("membership: error in a rebalance callback; the replica is no longer ready")
                 self.failed = True
                 continue
             err = msg.error() if msg is not None else None
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+            if err is not None and err.code() != KafkaError._PARTITION_EOF and not self._group_denied(err):
                 log.warning("membership: %s", err.str())
+
+    def _group_denied(self, err: KafkaError) -> bool:
+        """A GROUP_AUTHORIZATION_FAILED: the replica cannot join, so it owns no shard and polls
+        nothing. Logged as an ERROR naming the missing ACL (again every AUTH_ERROR_EVERY_S)."""
+        if err.code() != KafkaError.GROUP_AUTHORIZATION_FAILED:
+            return False
+        now = time.monotonic()
+        if self._auth_logged_at is None or now - self._auth_logged_at >= AUTH_ERROR_EVERY_S:
+            self._auth_logged_at = now
+            log.error(
+                "membership: not authorized to join consumer group %r (%s): this replica owns no shard "
+                "and polls no mailbox; grant Read on group %r to the connector's principal "
+                "(deploy/local/kafka_acls.py --group-ownership, docs/kafka-security.md)",
+                self.group,
+                err.str(),
+                self.group,
+            )
+        return True
 
     def close(self, timeout: float = 60.0) -> None:
         """Leave the group (revoking our shards through on_revoke) and stop the thread."""

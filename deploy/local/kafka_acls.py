@@ -13,7 +13,8 @@ refused without them).
 
 The connector's names: transactional ids ``<delivery.transactional_id_prefix>-shard-<n>``
 (default prefix ``pop3-kafka``), ledger-loader consumer groups ``pop3-kafka-ledger-loader-<n>``
-and the ``pop3-kafka tail`` group ``pop3-kafka-tail`` (both group ids are fixed in the code).
+and the ``pop3-kafka tail`` group ``pop3-kafka-tail`` (both group ids are fixed in the code);
+with ``runtime.ownership: group`` the replicas' owners group ``<prefix>-owners``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def connector_acls(
     dead_letter_topic: str | None = None,
     attachments_topic: str | None = None,
     chunked: bool = True,
+    group_ownership: bool = False,
 ) -> list[Acl]:
     """The minimal ACLs for ``poll-once``/``run`` (see docs/kafka-security.md).
 
@@ -67,6 +69,8 @@ def connector_acls(
     ``dead_letter_topic``: topics.dead_letter (default ``<mail_topic>.dlq``).
     ``attachments_topic``: topics.attachments (default ``<mail_topic>.attachments``), needed
     when a mailbox uses ``attachments.placement: chunked`` (the default; ``chunked=False`` if none).
+    ``group_ownership=True`` (runtime.ownership: group, exactly_once only): the replicas join the
+    consumer group ``<txn_prefix>-owners`` on the ledger topic to share the shards.
     """
     dlq = dead_letter_topic or f"{mail_topic}.dlq"
     att = attachments_topic or f"{mail_topic}.attachments"
@@ -119,6 +123,16 @@ def connector_acls(
             Acl("TOPIC", ledger_topic, "LITERAL", "CREATE", "ledger.create: true (default), compacted"),
         ]
     acls += chunk_acls
+    if group_ownership:
+        acls.append(
+            Acl(
+                "GROUP",
+                f"{txn_prefix}-owners",
+                "LITERAL",
+                "READ",
+                "runtime.ownership: group: join/sync/heartbeat/leave the owners group; implies DESCRIBE",
+            )
+        )
     return acls + tail_acls if tail else acls
 
 
@@ -183,6 +197,7 @@ def grant_connector_acls(
     tail: bool = False,
     exactly_once: bool = True,
     dead_letter_topic: str | None = None,
+    group_ownership: bool = False,
     admin_conf: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Grant ``principal`` exactly :func:`connector_acls`; returns the created AclBindings."""
@@ -195,6 +210,7 @@ def grant_connector_acls(
         tail=tail,
         exactly_once=exactly_once,
         dead_letter_topic=dead_letter_topic,
+        group_ownership=group_ownership,
     )
     return grant_acls(bootstrap, principal, acls, admin_conf=admin_conf)
 
@@ -244,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-create", action="store_true", help="topics are pre-created by an administrator")
     ap.add_argument("--tail", action="store_true", help="also allow `pop3-kafka tail`")
     ap.add_argument("--at-least-once", action="store_true", help="delivery.mode: at_least_once (no ledger)")
+    ap.add_argument(
+        "--group-ownership", action="store_true", help="runtime.ownership: group (replicas share the shards)"
+    )
     ap.add_argument("--bootstrap", default="BROKER:9093")
     ap.add_argument("--admin-config", help="grant: librdkafka properties file (key=value) for the admin connection")
     args = ap.parse_args(argv)
@@ -256,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tail=args.tail,
         exactly_once=not args.at_least_once,
         dead_letter_topic=args.dead_letter_topic,
+        group_ownership=args.group_ownership,
     )
     if args.action == "print":
         for line in kafka_acls_commands(

@@ -9,8 +9,13 @@ principals are not super users and get exactly connector_acls().
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +23,8 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
-from kafka_acls import grant_acls
-from localstack import KafkaNode
+from kafka_acls import Acl, connector_acls, grant_acls
+from localstack import KafkaNode, free_port
 from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
@@ -57,6 +62,8 @@ def config(
     secrets: dict[str, Any] | None = None,
     mode: str = "exactly_once",
     delivery_timeout: float = 5,
+    runtime: dict[str, Any] | None = None,
+    admin: dict[str, Any] | None = None,
 ) -> Path:
     """A connector config whose Kafka settings come from ``kafka.client`` (+ secrets from files)."""
     return write_config(
@@ -67,6 +74,8 @@ def config(
         kafka={"client": client, "client_secrets": secrets or {}, "delivery_timeout_seconds": delivery_timeout},
         ledger={"topic": names.ledger},
         delivery={"transactional_id_prefix": names.txn_prefix, "mode": mode},
+        runtime=runtime or {},
+        admin=admin or {},
     )
 
 
@@ -239,3 +248,135 @@ def test_wrong_scram_password_fails_without_echoing_it(kafka: KafkaNode, service
     assert "cannot reach Kafka" in proc.stderr
     assert wrong not in proc.stdout + proc.stderr
     assert services.dovecot.count(USER) == 1
+
+
+# ------------------------------------------------------------------ runtime.ownership: group
+
+
+def owners_acl(names: Names) -> Acl:
+    return Acl("GROUP", f"{names.txn_prefix}-owners", "LITERAL", "READ", "")
+
+
+def test_owners_group_acl_only_with_group_ownership() -> None:
+    """No broker: the owners group's Read is listed with group_ownership=True, and only then."""
+    plain = connector_acls(mail_topic="mail")
+    grouped = connector_acls(mail_topic="mail", group_ownership=True)
+    owners = [a for a in grouped if a.resource == "GROUP" and a.name == "pop3-kafka-owners"]
+    assert [(a.pattern, a.operation) for a in owners] == [("LITERAL", "READ")]
+    assert [a for a in grouped if a not in owners] == plain
+    assert not [a for a in plain if a.name.endswith("-owners")]
+    custom = connector_acls(mail_topic="mail", txn_prefix="acme", group_ownership=True)
+    assert [a.name for a in custom if a.resource == "GROUP" and a.operation == "READ"] == ["acme-owners"]
+
+
+def wait_until(cond, what: str, proc: subprocess.Popen[str], log: Path, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"run exited {proc.returncode} while waiting for: {what}\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} (not within {timeout:.0f} s)\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def group_config(path: Path, services: Any, kafka: KafkaNode, names: Names) -> Path:
+    client, secrets = kafka.sasl_client(SCRAM_USER)
+    return config(
+        path,
+        services,
+        kafka.sasl_bootstrap,
+        names,
+        client,
+        secrets=secrets,
+        runtime={"ownership": "group", "group_session_timeout_seconds": 6},
+        admin={"bind": f"127.0.0.1:{free_port()}"},
+    )
+
+
+def start_run(cfg: Path, log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "connector.cli.main", "--log-format", "json", "run", "--config", str(cfg)],
+        env={**os.environ, "PW_SEC": f"{USER}-pw"},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        text=True,
+    )
+
+
+def stop_run(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise
+
+
+def owned(cfg: Path) -> bool | None:
+    """Whether the running replica owns the mailbox (admin endpoint); None if it does not answer."""
+    got = run_cli("admin", "list", "--config", str(cfg), env={"PW_SEC": f"{USER}-pw"}, timeout=30)
+    return bool(json.loads(got.stdout)["mailboxes"][0]["owned"]) if got.returncode == 0 else None
+
+
+def test_group_ownership_exactly_once_with_only_the_documented_acls(kafka: KafkaNode, services, tmp_path: Path) -> None:
+    """`run` with runtime.ownership: group joins <prefix>-owners with only connector_acls(group_ownership=True)."""
+    names = Names.fresh()
+    acls = names.acls(group_ownership=True)
+    assert owners_acl(names) in [Acl(a.resource, a.name, a.pattern, a.operation, "") for a in acls]
+    grant_acls(kafka.bootstrap, f"User:{SCRAM_USER}", acls)
+    cfg = group_config(tmp_path / "c.yaml", services, kafka, names)
+    services.dovecot.clear(USER)
+    expected = put_mails(services, 3, seed=117)
+    log = tmp_path / "run.log"
+    proc = start_run(cfg, log)
+    try:
+        wait_until(lambda: services.dovecot.count(USER) == 0, "the owner polled the mailbox", proc, log)
+        assert owned(cfg) is True
+        # Still a member, still polling: more mail after the first rounds.
+        expected |= put_mails(services, 2, seed=117, start=3)
+        wait_until(lambda: services.dovecot.count(USER) == 0, "the second batch was polled", proc, log, 60)
+    finally:
+        rc = stop_run(proc)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "shards assigned" in text, text[-3000:]
+    assert "authorization failed" not in text.lower(), text[-3000:]
+    assert kafka.scram_password_file(SCRAM_USER).read_text() not in text
+    got = consume_all(kafka.bootstrap, names.mail, expect=5)
+    ids = [c.record["record_id"] for c in got]
+    assert len(ids) == 5 and len(set(ids)) == 5, ids
+    assert {c.record["message_id"] for c in got} == expected
+
+
+def test_group_ownership_without_the_owners_group_acl_polls_nothing(kafka: KafkaNode, services, tmp_path: Path) -> None:
+    """Without Read on <prefix>-owners the replica never joins: it owns no shard, the mail stays,
+    and the log names the group and the ACL to grant."""
+    names = Names.fresh()
+    full = names.acls(group_ownership=True)
+    acls = [a for a in full if not (a.resource == "GROUP" and a.name == f"{names.txn_prefix}-owners")]
+    assert len(acls) == len(full) - 1
+    grant_acls(kafka.bootstrap, f"User:{SCRAM_USER}", acls)
+    cfg = group_config(tmp_path / "c.yaml", services, kafka, names)
+    services.dovecot.clear(USER)
+    put_mails(services, 2, seed=118)
+    log = tmp_path / "run.log"
+    proc = start_run(cfg, log)
+    hint = f"grant Read on group '{names.txn_prefix}-owners'"
+    try:
+        wait_until(lambda: hint in log.read_text(), "the missing group ACL was named", proc, log, 60)
+        # Well past the first poll it would have made (poll interval 1 s, session timeout 6 s).
+        time.sleep(8)
+        assert proc.poll() is None
+        assert owned(cfg) is False
+        assert services.dovecot.count(USER) == 2
+    finally:
+        rc = stop_run(proc)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "shards assigned" not in text
+    error = json.loads(next(line for line in text.splitlines() if hint in line))
+    assert error["level"] == "error" and error["logger"] == "pop3kafka.membership", error
+    assert "Group authorization failed" in error["msg"], error
+    assert kafka.scram_password_file(SCRAM_USER).read_text() not in text
+    if names.mail in topics_on(kafka):
+        assert consume_all(kafka.bootstrap, names.mail, expect=0, timeout=5, settle=0.5) == []
