@@ -12,7 +12,11 @@ sans-IO core's job (:mod:`connector.protocol.core`). Over TLS one ``recv`` retur
 most one TLS record (16 KiB); over plain TCP up to :data:`RECV_SIZE`.
 
 The timeout is per socket operation (an inactivity timeout), not per command: a 50 MB
-RETR may take longer than ``timeout`` as long as bytes keep arriving.
+RETR may take longer than ``timeout`` as long as bytes keep arriving. On top of it a caller
+may set a *time limit* for everything the current thread does on POP3 connections
+(:func:`time_limit`): a server that trickles a byte every few seconds never trips the
+inactivity timeout, but it must not hold a shard's transaction open until the broker aborts
+it for every mailbox in the round (connector/runtime/exactly_once.py).
 
 Per-mailbox TLS policy that the handshake itself cannot express travels on the context
 (:class:`TlsContext`, built by :func:`make_tls_context`): the name to verify (and send as
@@ -30,8 +34,10 @@ import logging
 import re
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Final
 
 from connector.errors import ConfigError, Pop3ConnectError, Pop3TimeoutError, Pop3TlsError
@@ -45,6 +51,7 @@ __all__ = [
     "make_tls_context",
     "parse_fingerprint",
     "sni_name",
+    "time_limit",
 ]
 
 log = logging.getLogger("pop3kafka.tls")
@@ -73,6 +80,32 @@ _FINGERPRINT_HINT: Final = (
 )
 # OpenSSL X509_V_ERR_HOSTNAME_MISMATCH / X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH_CODES: Final = frozenset({62, 64})
+
+#: (time.monotonic() by which POP3 I/O of this thread must end, what set it); None: no limit.
+#: A ContextVar, so each session thread (and each asyncio task, should one ever call us) has
+#: its own.
+_LIMIT: ContextVar[tuple[float, str] | None] = ContextVar("pop3_time_limit", default=None)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Within the block, every connect/send/recv of this thread ends by ``seconds`` from now:
+    the socket timeout is cut to what is left, and once nothing is left the operation raises
+    :class:`~connector.errors.Pop3TimeoutError` naming ``what`` (e.g. "the fetch phase of a
+    shard round (0.8 x delivery.transaction_timeout_seconds)"). ``None``: no limit."""
+    token = _LIMIT.set(None if seconds is None else (time.monotonic() + seconds, what))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def _left() -> tuple[float, str] | None:
+    """(seconds left, what set the limit) of the current limit, or None."""
+    limit = _LIMIT.get()
+    if limit is None:
+        return None
+    return limit[0] - time.monotonic(), limit[1]
 
 
 def parse_fingerprint(text: str) -> bytes:
@@ -255,13 +288,15 @@ class Transport:
     :meth:`close` every call raises :class:`~connector.errors.Pop3ConnectError`.
     """
 
-    __slots__ = ("_buf", "_sock", "_view", "host", "port")
+    __slots__ = ("_buf", "_sock", "_timeout", "_view", "host", "port")
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         """Wrap an already connected socket (tests use ``socket.socketpair()``)."""
         self._sock: socket.socket | None = sock
         self.host = host
         self.port = port
+        #: the inactivity timeout asked for (the socket's may be cut shorter by a time limit).
+        self._timeout = sock.gettimeout()
         # One receive buffer for the connection's lifetime: recv(RECV_SIZE) would allocate
         # (and shrink) a 256 KiB object per call, which measured ~2x the client CPU of
         # recv_into + copy for 20 KB mails over TLS (bench/pop3_retr.py).
@@ -276,14 +311,18 @@ class Transport:
         server's delayed ACK cost ~40 ms per exchange on some stacks (measured 44 ms with
         GNU pop3d). TCP_QUICKACK (Linux) is set too and re-armed before each command.
         """
+        left = _left()
+        if left is not None and left[0] <= 0:
+            raise Pop3TimeoutError(f"not connecting to {host}:{port}: {left[1]} ran out")
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=timeout if left is None else min(timeout, left[0]))
         except TimeoutError as exc:
             raise Pop3TimeoutError(f"connecting to {host}:{port} timed out after {timeout:g}s") from exc
         except OSError as exc:
             raise Pop3ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         with contextlib.suppress(OSError):  # only fails on exotic socket types
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
         transport = cls(sock, host, port)
         transport._quickack()
         if ssl_context is not None:
@@ -324,6 +363,7 @@ class Transport:
         sock = self._require()
         if isinstance(sock, ssl.SSLSocket):
             raise Pop3TlsError(f"connection to {self.host}:{self.port} is already TLS")
+        self._apply_limit(sock)
         server_name = ssl_context.server_name if isinstance(ssl_context, TlsContext) else None
         try:
             tls_sock = ssl_context.wrap_socket(sock, server_hostname=sni_name(server_name or self.host))
@@ -333,7 +373,7 @@ class Transport:
             raise _tls_error(self.host, self.port, exc, server_name) from exc
         except TimeoutError as exc:
             self.close()
-            raise Pop3TimeoutError(f"TLS handshake with {self.host}:{self.port} timed out") from exc
+            raise Pop3TimeoutError(self._timed_out(f"TLS handshake with {self.host}:{self.port} timed out")) from exc
         except OSError as exc:  # reset / EOF during the handshake
             self.close()
             raise Pop3TlsError(f"TLS handshake with {self.host}:{self.port} failed: {exc}; {TLS_FIX_HINT}") from exc
@@ -351,14 +391,34 @@ class Transport:
                 f"{format_fingerprint(expected)}, the server presented {shown}; {_FINGERPRINT_HINT}"
             )
 
+    def _apply_limit(self, sock: socket.socket) -> None:
+        """Cut the socket timeout to the thread's time limit (see :func:`time_limit`); raise
+        when it has run out. Without a limit the inactivity timeout is restored."""
+        left = _left()
+        if left is None:
+            if sock.gettimeout() != self._timeout:
+                sock.settimeout(self._timeout)
+            return
+        if left[0] <= 0:
+            self.close()
+            raise Pop3TimeoutError(f"{self.host}:{self.port}: {left[1]} ran out; the session was dropped")
+        sock.settimeout(left[0] if self._timeout is None else min(self._timeout, left[0]))
+
+    def _timed_out(self, inactivity: str) -> str:
+        left = _left()
+        if left is not None and left[0] <= 0.001:
+            return f"{self.host}:{self.port}: {left[1]} ran out; the session was dropped"
+        return inactivity
+
     @contextlib.contextmanager
     def _io(self, timed_out: str, failed: str) -> Iterator[None]:
         """Translate socket errors of one send/recv; the framing is lost, so close first."""
         try:
             yield
         except TimeoutError as exc:
+            message = self._timed_out(timed_out)
             self.close()
-            raise Pop3TimeoutError(timed_out) from exc
+            raise Pop3TimeoutError(message) from exc
         except ssl.SSLError as exc:
             self.close()
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
@@ -373,6 +433,7 @@ class Transport:
     def send(self, data: bytes) -> None:
         """Send all of ``data`` (one command: a single write, so Nagle never delays it)."""
         sock = self._require()
+        self._apply_limit(sock)
         self._quickack()
         with self._io(f"sending to {self.host}:{self.port} timed out", f"sending to {self.host}:{self.port} failed"):
             sock.sendall(data)
@@ -385,6 +446,7 @@ class Transport:
         since the response framing is lost.
         """
         sock = self._require()
+        self._apply_limit(sock)
         with self._io(
             f"{self.host}:{self.port} did not answer in time", f"receiving from {self.host}:{self.port} failed"
         ):
@@ -399,7 +461,8 @@ class Transport:
         return bytes(self._view[:n])
 
     def settimeout(self, timeout: float | None) -> None:
-        """Change the per-operation timeout."""
+        """Change the per-operation (inactivity) timeout."""
+        self._timeout = timeout
         self._require().settimeout(timeout)
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ from connector.errors import (
     RecordTooLargeError,
 )
 from connector.protocol import Pop3Session, Retrieved, ServerPolicy, SpoolPolicy, make_tls_context
+from connector.protocol.transport import time_limit
 from connector.records import (
     HEADER_MAILBOX,
     HEADER_RECORD_ID,
@@ -69,6 +70,25 @@ log = logging.getLogger("pop3kafka.cycle")
 #: LIST and send CRLF): RETR may bring max(1 KiB, 1/16 of the limit) more before it counts as
 #: "grew past the limit".
 RETR_SLACK = 1024
+
+#: Time limits on a session's POP3 I/O (connector.protocol.transport.time_limit), on top of the
+#: per-operation inactivity timeout, which a server sending a byte now and then never trips.
+#: at_least_once fetch phase: max_seconds_per_cycle (checked between mails) plus this many
+#: inactivity timeouts for the mail in flight and the RETRs drained after it; exactly_once
+#: rounds use their transaction's limit instead (exactly_once.ROUND_FETCH_SHARE).
+CYCLE_LIMIT_TIMEOUTS = 4
+CYCLE_LIMIT_WHAT = "the cycle's time limit (max_seconds_per_cycle + 4 x timeout_seconds)"
+#: DELE + QUIT after a commit: one pipelined batch and one answer.
+SETTLE_LIMIT_TIMEOUTS = 4
+SETTLE_LIMIT_WHAT = "the time limit for DELE and QUIT (4 x timeout_seconds)"
+
+
+def cycle_time_limit(mailbox: MailboxConfig) -> float:
+    return mailbox.max_seconds_per_cycle + CYCLE_LIMIT_TIMEOUTS * mailbox.timeout_seconds
+
+
+def settle_time_limit(mailbox: MailboxConfig) -> float:
+    return SETTLE_LIMIT_TIMEOUTS * mailbox.timeout_seconds
 
 
 @dataclass
@@ -702,6 +722,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     #: a Kafka-side failure after which the session is still healthy enough to settle.
     failure: ConnectorError | None = None
     grace = ctx.config.runtime.shutdown_grace_seconds
+    limit = contextlib.ExitStack()
     try:
         fatal = ctx.publisher.fatal
         if fatal is not None:
@@ -709,6 +730,8 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
             raise DeliveryFatalError(
                 f"the Kafka producer is in a fatal state ({fatal}); not polling until the process is restarted"
             )
+        # The fetch phase's time limit (see cycle_time_limit); settling has its own.
+        limit.enter_context(time_limit(cycle_time_limit(mailbox), CYCLE_LIMIT_WHAT))
         session = ctx.session_factory(mailbox)
         step = "login"
         login(session, mailbox)
@@ -776,6 +799,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                     )
                 step = "retr"
 
+        limit.close()
         # Settle: the session is healthy, so delete exactly what Kafka confirmed, then QUIT.
         step = "produce"
         deliveries = [d for p in pending for d in (*p.chunks, p.delivery)]
@@ -792,10 +816,11 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         step = "dele"
         confirmed = [p for p in pending if p.ok]
         faults.point("after_commit")  # at-least-once: confirmed by the broker, not yet deleted
-        session.dele_many([p.msg_num for p in confirmed] + [n for n, _ in res.delete_unread])
-        faults.point("after_dele")
-        step = "quit"
-        session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state
+        with time_limit(settle_time_limit(mailbox), SETTLE_LIMIT_WHAT):
+            session.dele_many([p.msg_num for p in confirmed] + [n for n, _ in res.delete_unread])
+            faults.point("after_dele")
+            step = "quit"
+            session.quit()  # RFC 1939 §6: the DELEs take effect here, in the UPDATE state
         session = None
         res.deleted = len(confirmed)
         res.deleted_unread = len(res.delete_unread)
@@ -813,6 +838,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         res.error = exc
         log.exception("internal error in step %s", step, extra=extra)
     finally:
+        limit.close()
         if session is not None:
             # Failure before QUIT: drop pending deletes (RSET + QUIT); never raises.
             end_without_deletes(session, mailbox)

@@ -48,9 +48,11 @@ from connector.errors import (
     UidlResetError,
 )
 from connector.observability import metrics
+from connector.protocol.transport import time_limit
 from connector.records import record_id
 from connector.records.ledger import LedgerEntry, ShardLedger
 from connector.runtime.cycle import (
+    SETTLE_LIMIT_WHAT,
     CycleHooks,
     CycleResult,
     MailboxSession,
@@ -65,6 +67,7 @@ from connector.runtime.cycle import (
     retrieve_encoded,
     select_for_retrieval,
     send_record,
+    settle_time_limit,
     spool_policy,
 )
 from connector.runtime.login import login
@@ -77,6 +80,11 @@ SIZE_SLACK = 2
 #: UIDL reset check: at most this many TOP commands per cycle to compare headers.
 RESET_SAMPLE = 5
 DAY_MS = 86_400_000
+#: Share of delivery.transaction_timeout_seconds a round's POP3 fetch phase may take; the
+#: rest is for the delivery reports, the ledger entries and the commit. Config validation
+#: keeps max_seconds_per_cycle (checked between mails) under 3/4 of it.
+ROUND_FETCH_SHARE = 0.8
+FETCH_LIMIT_WHAT = "the shard round's time limit (0.8 x delivery.transaction_timeout_seconds)"
 BASELINE_MARKER = ""  # ledger uidl "" = "start_from: now was applied to this mailbox"
 
 
@@ -110,6 +118,8 @@ class Prepared:
     forgotten: list[str] = field(default_factory=list)
     kafka_error: DeliveryError | None = None
     t0: float = 0.0
+    #: time.monotonic() by which its POP3 fetch phase must end (the round's time limit).
+    fetch_until: float = float("inf")
 
 
 class ShardWorker:
@@ -186,6 +196,13 @@ class ShardWorker:
             return self._fail_all(preps, exc, "produce")
         except DeliveryError as exc:
             return self._fail_all(preps, exc, "produce")
+        # The broker aborts a transaction left open past transaction.timeout.ms, and with it
+        # every mailbox of the round: a server that trickles bytes (never idle long enough for
+        # its inactivity timeout) must not get there. Its session is dropped at this limit and
+        # the round commits what the others fetched (docs/delivery.md, "Slow servers").
+        fetch_until = time.monotonic() + ROUND_FETCH_SHARE * self.config.delivery.transaction_timeout_seconds
+        for p in preps:
+            p.fetch_until = fetch_until
         tombstones = list(self._tombstones)
         for mailbox_id, uidl in tombstones:
             key = record_id(mailbox_id, uidl).encode()
@@ -244,10 +261,11 @@ class ShardWorker:
             return
         step = "dele"
         try:
-            p.session.dele_many([n for n, _ in p.to_delete])
-            faults.point("after_dele")
-            step = "quit"
-            p.session.quit()
+            with time_limit(settle_time_limit(p.mailbox), SETTLE_LIMIT_WHAT):
+                p.session.dele_many([n for n, _ in p.to_delete])
+                faults.point("after_dele")
+                step = "quit"
+                p.session.quit()
             p.session = None
             # As in at-least-once mode: ``deleted`` counts delivered mail, unread deletes apart.
             res.deleted_unread = len(res.delete_unread)
@@ -307,7 +325,22 @@ class ShardWorker:
         return self.producer.send(topic, key, value, headers)
 
     def _fetch(self, p: Prepared) -> None:
-        """Fetch phase of one mailbox inside the open transaction; never raises."""
+        """Fetch phase of one mailbox inside the open transaction, within the round's time
+        limit; never raises. A session that would start with less of the limit left than one
+        server answer may take (the pool was busy) does not start: it is due again at once."""
+        left = p.fetch_until - time.monotonic()
+        if left < p.mailbox.timeout_seconds:
+            p.result.more_pending = True
+            log.info(
+                "not started: %.1fs of the round's time limit left; polled again in the next round",
+                max(0.0, left),
+                extra={"mailbox": p.mailbox.id, "cycle": p.result.cycle_id},
+            )
+            return
+        with time_limit(left, FETCH_LIMIT_WHAT):
+            self._fetch_phase(p)
+
+    def _fetch_phase(self, p: Prepared) -> None:
         m, res = p.mailbox, p.result
         extra = {"mailbox": m.id, "cycle": res.cycle_id}
         produced: list[_Produced] = []
