@@ -8,13 +8,17 @@
                                     409 when the mailbox is paused, 404 for an unknown id
     POST /mailboxes/{id}/pause      no new cycle starts (one in flight finishes); 200
     POST /mailboxes/{id}/resume     back to the schedule, polled at once; 200
+    GET  /healthz                   200 while the scheduling loop turns (liveness), else 503
+    GET  /readyz                    200 when every shard this process owns is fenced in and its
+                                    ledger loaded, also when it owns none; else 503 with why
 
 Configuration: ``admin: {bind: "127.0.0.1:9108", token: {file: ...}}`` (docs/configuration.md).
 With a token every request needs ``Authorization: Bearer <token>`` (compared in constant
-time), else 401; binding to a non-loopback address needs a token. Responses carry mailbox ids,
-POP3 server host:port, times and ConnectorError descriptions only: no passwords, tokens, mail
-addresses or mail content. Stdlib ``ThreadingHTTPServer``: a handful of
-on-call requests, not a traffic path; each request has its own thread, a waiting poll blocks
+time), else 401; binding to a non-loopback address needs a token. /healthz and /readyz are
+open (Kubernetes probes carry no secrets) and answer only states, shard numbers and reasons.
+Responses carry mailbox ids, POP3 server host:port, times and ConnectorError descriptions
+only: no passwords, tokens, mail addresses or mail content. Stdlib ``ThreadingHTTPServer``:
+a handful of on-call requests and probes, not a traffic path; each request has its own thread, a waiting poll blocks
 only its own.
 """
 
@@ -37,6 +41,8 @@ from connector.runtime.runner import Runner, error_text
 log = logging.getLogger("pop3kafka.admin")
 
 DEFAULT_WAIT_S = 60.0
+#: open without the token: Kubernetes probes cannot hold a secret, and these say nothing private.
+PROBES = frozenset({"/healthz", "/readyz"})
 MAX_WAIT_S = 600.0
 
 
@@ -98,6 +104,11 @@ class AdminServer:
 
     def handle(self, method: str, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/") if p]
+        if parts in (["healthz"], ["readyz"]):
+            if method != "GET":
+                return 405, {"error": f"GET /{parts[0]}"}
+            ok, why = self.runner.liveness() if parts == ["healthz"] else self.runner.readiness()
+            return (200 if ok else 503), {"ok": ok, **why}
         if parts == ["mailboxes"] and method == "GET":
             return 200, {"mailboxes": self.runner.status()}
         if len(parts) == 3 and parts[0] == "mailboxes" and method == "POST":
@@ -117,7 +128,7 @@ class AdminServer:
                 return 404, {"error": f"no mailbox {mid!r} in this configuration"}
         if parts[:1] == ["mailboxes"]:
             return 405 if method not in ("GET", "POST") else 404, {"error": "see GET /mailboxes"}
-        return 404, {"error": "endpoints: GET /mailboxes, POST /mailboxes/{id}/poll|pause|resume"}
+        return 404, {"error": "endpoints: GET /mailboxes, /healthz, /readyz; POST /mailboxes/{id}/poll|pause|resume"}
 
     def _poll(self, mid: str, query: dict[str, list[str]]) -> tuple[int, Any]:
         try:
@@ -149,7 +160,8 @@ def _handler(server: AdminServer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self, method: str) -> None:
             url = urllib.parse.urlsplit(self.path)
-            if not server.authorised(self.headers.get("Authorization")):
+            probe = url.path.rstrip("/") in PROBES
+            if not probe and not server.authorised(self.headers.get("Authorization")):
                 self._send(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
                 return
             try:

@@ -151,6 +151,8 @@ class Runner:
         self._preparing: set[int] = set()
         self._running_units: dict[Future[list[CycleResult]], object] = {}
         self._ready = threading.Event()
+        #: time.monotonic() of the loop's last turn (None before it first turns): /healthz.
+        self.heartbeat: float | None = None
         #: schedule lag of each cycle started by run(): seconds after its due time (the last
         #: 100,000; bench/many_mailboxes.py and, later, a metric read it).
         self.lags: deque[float] = deque(maxlen=100_000)
@@ -294,6 +296,7 @@ class Runner:
         started: dict[Future[list[CycleResult]], list[MailboxConfig]] = {}
         try:
             while not self.stop.is_set():
+                self.heartbeat = time.monotonic()
                 if self._no_way_forward():
                     self.fatal = True
                     self.stop.set()
@@ -372,8 +375,50 @@ class Runner:
     @property
     def ready(self) -> bool:
         """Every owned shard fenced in and loaded (also true when it owns no shard)."""
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, why) for /readyz: ready when every shard this process owns is fenced in and
+        its ledger loaded, including when it owns none (a replica without shards must not
+        stall a rollout). Not ready before that, while shards assigned to it are being
+        prepared, when group membership failed, and once the process stops."""
+        with self._control:
+            owned = sorted(s for s in self.workers if s not in self._revoking)
+            pending = sorted(self._to_prepare)
         failed = self.membership is not None and self.membership.failed
-        return self._ready.is_set() and not self._to_prepare and not failed
+        body: dict[str, Any] = {
+            "mode": self.config.delivery.mode,
+            "ownership": self.config.runtime.ownership if self.exactly_once else "all",
+            "owned_shards": owned,
+            "preparing_shards": pending,
+        }
+        if self.stop.is_set():
+            return False, {**body, "reason": "shutting down"}
+        if failed:
+            return False, {**body, "reason": "group membership failed (see the log)"}
+        if pending:
+            return False, {**body, "reason": f"fencing in and loading shard(s) {pending}"}
+        if not self._ready.is_set():
+            if self.membership is not None and not self.membership.settled.is_set():
+                return False, {**body, "reason": "waiting for the owners group to assign shards"}
+            return False, {**body, "reason": "fencing in shards and loading their ledgers"}
+        return True, body
+
+    def liveness(self, stale_after: float = 120.0) -> tuple[bool, dict[str, Any]]:
+        """(alive, why) for /healthz: the scheduling loop turned within ``stale_after`` seconds
+        (it turns at least once a second; fencing in a shard and loading its ledger happen
+        inside a turn and are covered by the startup probe and this margin). Before the loop's
+        first turn, starting up counts as alive. A process that stopped polling for good
+        (every producer fenced or fatal) is not."""
+        if self.fatal:
+            return False, {"reason": "no shard producer can go on (fenced or fatal); the process exits"}
+        beat = self.heartbeat
+        if beat is None:
+            return True, {"state": "starting"}
+        age = time.monotonic() - beat
+        if age > stale_after:
+            return False, {"reason": f"the scheduling loop has not turned for {age:.0f}s"}
+        return True, {"state": "running", "loop_turned_seconds_ago": round(age, 3)}
 
     def _on_assign(self, shards: list[int]) -> None:
         """Membership thread: new shards; the loop fences them in and loads their ledgers."""

@@ -156,3 +156,51 @@ def test_admin_config() -> None:
         parse({"bind": "localhost"})
     with pytest.raises(ConfigError, match="at least 16"):
         parse({"token": {"env": "T"}}, {"T": "short"})
+
+
+def test_probes_are_open_and_follow_the_loop(running: tuple[Runner, str]) -> None:
+    """Kubernetes probes carry no token: /healthz and /readyz answer without it (and with a
+    wrong one), while everything else still needs it."""
+    runner, base = running
+    status, body = call(base, "GET", "/healthz", token=None)
+    assert status == 200 and body["ok"] and body["state"] == "running"
+    status, body = call(base, "GET", "/readyz", token="wrong")
+    assert (status, body) == (
+        200,
+        {"ok": True, "mode": "at_least_once", "ownership": "all", "owned_shards": [], "preparing_shards": []},
+    )
+    assert call(base, "GET", "/mailboxes", token=None)[0] == 401
+    assert call(base, "POST", "/healthz")[0] == 405
+    # A loop that stopped turning is not alive (the kubelet restarts the pod).
+    runner.heartbeat = time.monotonic() - 500
+    status, body = call(base, "GET", "/healthz")
+    assert status == 503 and "has not turned for" in body["reason"]
+
+
+def test_readiness_and_liveness_before_and_after_the_loop() -> None:
+    runner = Runner(config(), session_factory=lambda m: Session(m.id))
+    try:
+        assert runner.liveness() == (True, {"state": "starting"})
+        ok, why = runner.readiness()
+        assert not ok and why["reason"] == "fencing in shards and loading their ledgers"
+        runner._ready.set()
+        runner._to_prepare.add(3)  # a shard assigned, not yet fenced in and loaded
+        ok, why = runner.readiness()
+        assert not ok and why["preparing_shards"] == [3] and "shard(s) [3]" in why["reason"]
+        runner._to_prepare.clear()
+        assert runner.readiness()[0] and runner.ready
+        runner.fatal = True
+        assert runner.liveness()[0] is False
+        runner.stop.set()
+        assert runner.readiness() == (
+            False,
+            {
+                "mode": "at_least_once",
+                "ownership": "all",
+                "owned_shards": [],
+                "preparing_shards": [],
+                "reason": "shutting down",
+            },
+        )
+    finally:
+        runner.close()
