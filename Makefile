@@ -110,5 +110,9 @@ bench-large-mail: venv
 bench-many-mailboxes: deps venv
 	$(BIN)/python bench/many_mailboxes.py
 
+# CPU per session of the TLS context, built per session vs re-used (bench/results/tls_context.md).
+bench-tls-context: venv
+	$(BIN)/python bench/tls_context.py
+
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

@@ -183,7 +183,7 @@ def make_tls_context(
     * ``client_cert``/``client_key``/``client_key_password``: a client certificate (PEM) for
       servers that require one; the key may be inside ``client_cert``.
     * ``legacy``: opt-in for old servers: TLS 1.0/1.1 allowed (unless ``min_version`` says
-      otherwise) and :data:`LEGACY_CIPHERS`. Logs a WARNING naming ``mailbox`` every time.
+      otherwise) and :data:`LEGACY_CIPHERS`. Logs a WARNING naming ``mailbox`` at each build.
 
     Raises :class:`~connector.errors.ConfigError` naming the bad value (unknown version,
     unreadable or invalid CA file, client certificate or key, bad fingerprint).

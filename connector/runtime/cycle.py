@@ -21,6 +21,8 @@ import functools
 import hashlib
 import logging
 import mmap
+import os
+import ssl
 import threading
 import time
 import uuid
@@ -178,27 +180,76 @@ class MailboxSession(LoginSession, Protocol):
     def close(self) -> None: ...
 
 
+#: A TLS context is re-used by a mailbox's sessions: building one costs ~24 ms of CPU with the
+#: system trust store (0.5 ms with a small tls_ca_file; bench/tls_context.py), three times an
+#: empty cycle. It is rebuilt when anything it was built from changes (a setting on reload;
+#: the CA bundle, client certificate or key file; the key password) and at least this often,
+#: so that a system trust store updated in place is picked up without a restart.
+TLS_CONTEXT_MAX_AGE_S = 3600.0
+_tls_contexts: dict[str, tuple[tuple[object, ...], float, ssl.SSLContext]] = {}
+_tls_lock = threading.Lock()
+
+
+def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
+    """What tells a changed file: inode (a Secret/ConfigMap swaps a symlink), mtime, size."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)  # missing: make_tls_context reports it when it builds
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def tls_context(mailbox: MailboxConfig) -> ssl.SSLContext:
+    """The mailbox's TLS context, built once and re-used while nothing it depends on changed."""
+    password = mailbox.tls_client_key_password
+    secret = password.reveal() if password is not None else None
+    key = (
+        mailbox.tls_ca_file,
+        _file_stamp(mailbox.tls_ca_file),
+        mailbox.tls_verify,
+        mailbox.tls_min_version,
+        mailbox.tls_server_name,
+        mailbox.tls_fingerprint_sha256,
+        mailbox.tls_client_cert,
+        _file_stamp(mailbox.tls_client_cert),
+        mailbox.tls_client_key,
+        _file_stamp(mailbox.tls_client_key),
+        # a digest, so the cache key never holds the password itself
+        None if secret is None else hashlib.sha256(secret.encode()).digest(),
+        mailbox.tls_legacy,
+    )
+    now = time.monotonic()
+    with _tls_lock:
+        hit = _tls_contexts.get(mailbox.id)
+        if hit is not None and hit[0] == key and now - hit[1] < TLS_CONTEXT_MAX_AGE_S:
+            return hit[2]
+    ctx = make_tls_context(
+        mailbox.tls_ca_file,
+        verify=mailbox.tls_verify,
+        min_version=mailbox.tls_min_version,
+        server_name=mailbox.tls_server_name,
+        fingerprint_sha256=mailbox.tls_fingerprint_sha256,
+        client_cert=mailbox.tls_client_cert,
+        client_key=mailbox.tls_client_key,
+        client_key_password=secret,
+        legacy=mailbox.tls_legacy,
+        mailbox=mailbox.id,
+    )
+    with _tls_lock:
+        _tls_contexts[mailbox.id] = (key, now, ctx)
+    return ctx
+
+
 def open_session(mailbox: MailboxConfig) -> MailboxSession:
     """Connect (implicit TLS, STLS or plain, as configured) and read the greeting.
 
-    The TLS context is built per session, so a rotated tls_client_key_password file is
-    picked up and a tls_legacy mailbox logs its WARNING every time.
+    The TLS context comes from :func:`tls_context`: re-used across sessions, rebuilt when a
+    rotated CA bundle, client certificate, key or key password file shows up (a tls_legacy
+    mailbox logs its WARNING at each build: at its first session, after a change, hourly).
     """
-    ssl_ctx = None
-    if mailbox.tls != "none":
-        password = mailbox.tls_client_key_password
-        ssl_ctx = make_tls_context(
-            mailbox.tls_ca_file,
-            verify=mailbox.tls_verify,
-            min_version=mailbox.tls_min_version,
-            server_name=mailbox.tls_server_name,
-            fingerprint_sha256=mailbox.tls_fingerprint_sha256,
-            client_cert=mailbox.tls_client_cert,
-            client_key=mailbox.tls_client_key,
-            client_key_password=password.reveal() if password is not None else None,
-            legacy=mailbox.tls_legacy,
-            mailbox=mailbox.id,
-        )
+    ssl_ctx = tls_context(mailbox) if mailbox.tls != "none" else None
     return Pop3Session.connect(
         mailbox.host,
         mailbox.port,

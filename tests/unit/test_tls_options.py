@@ -485,7 +485,7 @@ def test_legacy_weak_key(serve: list[ScriptedServer], pki: Pki, caplog: pytest.L
             server = tls_server(serve, pki.server_context("weak", legacy=True))
             connect_and_quit(mailbox(server, pki, tls_legacy=True))
     warned = [r for r in caplog.records if r.name == "pop3kafka.tls"]
-    assert len(warned) == 2  # every context built, i.e. every session
+    assert len(warned) == 1  # at each context built; the second session re-uses the first's
     assert all(r.levelno == logging.WARNING and "mailbox 'secure'" in r.getMessage() for r in warned)
 
 
@@ -499,3 +499,67 @@ def test_legacy_tls10_server(serve: list[ScriptedServer], pki: Pki) -> None:
         open_session(mailbox(server, pki, tls_legacy=True, tls_min_version="TLSv1.2"))
     server = tls_server(serve, pki.server_context(**old))
     connect_and_quit(mailbox(server, pki, tls_legacy=True))
+
+
+# ---------------------------------------------------------------------------- context re-use
+
+
+def test_a_mailbox_reuses_its_context_until_something_it_was_built_from_changes(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~24 ms of CPU per build with the system trust store (bench/tls_context.py): built once per
+    mailbox, rebuilt when the CA bundle, client certificate/key or key password changes."""
+    import os
+
+    from connector.runtime import cycle
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(pki.ca.read_text())
+    pw = tmp_path / "key-pw"
+    pw.write_text(KEY_PASSWORD)
+    key = tmp_path / "client.key"
+    key.write_bytes(pki.key("client-enc").read_bytes())
+    m = config(
+        tls_ca_file=str(ca),
+        tls_client_cert=str(pki.cert("client")),
+        tls_client_key=str(key),
+        tls_client_key_password={"file": str(pw)},
+    )
+    first = cycle.tls_context(m)
+    assert cycle.tls_context(m) is first
+    subjects = {dict(x[0] for x in c["subject"])["commonName"] for c in first.get_ca_certs()}
+    assert subjects == {"test ca"}
+    # a rotated CA bundle (a Secret's symlink swap shows as a new inode/mtime/size)
+    ca.write_text(pki.other_ca.read_text())
+    second = cycle.tls_context(m)
+    assert second is not first
+    assert {dict(x[0] for x in c["subject"])["commonName"] for c in second.get_ca_certs()} == {"test other"}
+    assert cycle.tls_context(m) is second
+    # a rotated client key or key password
+    os.utime(key, ns=(1, 1))
+    third = cycle.tls_context(m)
+    assert third is not second and cycle.tls_context(m) is third
+    pw.write_text(KEY_PASSWORD + "\n")  # the same password re-written: the context stays valid
+    assert cycle.tls_context(m) is third
+    pw.write_text("another-passphrase")  # re-read at every session: a changed one rebuilds
+    with pytest.raises(ConfigError, match="tls_client_key"):
+        cycle.tls_context(m)
+    pw.write_text(KEY_PASSWORD)
+    # a setting changed by a reload
+    assert cycle.tls_context(config(tls_ca_file=str(ca), tls_min_version="TLSv1.3")).minimum_version == (
+        ssl.TLSVersion.TLSv1_3
+    )
+    # and at least hourly, for a system trust store updated in place
+    monkeypatch.setattr(cycle, "TLS_CONTEXT_MAX_AGE_S", 0.0)
+    again = config(tls_ca_file=str(ca))
+    assert cycle.tls_context(again) is not cycle.tls_context(again)
+
+
+def test_legacy_warning_at_each_build_not_each_session(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    from connector.runtime import cycle
+
+    m = config(id="old-server", tls_ca_file=str(pki.ca), tls_legacy=True)
+    with caplog.at_level(logging.WARNING, logger="pop3kafka.tls"):
+        for _ in range(3):
+            cycle.tls_context(m)
+    assert sum("tls_legacy is on" in r.getMessage() for r in caplog.records) == 1
