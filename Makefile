@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -113,6 +113,11 @@ bench-many-mailboxes: deps venv
 # CPU per session of the TLS context, built per session vs re-used (bench/results/tls_context.md).
 bench-tls-context: venv
 	$(BIN)/python bench/tls_context.py
+
+# CPU of the scheduling loop at 500 and 5000 mailboxes (no network), grouping cached vs per turn
+# (bench/results/scheduler_loop.md). ~4 min.
+bench-scheduler-loop: venv
+	$(BIN)/python bench/scheduler_loop.py
 
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

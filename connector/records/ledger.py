@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Literal
 
 from connector import __version__
@@ -29,6 +29,7 @@ def ledger_schema() -> Schema:
     return load_schema(LEDGER_SCHEMA_FILE)
 
 
+@lru_cache(maxsize=65_536)  # the scheduling loop asks for every mailbox on every turn
 def shard_of(mailbox_id: str, shards: int) -> int:
     """Stable shard of a mailbox: the same on every replica, every version, every run.
 

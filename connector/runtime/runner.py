@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -56,6 +56,10 @@ RELOAD_CHECK_SECONDS = 10.0
 #: The longest a server's LOGIN-DELAY holds a mailbox back: RFC 2449 §6.8 sets no upper bound,
 #: and a garbled or hostile value must not stop a mailbox for good.
 MAX_LOGIN_DELAY_SECONDS = 86_400.0
+#: Shards fenced in and loaded at once (at start, on assignment).
+PREPARE_PARALLEL = 8
+#: A shard that could not be fenced in or loaded (broker away, ACL missing) is tried again after.
+PREPARE_RETRY_SECONDS = 5.0
 
 
 def waves(mailboxes: Sequence[MailboxConfig], per_server: int) -> list[list[MailboxConfig]]:
@@ -149,6 +153,10 @@ class Runner:
         self._to_prepare: set[int] = set()
         self._revoking: set[int] = set()
         self._preparing: set[int] = set()
+        self._prepare_retry_at: dict[int, float] = {}
+        self._prepare_futures: dict[int, Future[None]] = {}
+        #: fences in and loads assigned shards off the loop thread (group ownership).
+        self._prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_PARALLEL, thread_name_prefix="prepare")
         self._running_units: dict[Future[list[CycleResult]], object] = {}
         self._ready = threading.Event()
         #: time.monotonic() of the loop's last turn (None before it first turns): /healthz.
@@ -163,6 +171,13 @@ class Runner:
         self._reload_checked = time.monotonic()
         self._config_mtime = _file_stamp(config.source)
         self._bad_stamp: tuple[int, int, int] | None = None
+        #: the units of work of the configuration object they were computed for (a reload
+        #: replaces the object) and shard count (see _units), and its mailboxes by id.
+        self._plan_for: Config | None = None
+        self._plan_shards = -1
+        self._plan_units: dict[object, list[MailboxConfig]] = {}
+        self._map_for: Config | None = None
+        self._mailbox_map: dict[str, MailboxConfig] = {}
         #: exactly-once: shard -> worker (filled by prepare()).
         self.workers: dict[int, ShardWorker] = {}
         self.shards = 0
@@ -192,28 +207,46 @@ class Runner:
         )
         targets = mailboxes if mailboxes is not None else c.mailboxes
         wanted = shards if shards is not None else {shard_of(m.id, self.shards) for m in targets}
-        for shard in sorted(wanted):
-            if shard in self.workers:
-                continue
-            producer = ShardProducer(
-                c.kafka.bootstrap_servers,
-                c.kafka.client_conf(),
-                c.kafka.delivery_timeout_seconds,
-                prefix=c.delivery.transactional_id_prefix,
-                shard=shard,
-                transaction_timeout_s=c.delivery.transaction_timeout_seconds,
-            )
+        todo = [s for s in sorted(wanted) if s not in self.workers]
+        if len(todo) <= 1:
+            for shard in todo:
+                self._prepare_shard(shard)
+            return
+        # In parallel: each shard's init_transactions() and ledger read are round trips to
+        # the broker (and a ledger read is as long as its partition), so serially the last
+        # shard of a process with many waited for all the others.
+        with ThreadPoolExecutor(max_workers=min(PREPARE_PARALLEL, len(todo)), thread_name_prefix="prepare") as pool:
+            for _ in pool.map(self._prepare_shard, todo):
+                pass
+
+    def _prepare_shard(self, shard: int) -> None:
+        """Fence in one shard (init_transactions) and load its ledger; then it has a worker."""
+        c = self.config
+        producer = ShardProducer(
+            c.kafka.bootstrap_servers,
+            c.kafka.client_conf(),
+            c.kafka.delivery_timeout_seconds,
+            prefix=c.delivery.transactional_id_prefix,
+            shard=shard,
+            transaction_timeout_s=c.delivery.transaction_timeout_seconds,
+        )
+        try:
             producer.init()
             ledger = load_shard_ledger(c.kafka.bootstrap_servers, c.kafka.client_conf(), c.ledger.topic, shard)
-            self.workers[shard] = ShardWorker(
-                c,
-                shard,
-                producer,
-                ledger,
-                stop=LinkedEvent(self.stop),
-                session_factory=self.session_factory,
-                hooks=self.hooks,
-            )
+        except BaseException:
+            producer.close(timeout=5.0)
+            raise
+        worker = ShardWorker(
+            c,
+            shard,
+            producer,
+            ledger,
+            stop=LinkedEvent(self.stop),
+            session_factory=self.session_factory,
+            hooks=self.hooks,
+        )
+        with self._control:
+            self.workers[shard] = worker
 
     def _by_shard(self, mailboxes: Sequence[MailboxConfig]) -> dict[int, list[MailboxConfig]]:
         groups: dict[int, list[MailboxConfig]] = defaultdict(list)
@@ -282,6 +315,8 @@ class Runner:
             self.membership.start()
         elif self.exactly_once:
             self.prepare()
+            with self._control:  # plans count from now, not from before the shards were loaded
+                self._restart_plans(list(self.scheduler.states))
             self._ready.set()
         else:
             self._ready.set()
@@ -361,6 +396,11 @@ class Runner:
         finally:
             self._drain(pool, list(running))
             sessions.shutdown(wait=False, cancel_futures=True)
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            with self._control:  # a load that never started is not waited for by the revocation
+                for shard, future in self._prepare_futures.items():
+                    if future.cancelled():
+                        self._preparing.discard(shard)
             if self.membership is not None:
                 self.membership.close()
             with self._control:
@@ -428,36 +468,66 @@ class Runner:
         self._wake.set()
 
     def _take_assignments(self) -> None:
-        """Loop thread: prepare the shards assigned since the last turn."""
+        """Loop thread: start fencing in and loading the shards assigned since the last turn,
+        in the background: the loop goes on scheduling the shards it has meanwhile (a long
+        ledger must not hold every other mailbox of the replica)."""
         if self.membership is None:
             return
+        now = time.monotonic()
         with self._control:
-            todo = sorted(self._to_prepare)
+            todo = [
+                s
+                for s in sorted(self._to_prepare)
+                if s not in self._preparing and self._prepare_retry_at.get(s, 0.0) <= now
+            ]
+            self._preparing.update(todo)
         for shard in todo:
+            future = self._prepare_pool.submit(self._prepare_assigned, shard)
             with self._control:
-                if shard not in self._to_prepare:
-                    continue  # revoked meanwhile
-                self._preparing.add(shard)
-            try:
-                self.prepare(shards=[shard])
-            except ConnectorError as exc:
-                log.error("shard %d not fenced in / loaded (%s); retried", shard, exc)
-                continue
-            finally:
-                with self._control:
-                    self._preparing.discard(shard)
-            with self._control:
-                stale = self.workers.pop(shard, None) if shard in self._revoking else None
-                self._to_prepare.discard(shard)
-            if stale is not None:
-                # Revoked while it was being prepared: never run it, hand it back at once.
-                stale.producer.abort()
-                stale.producer.close(timeout=10.0)
-                log.info("shard %d revoked while it was being fenced in; handed back", shard)
-            else:
-                log.info("shard %d fenced in and loaded; polling its mailboxes", shard)
+                self._prepare_futures[shard] = future
         if self.membership.settled.is_set():
             self._ready.set()
+
+    def _prepare_assigned(self, shard: int) -> None:
+        """A prepare thread: one assigned shard; a failure is retried after PREPARE_RETRY_SECONDS."""
+        try:
+            self._prepare_shard(shard)
+        except Exception as exc:
+            why = exc.describe() if isinstance(exc, ConnectorError) else f"internal error ({type(exc).__name__})"
+            log.error("shard %d not fenced in / loaded (%s); retried in %gs", shard, why, PREPARE_RETRY_SECONDS)
+            if not isinstance(exc, ConnectorError):
+                log.debug("shard %d prepare failure", shard, exc_info=True)
+            with self._control:
+                self._preparing.discard(shard)
+                self._prepare_futures.pop(shard, None)
+                self._prepare_retry_at[shard] = time.monotonic() + PREPARE_RETRY_SECONDS
+            self._wake.set()
+            return
+        with self._control:
+            stale = self.workers.pop(shard, None) if shard in self._revoking else None
+            self._to_prepare.discard(shard)
+            self._preparing.discard(shard)
+            self._prepare_futures.pop(shard, None)
+            self._prepare_retry_at.pop(shard, None)
+            if stale is None:
+                # Its mailboxes start afresh: first polls spread over the next seconds, not all
+                # at once because they fell due while the shard belonged to someone else.
+                self._restart_plans(m.id for m in self.config.mailboxes if shard_of(m.id, self.shards) == shard)
+        if stale is not None:
+            # Revoked while it was being prepared: never run it, hand it back at once.
+            stale.producer.abort()
+            stale.producer.close(timeout=10.0)
+            log.info("shard %d revoked while it was being fenced in; handed back", shard)
+        else:
+            log.info("shard %d fenced in and loaded; polling its mailboxes", shard)
+        self._wake.set()
+
+    def _restart_plans(self, mailbox_ids: Iterable[str]) -> None:
+        """Under _control: plans start from now (see Scheduler.restart)."""
+        now = self._clock()
+        for mid in mailbox_ids:
+            if mid in self.scheduler.states:
+                self.scheduler.restart(mid, now)
 
     def _on_revoke(self, shards: list[int]) -> None:
         """Membership thread, inside the rebalance: stop the shards before another replica
@@ -493,15 +563,25 @@ class Runner:
     # ------------------------------------------------------------------ reload
 
     def _units(self) -> dict[object, list[MailboxConfig]]:
-        """exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle."""
-        mailboxes = self.config.mailboxes
-        if self.exactly_once:
-            return {s: list(ms) for s, ms in self._by_shard(mailboxes).items()}
-        return {m.id: [m] for m in mailboxes}
+        """exactly_once: one unit of work = one shard round; at_least_once: one mailbox cycle.
+        Computed once per configuration and shard count, not per loop turn: with thousands of
+        mailboxes the grouping (a SHA-256 per mailbox) was most of the loop's CPU."""
+        config = self.config
+        if self._plan_for is not config or self._plan_shards != self.shards:
+            if self.exactly_once:
+                self._plan_units = {s: list(ms) for s, ms in self._by_shard(config.mailboxes).items()}
+            else:
+                self._plan_units = {m.id: [m] for m in config.mailboxes}
+            self._plan_for, self._plan_shards = config, self.shards
+        return self._plan_units
 
     @property
     def _mailboxes(self) -> dict[str, MailboxConfig]:
-        return {m.id: m for m in self.config.mailboxes}
+        config = self.config
+        if self._map_for is not config:
+            self._mailbox_map = {m.id: m for m in config.mailboxes}
+            self._map_for = config
+        return self._mailbox_map
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the configuration file before the next scheduling decision."""
@@ -761,6 +841,7 @@ class Runner:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         left = self.publisher.close(timeout=10.0)
         with self._control:
             workers = list(self.workers.values())

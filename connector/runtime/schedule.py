@@ -114,6 +114,27 @@ class Scheduler:
             planned = self._cron_next(spec, now)
             self.states[mailbox_id] = MailboxState(planned=planned, due=planned + offset)
 
+    def restart(self, mailbox_id: str, now: float) -> None:
+        """Plan afresh from ``now`` as :meth:`add` does (first poll within the start-up spread),
+        keeping failures, a backoff and a pause: for mailboxes whose shard was just fenced in and
+        loaded, whose due times passed while it was being loaded or owned by another replica."""
+        st = self.states[mailbox_id]
+        self.add(mailbox_id, now)
+        new = self.states[mailbox_id]
+        new.due = max(new.due, st.backoff_until or new.due)
+        for name in (
+            "failures",
+            "last_error",
+            "backoff_until",
+            "in_use_count",
+            "paused",
+            "running",
+            "last_cycle_at",
+            "last_success_at",
+            "last_error_text",
+        ):
+            setattr(new, name, getattr(st, name))
+
     def remove(self, mailbox_id: str) -> None:
         self.states.pop(mailbox_id, None)
         self.specs.pop(mailbox_id, None)

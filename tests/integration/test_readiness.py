@@ -99,6 +99,10 @@ def test_readyz_is_503_until_the_owned_shard_is_loaded_and_200_without_shards(
         code, body = get(base_a, "/healthz")
         assert code == 200 and body["ok"], body
         wait_for("the shard to be assigned and its load to start", loading.is_set)
+        # The load runs off the loop thread: the loop keeps turning (and would keep polling the
+        # shards it has) while a long ledger is read.
+        time.sleep(2.5)
+        assert a.heartbeat is not None and time.monotonic() - a.heartbeat < 1.5
         code, body = get(base_a, "/readyz")
         assert code == 503 and body["ok"] is False, body
         assert body["preparing_shards"] == [0] and body["owned_shards"] == []

@@ -135,3 +135,22 @@ def test_file_secrets_are_equal_by_file_so_a_rotation_is_no_config_change(tmp_pa
     p.write_text("two-longer")
     b = Secret("two-longer", f"file:{p}", p)
     assert a == b and Secret("x", "env:A") != Secret("y", "env:A") and Secret("x", "env:A") == Secret("x", "env:A")
+
+
+def test_restart_plans_afresh_and_keeps_the_state() -> None:
+    """A shard just fenced in and loaded: its mailboxes' due times passed meanwhile; they start
+    again within the start-up spread from now instead of all at once, and keep pause/backoff."""
+    spec = ScheduleSpec(interval_seconds=600, jitter_seconds=600)
+    s = Scheduler({f"m{i}": spec for i in range(50)}, now=T0)
+    s.states["m0"].paused = True
+    later = T0 + 7200
+    backoff = s.next_due("m1", T0 + 1, ok=False)
+    s.states["m2"].backoff_until = s.states["m2"].due = later + 500  # a long backoff still holds
+    for mid in list(s.states):
+        s.restart(mid, later)
+    dues = [s.states[f"m{i}"].due for i in range(3, 50)]
+    assert all(later <= d < later + 10 for d in dues) and len(set(dues)) == len(dues)  # spread
+    assert s.states["m0"].paused and s.states["m1"].failures == 1 and backoff < later
+    assert s.states["m2"].due == later + 500
+    # the plan's phase follows: the next regular slot is one interval after the restart
+    assert s.next_due("m3", later + 20, ok=True) == later + 600 + stable_offset("m3", 600)
