@@ -30,8 +30,8 @@ from connector.delivery.kafka import Publisher
 from connector.delivery.transactional import ShardProducer
 from connector.protocol import ServerPolicy
 from connector.records import ledger
-from connector.runtime import runner as runner_mod
 from connector.records.ledger import ShardLedger
+from connector.runtime import runner as runner_mod
 from connector.runtime.exactly_once import ShardWorker
 from connector.runtime.runner import LinkedEvent, Runner
 
@@ -167,7 +167,8 @@ def main() -> int:
         "",
         f"`python bench/scheduler_loop.py --mailboxes {' '.join(map(str, args.mailboxes))} --seconds {args.seconds:g} "
         f"--interval {args.interval:g}`:",
-        f"empty scripted sessions (no network), librdkafka mock cluster, exactly_once ({SHARDS} shards), {args.interval:g} s intervals,",
+        f"empty scripted sessions (no network), librdkafka mock cluster, exactly_once ({SHARDS} shards), "
+        f"{args.interval:g} s intervals,",
         f"measured for {args.seconds:g} s after the first polls; {platform.python_implementation()} "
         f"{platform.python_version()}. CPU is the whole process (loop and cycles), in % of one core.",
         "",
