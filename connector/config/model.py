@@ -25,9 +25,9 @@ from connector.auth.oauth2 import (
     TokenSource,
     token_url_problem,
 )
+from connector.config.offload import OffloadSettings
 from connector.config.schema import Field, validate
 from connector.decoding.options import DEFAULT_OPTIONS, BodySelection, DecodeLimits, DecodeOptions
-from connector.delivery.offload import OffloadSettings
 from connector.errors import ConfigError
 
 TlsMode = Literal["implicit", "starttls", "none"]
