@@ -162,6 +162,10 @@ class TokenSource(Protocol):
         """Where tokens come from, safe to print (no secret)."""
         ...
 
+    def expires_at(self) -> float | None:
+        """Unix time at which the cached token expires; None when none is cached or unknown."""
+        ...
+
 
 @dataclass(frozen=True)
 class HttpReply:
@@ -307,6 +311,9 @@ class StaticTokenSource:
     def describe(self) -> str:
         return f"oauth2_token ({self._secret.source})"
 
+    def expires_at(self) -> float | None:
+        return None  # a token from a file or the environment: its lifetime is not ours to know
+
     def __repr__(self) -> str:
         return f"StaticTokenSource({self._secret.source})"
 
@@ -360,6 +367,10 @@ class _EndpointSource:
     @property
     def token_url(self) -> str:
         return self._token_url
+
+    def expires_at(self) -> float | None:
+        cached = self._cached
+        return cached.expires_at if cached is not None else None
 
     # -- TokenSource
 

@@ -13,12 +13,13 @@ mail next cycle with the same record id (Kafka header ``pop3kafka.record_id``).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -36,6 +37,24 @@ log = logging.getLogger("pop3kafka.rdkafka")
 
 #: default local producer queue bound (queue.buffering.max.kbytes); kafka.client may override it.
 QUEUE_KBYTES = 16 * 1024
+#: librdkafka statistics every this often when an observer is installed (kafka.client's
+#: statistics.interval.ms wins).
+STATISTICS_INTERVAL_MS = 15_000
+
+
+class DeliveryObserver(Protocol):
+    """What the operations layer learns from our producers (connector/observability/metrics.py
+    installs one; this layer does not know about Prometheus)."""
+
+    def delivered(self, latency_s: float) -> None:
+        """A record was confirmed ``latency_s`` after it was produced."""
+
+    def statistics(self, client: str, stats: Mapping[str, Any]) -> None:
+        """librdkafka's statistics of the producer named ``client`` (e.g. "shard-3")."""
+
+
+#: set once at start by the runtime; None: nothing is observed, no statistics are asked for.
+OBSERVER: DeliveryObserver | None = None
 
 
 @dataclass
@@ -90,8 +109,16 @@ class Publisher:
     """Thin owner of one confluent_kafka Producer; created lazily, no network in __init__."""
 
     def __init__(
-        self, bootstrap: str, client: Mapping[str, Any], delivery_timeout_s: float, logger: logging.Logger | None = None
+        self,
+        bootstrap: str,
+        client: Mapping[str, Any],
+        delivery_timeout_s: float,
+        logger: logging.Logger | None = None,
+        *,
+        name: str = "publisher",
     ) -> None:
+        #: names this producer in metrics (``client`` label): "publisher" or "shard-<n>".
+        self.name = name
         self._conf = producer_config(bootstrap, client, delivery_timeout_s)
         self._timeout = delivery_timeout_s
         self._producer: Producer | None = None
@@ -106,11 +133,23 @@ class Publisher:
                 conf = dict(self._conf)
                 conf["error_cb"] = self._on_error
                 conf["logger"] = self._log
+                if OBSERVER is not None:
+                    conf.setdefault("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+                    conf["stats_cb"] = self._on_statistics
                 try:
                     self._producer = Producer(conf)
                 except KafkaException as exc:
                     raise client_config_error(exc) from exc
             return self._producer
+
+    def _on_statistics(self, raw: str) -> None:
+        observer = OBSERVER
+        if observer is None:
+            return
+        try:
+            observer.statistics(self.name, json.loads(raw))
+        except Exception:  # noqa: BLE001 - metrics must never break delivery
+            self._log.debug("kafka statistics not recorded", exc_info=True)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -137,12 +176,16 @@ class Publisher:
             raise DeliveryFatalError(f"producer is in a fatal state: {self._fatal.str()}")
         producer = self._get()
         d = Delivery(topic)
+        sent = time.monotonic()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             d.error = err
             if err is None:
                 d.partition = msg.partition()
                 d.offset = msg.offset()
+                observer = OBSERVER
+                if observer is not None:
+                    observer.delivered(time.monotonic() - sent)
             d.done.set()
 
         deadline = time.monotonic() + self._timeout

@@ -57,7 +57,7 @@ class ShardProducer(Publisher):
         shard: int,
         transaction_timeout_s: float,
     ) -> None:
-        super().__init__(bootstrap, client, delivery_timeout_s)
+        super().__init__(bootstrap, client, delivery_timeout_s, name=f"shard-{shard}")
         self.shard = shard
         self.transactional_id = transactional_id(prefix, shard)
         self._conf["transactional.id"] = self.transactional_id

@@ -243,6 +243,11 @@ class Pop3Session:
         return self._transport.is_tls
 
     @property
+    def certificate_not_after(self) -> float | None:
+        """Unix time at which the server's TLS certificate expires; None without TLS."""
+        return self._transport.peer_not_after()
+
+    @property
     def host(self) -> str:
         return self._transport.host
 

@@ -380,6 +380,25 @@ class Transport:
         if isinstance(ssl_context, TlsContext) and ssl_context.fingerprint_sha256 is not None:
             self._check_pin(tls_sock, ssl_context.fingerprint_sha256)
 
+    def peer_not_after(self) -> float | None:
+        """Unix time at which the server's certificate expires (its notAfter), or None (no TLS,
+        or no certificate). Read from the DER, so it works with verification off too."""
+        sock = self._sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        try:
+            der = sock.getpeercert(binary_form=True)
+        except (ValueError, OSError):
+            return None
+        if not der:
+            return None
+        from cryptography import x509  # noqa: PLC0415 - only TLS sessions need it
+
+        try:
+            return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+        except ValueError:
+            return None
+
     def _check_pin(self, sock: ssl.SSLSocket, expected: bytes) -> None:
         der = sock.getpeercert(binary_form=True)
         got = hashlib.sha256(der).digest() if der else b""

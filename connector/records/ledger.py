@@ -143,3 +143,7 @@ class ShardLedger:
 
     def forget(self, mailbox_id: str, uidl: str) -> None:
         self.known(mailbox_id).pop(uidl, None)
+
+    def __len__(self) -> int:
+        """Entries held (every mailbox of the shard)."""
+        return sum(len(v) for v in self.mailboxes.values())

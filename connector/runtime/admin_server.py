@@ -8,14 +8,16 @@
                                     409 when the mailbox is paused, 404 for an unknown id
     POST /mailboxes/{id}/pause      no new cycle starts (one in flight finishes); 200
     POST /mailboxes/{id}/resume     back to the schedule, polled at once; 200
+    GET  /metrics                   Prometheus text format (connector/observability/metrics.py)
     GET  /healthz                   200 while the scheduling loop turns (liveness), else 503
     GET  /readyz                    200 when every shard this process owns is fenced in and its
                                     ledger loaded, also when it owns none; else 503 with why
 
 Configuration: ``admin: {bind: "127.0.0.1:9108", token: {file: ...}}`` (docs/configuration.md).
 With a token every request needs ``Authorization: Bearer <token>`` (compared in constant
-time), else 401; binding to a non-loopback address needs a token. /healthz and /readyz are
-open (Kubernetes probes carry no secrets) and answer only states, shard numbers and reasons.
+time), else 401; binding to a non-loopback address needs a token. /metrics, /healthz and
+/readyz are open (probes and scrapers carry no secrets; they answer mailbox ids, server
+host:port, states, counts and reasons only).
 Responses carry mailbox ids, POP3 server host:port, times and ConnectorError descriptions
 only: no passwords, tokens, mail addresses or mail content. Stdlib ``ThreadingHTTPServer``:
 a handful of on-call requests and probes, not a traffic path; each request has its own thread, a waiting poll blocks
@@ -34,15 +36,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
 from connector.config.model import Secret
+from connector.observability import metrics
 from connector.runtime.cycle import CycleResult
 from connector.runtime.runner import Runner, error_text
 
 log = logging.getLogger("pop3kafka.admin")
 
 DEFAULT_WAIT_S = 60.0
-#: open without the token: Kubernetes probes cannot hold a secret, and these say nothing private.
-PROBES = frozenset({"/healthz", "/readyz"})
+#: open without the token: Kubernetes probes and Prometheus scrapes hold no secret, and these
+#: say nothing private.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_WAIT_S = 600.0
 
 
@@ -128,7 +134,9 @@ class AdminServer:
                 return 404, {"error": f"no mailbox {mid!r} in this configuration"}
         if parts[:1] == ["mailboxes"]:
             return 405 if method not in ("GET", "POST") else 404, {"error": "see GET /mailboxes"}
-        return 404, {"error": "endpoints: GET /mailboxes, /healthz, /readyz; POST /mailboxes/{id}/poll|pause|resume"}
+        return 404, {
+            "error": "endpoints: GET /mailboxes, /metrics, /healthz, /readyz; POST /mailboxes/{id}/poll|pause|resume"
+        }
 
     def _poll(self, mid: str, query: dict[str, list[str]]) -> tuple[int, Any]:
         try:
@@ -161,6 +169,9 @@ def _handler(server: AdminServer) -> type[BaseHTTPRequestHandler]:
         def _serve(self, method: str) -> None:
             url = urllib.parse.urlsplit(self.path)
             probe = url.path.rstrip("/") in PROBES
+            if url.path.rstrip("/") == "/metrics" and method == "GET":
+                self._send_raw(200, metrics.exposition(), CONTENT_TYPE_PLAIN_0_0_4)  # what every Prometheus reads
+                return
             if not probe and not server.authorised(self.headers.get("Authorization")):
                 self._send(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
                 return
@@ -172,9 +183,11 @@ def _handler(server: AdminServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, body)
 
         def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = (json.dumps(body, indent=1) + "\n").encode()
+            self._send_raw(status, (json.dumps(body, indent=1) + "\n").encode(), "application/json", headers)
+
+        def _send_raw(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)

@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -123,6 +123,16 @@ class CycleResult:
     too_large: int = 0
     #: the cycle stopped at a count/byte bound or on shutdown with mail still waiting.
     more_pending: bool = False
+    #: octets listed (LIST sizes) and retrieved (RETR) by the cycle.
+    listed_bytes: int = 0
+    fetched_bytes: int = 0
+    #: UIDLs listed that the connector has not finished with (delete mode: every one listed;
+    #: keep mode: those not in the ledger yet): the backlog whose oldest age is a metric.
+    waiting: list[str] = field(default_factory=list)
+    #: dead letters Kafka confirmed (committed), by the reason of their DecodeError.
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    #: Unix time at which the server's TLS certificate expires (None: no TLS or not known).
+    tls_not_after: float | None = None
     error: BaseException | None = None
     duration_s: float = 0.0
     #: the login succeeded (RFC 2449 §6.8 LOGIN-DELAY counts from a successful login).
@@ -351,6 +361,31 @@ def after_login(session: MailboxSession, mailbox: MailboxConfig, res: CycleResul
         log.warning("%s", conflict, extra=extra)
 
 
+def note_session(session: MailboxSession, res: CycleResult) -> None:
+    """Right after connecting: the server certificate's expiry, for the metric (sessions that
+    are not TLS, and scripted test sessions, have none)."""
+    res.tls_not_after = getattr(session, "certificate_not_after", None)
+
+
+def note_listing(
+    res: CycleResult, uidls: Sequence[tuple[int, str]], sizes: dict[int, int], known: Iterable[str] | None = None
+) -> None:
+    """After UIDL/LIST: the backlog as metrics see it. ``known``: UIDLs the ledger holds, which
+    keep mode leaves on the server on purpose (then not waiting)."""
+    res.listed = len(uidls)
+    res.listed_bytes = sum(sizes.values())
+    done = set(known) if known is not None else set()
+    res.waiting = [u for _, u in uidls if u not in done]
+
+
+def count_reasons(reasons: Iterable[str | None]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reasons:
+        key = r or "unknown"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def policy_after_refusal(session: MailboxSession | None, exc: BaseException, res: CycleResult) -> None:
     """After a ``[LOGIN-DELAY]`` refusal (RFC 2449 §8.1.2): keep the LOGIN-DELAY the server
     announced before the login (normally already read: no I/O), so the scheduler can wait that
@@ -382,6 +417,8 @@ class _Pending:
     dead: bool = False
     #: its chunk records (attachments, raw mail): all confirmed, or the mail is not deleted.
     chunks: tuple[Delivery, ...] = ()
+    #: a dead letter's reason (DecodeError.reason).
+    reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -650,6 +687,7 @@ def encode_retrieved(
         return None
     with mapped(mail) as raw:
         fetched_at = clock_ms()
+        res.fetched_bytes += len(raw)
         faults.point("after_retr")
         log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
         if hooks.on_retrieved:
@@ -784,12 +822,13 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         # The fetch phase's time limit (see cycle_time_limit); settling has its own.
         limit.enter_context(time_limit(cycle_time_limit(mailbox), CYCLE_LIMIT_WHAT))
         session = ctx.session_factory(mailbox)
+        note_session(session, res)
         step = "login"
         login(session, mailbox)
         after_login(session, mailbox, res, extra)
         step = "uidl"
         uidls, sizes = list_mailbox(session, mailbox)
-        res.listed = len(uidls)
+        note_listing(res, uidls, sizes)
         chosen = select_for_retrieval(mailbox, uidls, sizes, res, extra)
         step = "retr"
         # closing(): a break must drain the RETRs in flight now, before DELE, not at some GC.
@@ -846,7 +885,14 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                     break
                 if d is not None:
                     pending.append(
-                        _Pending(got.msg_num, got.uidl, d, dead=got.dead_letter is not None, chunks=got.chunks)
+                        _Pending(
+                            got.msg_num,
+                            got.uidl,
+                            d,
+                            dead=got.dead_letter is not None,
+                            chunks=got.chunks,
+                            reason=got.dead_letter.reason if got.dead_letter is not None else None,
+                        )
                     )
                 step = "retr"
 
@@ -860,6 +906,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
         # A confirmed dead letter counts as delivered for the DELE rule: Kafka holds the
         # original bytes, so the server copy may go (docs/delivery.md, "Dead letters").
         res.dead_lettered = sum(1 for p in pending if p.ok and p.dead)
+        res.dead_letter_reasons = count_reasons(p.reason for p in pending if p.ok and p.dead)
         for p in pending:
             hook = ctx.hooks.on_dead_lettered if p.dead else ctx.hooks.on_published
             if hook and p.ok:

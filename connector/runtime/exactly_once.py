@@ -57,9 +57,12 @@ from connector.runtime.cycle import (
     CycleResult,
     MailboxSession,
     after_login,
+    count_reasons,
     end_without_deletes,
     failure_level,
     list_mailbox,
+    note_listing,
+    note_session,
     open_session,
     placer_for,
     policy_after_refusal,
@@ -101,6 +104,8 @@ class _Produced:
     dead: bool = False
     #: its chunk records, in the same transaction.
     chunks: tuple[Delivery, ...] = ()
+    #: a dead letter's reason (DecodeError.reason).
+    reason: str | None = None
 
 
 @dataclass
@@ -120,6 +125,8 @@ class Prepared:
     t0: float = 0.0
     #: time.monotonic() by which its POP3 fetch phase must end (the round's time limit).
     fetch_until: float = float("inf")
+    #: the reasons of the dead letters among its ledger entries.
+    dead_reasons: list[str | None] = field(default_factory=list)
 
 
 class ShardWorker:
@@ -150,6 +157,7 @@ class ShardWorker:
         self._tombstones: list[tuple[str, str]] = []
         self._absent_since: dict[tuple[str, str], int] = {}
         metrics.SHARD_OWNED.labels(str(shard)).set(1)
+        metrics.LEDGER_ENTRIES.labels(str(shard)).set(len(ledger))
         self._lock = threading.Lock()  # one round at a time
         self._state_lock = threading.Lock()  # tombstones and ledger view, touched by settle threads
 
@@ -181,6 +189,7 @@ class ShardWorker:
             p.result.deleted = 0
             p.result.published = 0
             p.result.dead_lettered = 0
+            p.result.dead_letter_reasons = {}
             p.result.duration_s = time.monotonic() - p.t0
         return [p.result for p in preps]
 
@@ -196,6 +205,7 @@ class ShardWorker:
             return self._fail_all(preps, exc, "produce")
         except DeliveryError as exc:
             return self._fail_all(preps, exc, "produce")
+        began = time.monotonic()
         # The broker aborts a transaction left open past transaction.timeout.ms, and with it
         # every mailbox of the round: a server that trickles bytes (never idle long enough for
         # its inactivity timeout) must not get there. Its session is dropped at this limit and
@@ -213,7 +223,7 @@ class ShardWorker:
         kafka_errors = [p.kafka_error for p in preps if p.kafka_error is not None]
         if kafka_errors:
             self.producer.abort()
-            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
+            self._transaction_ended("aborted", began)
             if self.producer.fatal is not None:
                 dead = self.producer.fatal_error()
                 self._die(dead)
@@ -225,13 +235,13 @@ class ShardWorker:
             with faults.during("during_commit"):
                 self.producer.commit()
         except (ShardFencedError, DeliveryFatalError) as exc:
-            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
+            self._transaction_ended("aborted", began)
             self._die(exc)
             return self._fail_all(preps, exc, "commit")
         except DeliveryError as exc:
-            metrics.TRANSACTIONS.labels(str(self.shard), "aborted").inc()
+            self._transaction_ended("aborted", began)
             return self._fail_all(preps, exc, "commit")
-        metrics.TRANSACTIONS.labels(str(self.shard), "committed").inc()
+        self._transaction_ended("committed", began)
         faults.point("after_commit")
 
         # Committed: the ledger view follows what is now in Kafka.
@@ -244,6 +254,7 @@ class ShardWorker:
                 self.ledger.forget(p.mailbox.id, u)
             p.result.published = sum(1 for e in p.entries if e.state == "delivered")
             p.result.dead_lettered = sum(1 for e in p.entries if e.state == "dead_lettered")
+            p.result.dead_letter_reasons = count_reasons(p.dead_reasons)
             for e in p.entries:
                 hook = {"delivered": self.hooks.on_published, "dead_lettered": self.hooks.on_dead_lettered}.get(e.state)
                 if hook:
@@ -251,7 +262,12 @@ class ShardWorker:
         # DELE + QUIT per session in parallel: each DELE is a round trip, and a slow server
         # must not delay the others' QUIT (their locks, their deletes).
         list(sessions.map(self._settle, preps))
+        metrics.LEDGER_ENTRIES.labels(str(self.shard)).set(len(self.ledger))
         return [p.result for p in preps]
+
+    def _transaction_ended(self, outcome: str, began: float) -> None:
+        metrics.TRANSACTIONS.labels(str(self.shard), outcome).inc()
+        metrics.TRANSACTION_DURATION.labels(str(self.shard)).observe(time.monotonic() - began)
 
     def _settle(self, p: Prepared) -> None:
         """After the commit: DELE what the ledger holds, then QUIT (RFC 1939 §6 UPDATE)."""
@@ -348,13 +364,15 @@ class ShardWorker:
         try:
             session = self.session_factory(m)
             p.session = session
+            note_session(session, res)
             step = "login"
             login(session, m)
             after_login(session, m, res, extra)
             step = "uidl"
             uidls, sizes = list_mailbox(session, m)
-            res.listed = len(uidls)
             known = self.ledger.known(m.id)
+            # keep mode leaves published mail on the server on purpose: not backlog
+            note_listing(res, uidls, sizes, known if not m.delete else None)
             now = self.clock_ms()
             if m.start_from == "now" and BASELINE_MARKER not in known:
                 self._baseline(p, uidls, sizes, now)
@@ -420,6 +438,7 @@ class ShardWorker:
                             got.fetched_at,
                             dead=got.dead_letter is not None,
                             chunks=got.chunks,
+                            reason=got.dead_letter.reason if got.dead_letter is not None else None,
                         )
                     )
                 step = "retr"
@@ -473,6 +492,8 @@ class ShardWorker:
             )
             self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
             p.entries.append(entry)
+            if x.dead:
+                p.dead_reasons.append(x.reason)
             if m.delete and p.session is not None:
                 p.to_delete.append((x.msg_num, x.uidl))
 

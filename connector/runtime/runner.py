@@ -36,6 +36,7 @@ from connector.delivery.transactional import ShardProducer, load_shard_ledger
 from connector.errors import ConfigError, ConnectorError, Pop3LoginDelayError
 from connector.protocol import spool
 from connector.records.ledger import shard_of
+from connector.runtime import telemetry
 from connector.runtime.cycle import (
     CycleContext,
     CycleHooks,
@@ -122,6 +123,7 @@ class Runner:
         if removed:
             log.warning("removed %d spool file(s) left by a crashed process", removed)
         self.stop = threading.Event()
+        telemetry.install()  # delivery latency and librdkafka statistics, before any producer
         self.hooks = hooks or CycleHooks()
         self.session_factory = session_factory or open_session
         self.exactly_once = config.delivery.mode == "exactly_once"
@@ -155,6 +157,8 @@ class Runner:
         self._preparing: set[int] = set()
         self._prepare_retry_at: dict[int, float] = {}
         self._prepare_futures: dict[int, Future[None]] = {}
+        #: every shard this process ever had (its owned gauge drops to 0 when it goes).
+        self._shards_seen: set[int] = set()
         #: fences in and loads assigned shards off the loop thread (group ownership).
         self._prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_PARALLEL, thread_name_prefix="prepare")
         self._running_units: dict[Future[list[CycleResult]], object] = {}
@@ -265,6 +269,8 @@ class Runner:
         for wave in waves(targets, self.config.runtime.max_sessions_per_server):
             for r in self._poll_wave(wave):
                 by_id[r.mailbox] = r
+        for m in targets:
+            telemetry.cycle_done(m, by_id[m.id])
         return [by_id[m.id] for m in targets]
 
     def _poll_wave(self, targets: list[MailboxConfig]) -> list[CycleResult]:
@@ -317,6 +323,7 @@ class Runner:
             self.prepare()
             with self._control:  # plans count from now, not from before the shards were loaded
                 self._restart_plans(list(self.scheduler.states))
+            self._note_owned()
             self._ready.set()
         else:
             self._ready.set()
@@ -385,10 +392,13 @@ class Runner:
                                 mb = self._mailboxes.get(r.mailbox)
                                 if mb is None:  # removed by a reload while its cycle ran
                                     self.scheduler.remove(r.mailbox)
+                                    telemetry.forget([r.mailbox])
                                 else:
                                     self.next_poll(mb, r, self._clock())
                                     self.scheduler.states[mb.id].running = False
                                 waiters = self._waiters.pop(r.mailbox, [])
+                            if mb is not None:
+                                telemetry.cycle_done(mb, r)
                             for w in waiters:
                                 w.set_result(r)
                 else:
@@ -520,7 +530,16 @@ class Runner:
             log.info("shard %d revoked while it was being fenced in; handed back", shard)
         else:
             log.info("shard %d fenced in and loaded; polling its mailboxes", shard)
+        self._note_owned()
         self._wake.set()
+
+    def _note_owned(self) -> None:
+        """The owned-shard gauges follow the workers (fenced or failed shards are not owned)."""
+        with self._control:
+            owned = [s for s, w in self.workers.items() if w.dead is None and s not in self._revoking]
+            self._shards_seen.update(self.workers)
+            seen = set(self._shards_seen)
+        telemetry.shards_owned(owned, seen)
 
     def _restart_plans(self, mailbox_ids: Iterable[str]) -> None:
         """Under _control: plans start from now (see Scheduler.restart)."""
@@ -558,6 +577,7 @@ class Runner:
                 worker.flush_tombstones()
                 worker.producer.abort()
                 worker.producer.close(timeout=10.0)
+        self._note_owned()
         log.info("shards %s handed over", shards)
 
     # ------------------------------------------------------------------ reload
@@ -650,6 +670,7 @@ class Runner:
                 if not self.scheduler.states[i].running:
                     self.scheduler.remove(i)
                     cancelled += self._waiters.pop(i, [])
+                    telemetry.forget([i])
                 else:
                     self.scheduler.states[i].paused = True  # no new cycle; removed when it ends
         for w in cancelled:

@@ -199,11 +199,14 @@ def test_dead_letter_settings_are_validated(topics: dict[str, Any], mailbox: dic
 def test_undecodable_mail_is_dead_lettered_then_deleted() -> None:
     drop = drop_with_bad_mail()
     raw = drop.mails["BAD"]
+    orig = dict(drop.mails)
     pub = RecordingPublisher()
     seen: list[str] = []
     res = run(drop, pub, hooks=CycleHooks(on_dead_lettered=seen.append))
     assert res.ok, res.error
     assert (res.published, res.dead_lettered, res.deleted, res.undecodable) == (2, 1, 3, 0)
+    assert res.dead_letter_reasons == {"max_depth": 1}  # the metric's reason label
+    assert res.fetched_bytes == sum(len(m) for m in (raw, *(v for k, v in orig.items() if k != "BAD")))
     assert drop.mails == {} and drop.log[-1] == "QUIT" and seen == ["BAD"]
     # the DELE of the dead-lettered mail comes after its delivery report, like any other
     assert drop.log.index("DELE 2") > drop.log.index("RETR 3")
@@ -362,6 +365,7 @@ def test_eos_dead_letter_and_its_ledger_entry_commit_together_then_dele() -> Non
     r = h.round()
     assert r.ok, r.error
     assert (r.published, r.dead_lettered, r.deleted, r.undecodable) == (2, 1, 3, 0)
+    assert r.dead_letter_reasons == {"max_depth": 1} and r.listed == 3 and len(r.waiting) == 3
     assert drop.mails == {} and h.published == ["G0", "G2"] and h.dead == ["BAD"]
 
     calls = h.producer.calls
