@@ -32,6 +32,8 @@ deliberately rejects today; both will be new ``login_*`` methods sharing ``_comm
 from __future__ import annotations
 
 import enum
+import logging
+import re
 from collections.abc import Callable, Generator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -69,6 +71,19 @@ from connector.protocol.core import (
 from connector.protocol.sasl import Mechanism, SaslExchange, apop_digest, extract_apop_timestamp, is_continuation
 from connector.protocol.spool import BodySink, Retrieved, SpoolPolicy
 from connector.protocol.transport import Transport, make_tls_context
+
+log = logging.getLogger("pop3kafka.pop3")
+
+#: a mail address in a message we log: its local part is shown by its first character only
+#: (issue 8: full addresses only at debug level). Server replies quote them too ("-ERR
+#: [AUTH] Authentication failed for jane.doe@example.com").
+_ADDRESS = re.compile(r"\b([A-Za-z0-9._%+=-])[A-Za-z0-9._%+=-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+
+
+def redact_addresses(text: str) -> str:
+    """``jane.doe@example.com`` -> ``j***@example.com`` wherever it appears in ``text``."""
+    return _ADDRESS.sub(r"\1***@\2", text)
+
 
 if TYPE_CHECKING:
     import ssl
@@ -611,7 +626,10 @@ class Pop3Session:
 
     def _error(self, command: str, status: StatusLine, *, auth: bool = False, what: str = "") -> Pop3Error:
         """Map a ``-ERR`` status to the typed error (RFC 2449 §8, RFC 3206)."""
-        where = f"{what or command} refused by {self.host}:{self.port}: {status.describe()}"
+        raw = f"{what or command} refused by {self.host}:{self.port}: {status.describe()}"
+        where = redact_addresses(raw)
+        if where != raw:  # the error (logged at ERROR) shortens addresses; DEBUG has them whole
+            log.debug("%s", raw)
         if _has_code(status, "IN-USE"):
             return Pop3MailboxBusyError(where)
         if _has_code(status, "LOGIN-DELAY"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import socket
 import ssl
@@ -311,6 +312,34 @@ def test_wrong_password_auth_code(serve: list[ScriptedServer]) -> None:
         assert "alice" in str(info.value) and "wrong" not in str(info.value)
         assert "[AUTH] Authentication failed." in str(info.value)
         assert s.state is SessionState.AUTHORIZATION
+
+
+def test_addresses_in_login_errors_are_shortened_and_whole_only_at_debug(
+    serve: list[ScriptedServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8: a refused login is logged at ERROR; the mailbox's address (and the one the
+    server quotes back) appear there as j***@example.com, in full only at DEBUG."""
+    server = start(
+        serve,
+        [
+            GREETING,
+            expect("USER jane.doe@example.com"),
+            send("+OK"),
+            expect("PASS wrong"),
+            send("-ERR [AUTH] Authentication failed for jane.doe@example.com"),
+            expect("QUIT"),
+            send("+OK"),
+        ],
+    )
+    with caplog.at_level(logging.DEBUG, logger="pop3kafka.pop3"), plain(server) as s:
+        with pytest.raises(Pop3AuthError) as info:
+            s.login_user_pass("jane.doe@example.com", "wrong")
+        text = str(info.value)
+        assert "jane.doe" not in text and text.count("j***@example.com") == 2
+        assert "[AUTH] Authentication failed for" in text
+    full = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("jane.doe@example.com" in m for m in full)
+    assert all("jane.doe" not in r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
 
 
 @pytest.mark.parametrize(
