@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     val = cfg_sub.add_parser("validate", help="check a config file; exit 2 with the key at fault")
     val.add_argument("file")
+    cfg_sub.add_parser("schema", help="print the configuration's JSON Schema (what helm's values.schema.json embeds)")
 
     once = sub.add_parser("poll-once", help="one cycle per mailbox, then exit (0 = every mailbox succeeded)")
     once.add_argument("--config", "-c", required=True)
@@ -174,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(args.log_level, args.log_format)
     try:
+        if args.command == "config" and args.config_command == "schema":
+            from connector.config.export import json_schema
+
+            print(json.dumps(json_schema(), indent=2, sort_keys=False))
+            return EXIT_OK
         if args.command == "config":
             cfg = load_config(args.file)
             print(f"{args.file}: OK ({len(cfg.mailboxes)} mailbox(es): {', '.join(m.id for m in cfg.mailboxes)})")
