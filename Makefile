@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 # mailutils-pop3d: GNU pop3d, the second POP3 peer (deploy/local/mailutils.py); its service is
 # kept from starting by the policy-rc.d guard below. prometheus: the real server (and promtool) that
 # scrapes the connector in tests/integration/test_metrics_e2e.py; its service is kept from starting too.
+# bubblewrap: runs the connector with a read-only root (tests/integration/test_readonly_root.py).
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
-	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus
+	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus bubblewrap
 
 .PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop
 
