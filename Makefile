@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus bubblewrap
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist
 
 # System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
@@ -120,6 +120,11 @@ bench-tls-context: venv
 # (bench/results/scheduler_loop.md). ~4 min.
 bench-scheduler-loop: venv
 	$(BIN)/python bench/scheduler_loop.py
+
+# Release hygiene: build the wheel and the sdist (the version comes from connector/__init__.py
+# only) and check their metadata with twine; CI runs it after the tests.
+dist: venv
+	rm -rf dist && $(BIN)/python -m build --outdir dist . >/dev/null && $(BIN)/twine check --strict dist/*
 
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache
