@@ -98,8 +98,8 @@ BACKLOG_BYTES = Gauge(
 )
 OLDEST_UNDELETED = Gauge(
     "pop3kafka_mailbox_oldest_undeleted_age_seconds",
-    "Age of the oldest mail still on the server, counted from when this process first listed it "
-    "(keep mode: from the ledger's first_seen_at); 0 when the mailbox is empty.",
+    "Age of the oldest mail waiting on the server at the last listing, counted from when this process "
+    "first listed it (keep mode: only mail not yet published); 0 when none waits.",
     ["mailbox"],
     registry=REGISTRY,
 )
