@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from cryptography.hazmat.primitives import serialization
 from kafka_acls import Acl, connector_acls, grant_acls
 from localstack import KafkaNode, free_port
 from support.cli import run_cli
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
+from support.leaks import assert_no_leak
 from support.mailgen import make_mail
 from support.securekafka import Names, secure_kafka
 
@@ -248,6 +250,60 @@ def test_wrong_scram_password_fails_without_echoing_it(kafka: KafkaNode, service
     assert "cannot reach Kafka" in proc.stderr
     assert wrong not in proc.stdout + proc.stderr
     assert services.dovecot.count(USER) == 1
+
+
+@pytest.mark.parametrize("auth", ["sasl_scram", "mtls_encrypted_key"])
+def test_librdkafka_debug_all_never_shows_the_password(kafka: KafkaNode, services, tmp_path: Path, auth: str) -> None:
+    """kafka.client debug: all (librdkafka's configuration dump and SASL/SSL contexts included,
+    routed into our log) on a SCRAM login, and on mTLS with a passphrase-protected client key:
+    neither the SCRAM password nor the key's passphrase shows in poll-once or doctor (issue 8;
+    tests/integration/test_secrets_never_logged.py covers the other secrets)."""
+    names = Names.fresh()
+    if auth == "sasl_scram":
+        grant_acls(kafka.bootstrap, f"User:{SCRAM_USER}", names.acls())
+        client, secrets = kafka.sasl_client(SCRAM_USER)
+        secret = kafka.scram_password_file(SCRAM_USER).read_text()
+        bootstrap, dumped = kafka.sasl_bootstrap, "sasl.password = "
+    else:
+        grant_acls(kafka.bootstrap, f"User:{TLS_CN}", names.acls())
+        secret = f"key-passphrase-{uuid.uuid4().hex}"
+        key = serialization.load_pem_private_key(kafka.client_key_file(TLS_CN).read_bytes(), None)
+        encrypted = tmp_path / "client.key"
+        encrypted.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(secret.encode()),
+            )
+        )
+        pw_file = tmp_path / "key.password"
+        pw_file.write_text(secret + "\n")
+        pw_file.chmod(0o600)
+        client = {**kafka.mtls_client(TLS_CN), "ssl.key.location": str(encrypted)}
+        secrets = {"ssl.key.password": {"file": str(pw_file)}}
+        bootstrap, dumped = kafka.ssl_bootstrap, "ssl.key.password = "
+    assert len(secret) >= 16
+    cfg = config(tmp_path / "c.yaml", services, bootstrap, names, {**client, "debug": "all"}, secrets=secrets)
+    services.dovecot.clear(USER)
+    put_mails(services, 2, seed=119)
+
+    poll = cli("--log-level", "debug", "poll-once", "--config", str(cfg))
+    assert poll.returncode == 0, poll.stdout + poll.stderr[-3000:]
+    assert "sec: ok: 2 published, 2 deleted of 2 listed" in poll.stdout
+    doctor = cli("--log-level", "debug", "doctor", "--config", str(cfg))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr[-3000:]
+    assert "ok   kafka.transactional_id:" in doctor.stdout, doctor.stdout
+    for proc in (poll, doctor):
+        rdkafka = []
+        for line in proc.stderr.splitlines():
+            doc = json.loads(line)  # librdkafka's lines too: nothing bypasses the JSON log
+            if doc["logger"].startswith("pop3kafka.rdkafka"):
+                rdkafka.append(doc["msg"])
+        assert len(rdkafka) > 100, "librdkafka debug logging did not reach the log"
+        assert any(dumped in m for m in rdkafka), "librdkafka did not dump the configuration with the secret"
+        if auth == "sasl_scram":
+            assert any("SCRAM-SHA-512" in m and "SASL" in m for m in rdkafka)
+        assert_no_leak(secret, proc.stdout, proc.stderr, *rdkafka)
 
 
 # ------------------------------------------------------------------ runtime.ownership: group
