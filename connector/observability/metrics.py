@@ -16,11 +16,23 @@ import platform
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from connector import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, memory, open files, start time: restarts) and python_info, as every Python
+# exporter has them.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
 
 #: a cycle's outcome: ok, or the kind of its failure.
 CYCLE_OUTCOMES = ("ok", "auth", "in_use", "login_delay", "connect", "timeout", "tls", "protocol", "kafka", "other")
@@ -210,6 +222,15 @@ def value(name: str, labels: dict[str, str] | None = None) -> float:
     """Current value of a sample (tests and diagnostics); 0 when it does not exist yet."""
     got = REGISTRY.get_sample_value(name, labels or {})
     return 0.0 if got is None else got
+
+
+def known_mailboxes(ids: Iterable[str]) -> None:
+    """Create the main counters of ``ids`` at 0, so that the first event after a start is an
+    increase Prometheus sees (``increase()`` cannot see a series born at 1)."""
+    for mid in ids:
+        CYCLES.labels(mid, "ok")
+        for counter in (MAILS_FETCHED, BYTES_FETCHED, MAILS_PUBLISHED, MAILS_DELETED, IN_USE):
+            counter.labels(mid)
 
 
 def forget_mailboxes(ids: Iterable[str]) -> None:

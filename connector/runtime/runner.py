@@ -157,8 +157,10 @@ class Runner:
         self._preparing: set[int] = set()
         self._prepare_retry_at: dict[int, float] = {}
         self._prepare_futures: dict[int, Future[None]] = {}
-        #: every shard this process ever had (its owned gauge drops to 0 when it goes).
+        #: every shard this process ever had (its owned gauge drops to 0 when it goes), and the
+        #: mailboxes it polls now (their metrics series exist).
         self._shards_seen: set[int] = set()
+        self._polled: set[str] = set()
         #: fences in and loads assigned shards off the loop thread (group ownership).
         self._prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_PARALLEL, thread_name_prefix="prepare")
         self._running_units: dict[Future[list[CycleResult]], object] = {}
@@ -326,6 +328,7 @@ class Runner:
             self._note_owned()
             self._ready.set()
         else:
+            self._note_owned()
             self._ready.set()
         sessions_n = max(1, self.config.runtime.max_concurrent_sessions)
         sessions = ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle")
@@ -534,12 +537,23 @@ class Runner:
         self._wake.set()
 
     def _note_owned(self) -> None:
-        """The owned-shard gauges follow the workers (fenced or failed shards are not owned)."""
+        """The owned-shard gauges follow the workers (fenced or failed shards are not owned);
+        the mailboxes polled get their counters at 0, those no longer polled here (their shard
+        moved, a reload removed them) lose their series, so no replica shows stale values."""
         with self._control:
-            owned = [s for s, w in self.workers.items() if w.dead is None and s not in self._revoking]
+            if self.exactly_once:
+                owned = {s for s, w in self.workers.items() if w.dead is None and s not in self._revoking}
+                polled = {m.id for m in self.config.mailboxes if self.shards and shard_of(m.id, self.shards) in owned}
+            else:
+                owned, polled = set(), {m.id for m in self.config.mailboxes}
             self._shards_seen.update(self.workers)
             seen = set(self._shards_seen)
-        telemetry.shards_owned(owned, seen)
+            gone, self._polled = self._polled - polled, polled
+        if self.exactly_once:
+            telemetry.shards_owned(owned, seen)
+        telemetry.mailboxes_polled(polled)
+        if gone:
+            telemetry.forget(gone)
 
     def _restart_plans(self, mailbox_ids: Iterable[str]) -> None:
         """Under _control: plans start from now (see Scheduler.restart)."""
@@ -675,6 +689,7 @@ class Runner:
                     self.scheduler.states[i].paused = True  # no new cycle; removed when it ends
         for w in cancelled:
             w.cancel()
+        self._note_owned()
         log.info(
             "configuration reloaded: %d mailbox(es) added, %d removed, %d changed",
             len(added),

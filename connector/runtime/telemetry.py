@@ -116,6 +116,11 @@ def forget(mailbox_ids: Iterable[str]) -> None:
     metrics.forget_mailboxes(ids)
 
 
+def mailboxes_polled(ids: Iterable[str]) -> None:
+    """Mailboxes this process polls (at start, after a reload, when shards arrive)."""
+    metrics.known_mailboxes(ids)
+
+
 def shards_owned(owned: Iterable[int], known: Iterable[int]) -> None:
     """The shards this process owns now (1) among those it ever had (0)."""
     mine = set(owned)

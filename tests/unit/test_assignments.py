@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from connector.config import parse_config
 from connector.errors import DeliveryError
+from connector.observability import metrics
 from connector.records.ledger import shard_of
 from connector.runtime import runner as runner_mod
 from connector.runtime.runner import Runner
@@ -29,6 +31,8 @@ class FakeWorker:
         self.shard = shard
         self.producer = self
         self.aborted = self.closed = False
+        self.dead = None
+        self.stop = threading.Event()
 
     def abort(self) -> None:
         self.aborted = True
@@ -42,10 +46,9 @@ class FakeWorker:
 
 
 def runner(clock: list[float]) -> Runner:
-    boxes = [
-        {"id": f"m{i}", "host": "pop.test", "username": "u", "password": {"env": "PW"}, "poll_interval_seconds": 600}
-        for i in range(12)
-    ]
+    tag = uuid.uuid4().hex[:6]  # the metrics registry is process-wide: ids of this runner only
+    common = {"host": "pop.test", "username": "u", "password": {"env": "PW"}, "poll_interval_seconds": 600}
+    boxes = [{"id": f"m{i}-{tag}", **common} for i in range(12)]
     cfg = parse_config(
         {
             "kafka": {"bootstrap_servers": "mock:9092"},
@@ -135,6 +138,7 @@ def test_a_shard_revoked_while_it_loads_is_handed_back_not_run() -> None:
         assert not revoked.is_alive()
         assert 3 not in r.workers and made[0].aborted and made[0].closed
         assert r.ready and r.readiness()[1]["owned_shards"] == []
+        assert metrics.value("pop3kafka_shard_owned", {"shard": "3"}) == 0
     finally:
         gate.set()
         r.close()
@@ -160,5 +164,12 @@ def test_mailboxes_of_a_new_shard_start_on_a_fresh_plan() -> None:
             assert 5000.0 <= st.due <= 5010.0  # spread over the start-up window from now
         assert r.scheduler.states[mine[0]].paused and r.scheduler.states[mine[0]].failures == 2
         assert {i: r.scheduler.states[i].due for i in other} == before  # not ours: untouched
+        # the mailboxes polled here have their counters (at 0); the others have no series
+        text = metrics.exposition().decode()
+        assert all(f'pop3kafka_mails_published_total{{mailbox="{i}"}} 0.0' in text for i in mine)
+        assert not any(f'mailbox="{i}"' in text for i in other)
+        assert metrics.value("pop3kafka_shards_owned") == 1
+        r._on_revoke([0])  # handed over: its mailboxes' series go (no stale values on this replica)
+        assert not any(f'mailbox="{i}"' in metrics.exposition().decode() for i in mine)
     finally:
         r.close()

@@ -237,3 +237,16 @@ def test_admin_endpoint_serves_metrics_without_the_token() -> None:
     finally:
         admin.close()
         runner.close()
+
+
+def test_counters_of_polled_mailboxes_start_at_zero_and_process_metrics_exist() -> None:
+    """A series born at 1 is invisible to increase(): the first dead letter after a restart
+    would never alert. Mailboxes this process polls get their counters at 0 up front."""
+    m = fresh()
+    telemetry.mailboxes_polled([m.id])
+    text = metrics.exposition().decode()
+    for name in ("mails_published", "mails_deleted", "mails_fetched", "fetched_bytes", "in_use"):
+        assert f'pop3kafka_{name}_total{{mailbox="{m.id}"}} 0.0' in text, name
+    assert f'pop3kafka_cycles_total{{mailbox="{m.id}",outcome="ok"}} 0.0' in text
+    assert "process_resident_memory_bytes" in text and "process_start_time_seconds" in text
+    assert "python_info{" in text
