@@ -1,7 +1,7 @@
 """The configuration schema as JSON Schema (draft 2020-12), generated from ROOT_SCHEMA.
 
 `pop3-kafka config schema` prints it; the Helm chart's values.schema.json embeds it under
-``config`` (helm/pop3-kafka, checked by tests/unit/test_config_export.py so the two cannot
+``config`` (helm/pop3-kafka, checked by tests/unit/test_helm_values_schema.py so the two cannot
 drift). It says what the structure allows: keys (unknown keys are refused, as by our
 validator), types, choices, bounds, required keys. Cross-key rules and checks written in
 Python (a cron expression, a topic name, "this needs that") stay with `pop3-kafka config

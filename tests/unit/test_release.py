@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import yaml
+
 import connector
 from connector.observability import metrics
 
@@ -38,3 +40,8 @@ def test_metadata_cli_and_metrics_agree() -> None:
     )
     assert out.stdout.strip() == f"pop3-kafka {connector.__version__}"
     assert f'version="{connector.__version__}"' in metrics.exposition().decode()
+
+
+def test_the_chart_ships_this_version() -> None:
+    chart = yaml.safe_load((REPO / "helm" / "pop3-kafka" / "Chart.yaml").read_text())
+    assert chart["appVersion"] == connector.__version__
