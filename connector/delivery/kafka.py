@@ -52,6 +52,9 @@ class DeliveryObserver(Protocol):
     def statistics(self, client: str, stats: Mapping[str, Any]) -> None:
         """librdkafka's statistics of the producer named ``client`` (e.g. "shard-3")."""
 
+    def closed(self, client: str) -> None:
+        """The producer named ``client`` was closed: what was observed of it is stale."""
+
 
 #: set once at start by the runtime; None: nothing is observed, no statistics are asked for.
 OBSERVER: DeliveryObserver | None = None
@@ -279,6 +282,9 @@ class Publisher:
             producer, self._producer = self._producer, None
         if producer is None:
             return 0
+        observer = OBSERVER
+        if observer is not None:
+            observer.closed(self.name)
         if self._fatal is not None:
             return 0  # a fatal producer cannot flush; its transaction is aborted by the broker
         try:

@@ -115,6 +115,12 @@ OLDEST_UNDELETED = Gauge(
     ["mailbox"],
     registry=REGISTRY,
 )
+PAUSED = Gauge(
+    "pop3kafka_mailbox_paused",
+    "1 while an operator has paused the mailbox (admin endpoint), else 0.",
+    ["mailbox"],
+    registry=REGISTRY,
+)
 LAST_SUCCESS = Gauge(
     "pop3kafka_last_success_timestamp_seconds",
     "Unix time of the mailbox's last successful cycle.",
@@ -204,6 +210,11 @@ BROKER_RTT = Gauge(
 
 # ---------------------------------------------------------------------------------- process
 
+READY = Gauge(
+    "pop3kafka_ready",
+    "1 when every shard this process owns is fenced in and loaded (what /readyz answers 200 for).",
+    registry=REGISTRY,
+)
 BUILD_INFO = Gauge(
     "pop3kafka_build_info",
     "Always 1; the labels name the version of pop3-kafka and of Python.",
@@ -229,6 +240,7 @@ def known_mailboxes(ids: Iterable[str]) -> None:
     increase Prometheus sees (``increase()`` cannot see a series born at 1)."""
     for mid in ids:
         CYCLES.labels(mid, "ok")
+        PAUSED.labels(mid)
         for counter in (MAILS_FETCHED, BYTES_FETCHED, MAILS_PUBLISHED, MAILS_DELETED, IN_USE):
             counter.labels(mid)
 
@@ -241,6 +253,7 @@ def forget_mailboxes(ids: Iterable[str]) -> None:
         MAILS_PUBLISHED,
         MAILS_DELETED,
         IN_USE,
+        PAUSED,
         BACKLOG_MESSAGES,
         BACKLOG_BYTES,
         OLDEST_UNDELETED,
@@ -255,6 +268,25 @@ def forget_mailboxes(ids: Iterable[str]) -> None:
             for key in list(_label_sets(labelled)):
                 if key[0] == mid:
                     _remove(labelled, *key)
+
+
+def forget_client(client: str) -> None:
+    """A producer closed (its shard moved, the process stops): its queue and broker series go,
+    so no frozen "broker up" value outlives it."""
+    for metric in (PRODUCER_QUEUE_MESSAGES, PRODUCER_QUEUE_BYTES):
+        _remove(metric, client)
+    for metric in (BROKER_UP, BROKER_RTT):
+        for key in list(_label_sets(metric)):
+            if key[0] == client:
+                _remove(metric, *key)
+
+
+def keep_servers(servers: Iterable[str]) -> None:
+    """Only the POP3 servers still polled keep their certificate-expiry series."""
+    keep = set(servers)
+    for key in list(_label_sets(TLS_EXPIRY)):
+        if key[0] not in keep:
+            _remove(TLS_EXPIRY, *key)
 
 
 def _label_sets(metric: Any) -> list[tuple[str, ...]]:

@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -124,6 +125,8 @@ class Runner:
             log.warning("removed %d spool file(s) left by a crashed process", removed)
         self.stop = threading.Event()
         telemetry.install()  # delivery latency and librdkafka statistics, before any producer
+        me = weakref.ref(self)  # the gauge must not keep a finished runner alive
+        telemetry.readiness(lambda: (runner := me()) is not None and runner.ready)
         self.hooks = hooks or CycleHooks()
         self.session_factory = session_factory or open_session
         self.exactly_once = config.delivery.mode == "exactly_once"
@@ -543,17 +546,21 @@ class Runner:
         with self._control:
             if self.exactly_once:
                 owned = {s for s, w in self.workers.items() if w.dead is None and s not in self._revoking}
-                polled = {m.id for m in self.config.mailboxes if self.shards and shard_of(m.id, self.shards) in owned}
+                polled = [m for m in self.config.mailboxes if self.shards and shard_of(m.id, self.shards) in owned]
             else:
-                owned, polled = set(), {m.id for m in self.config.mailboxes}
+                owned, polled = set(), list(self.config.mailboxes)
             self._shards_seen.update(self.workers)
             seen = set(self._shards_seen)
-            gone, self._polled = self._polled - polled, polled
+            ids = {m.id for m in polled}
+            gone, self._polled = self._polled - ids, ids
+            paused = {m.id: self.scheduler.states[m.id].paused for m in polled if m.id in self.scheduler.states}
         if self.exactly_once:
             telemetry.shards_owned(owned, seen)
-        telemetry.mailboxes_polled(polled)
         if gone:
             telemetry.forget(gone)
+        telemetry.mailboxes_polled(polled)
+        for mid, on in paused.items():
+            telemetry.paused(mid, on)
 
     def _restart_plans(self, mailbox_ids: Iterable[str]) -> None:
         """Under _control: plans start from now (see Scheduler.restart)."""
@@ -665,7 +672,13 @@ class Runner:
         removed = [i for i in before if i not in after]
         edited = [i for i in after if i in before and after[i] != before[i]]
         if self.exactly_once and added and self.membership is None:
-            self.prepare([after[i] for i in added])  # their shards fenced in and loaded first
+            # Their shards fenced in and loaded first. Off the loop thread, which keeps its
+            # heartbeat meanwhile: a long ledger must not make /healthz fail and the pod restart.
+            loading = self._prepare_pool.submit(self.prepare, [after[i] for i in added])
+            while not loading.done():
+                self.heartbeat = time.monotonic()
+                wait([loading], timeout=1.0)
+            loading.result()
         with self._control:
             self.config = new
             self.ctx.config = new
@@ -725,6 +738,7 @@ class Runner:
         """No new cycle of the mailbox starts until resume(); one in flight finishes."""
         with self._control:
             self.scheduler.states[mailbox_id].paused = True
+        telemetry.paused(mailbox_id, True)
         log.info("paused by an operator", extra={"mailbox": mailbox_id})
 
     def resume(self, mailbox_id: str) -> None:
@@ -733,6 +747,7 @@ class Runner:
             st = self.scheduler.states[mailbox_id]
             st.paused = False
             self._poll_requests.add(mailbox_id)
+        telemetry.paused(mailbox_id, False)
         log.info("resumed by an operator", extra={"mailbox": mailbox_id})
         self._wake.set()
 

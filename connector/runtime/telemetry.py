@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from connector.config.model import MailboxConfig
@@ -116,9 +116,21 @@ def forget(mailbox_ids: Iterable[str]) -> None:
     metrics.forget_mailboxes(ids)
 
 
-def mailboxes_polled(ids: Iterable[str]) -> None:
-    """Mailboxes this process polls (at start, after a reload, when shards arrive)."""
-    metrics.known_mailboxes(ids)
+def mailboxes_polled(mailboxes: Iterable[MailboxConfig]) -> None:
+    """Mailboxes this process polls (at start, after a reload, when shards arrive): their
+    counters exist from 0; the certificate series of servers none of them uses go."""
+    polled = list(mailboxes)
+    metrics.known_mailboxes(m.id for m in polled)
+    metrics.keep_servers(m.server for m in polled if m.tls != "none")
+
+
+def readiness(ready: Callable[[], bool]) -> None:
+    """pop3kafka_ready follows ``ready`` (read at each scrape)."""
+    metrics.READY.set_function(lambda: 1.0 if ready() else 0.0)
+
+
+def paused(mailbox_id: str, on: bool) -> None:
+    metrics.PAUSED.labels(mailbox_id).set(1 if on else 0)
 
 
 def shards_owned(owned: Iterable[int], known: Iterable[int]) -> None:
@@ -147,6 +159,9 @@ class KafkaObserver:
             rtt = (b.get("rtt") or {}).get("avg")
             if rtt:
                 metrics.BROKER_RTT.labels(client, name).set(float(rtt) / 1e6)  # librdkafka: microseconds
+
+    def closed(self, client: str) -> None:
+        metrics.forget_client(client)
 
 
 def install() -> None:

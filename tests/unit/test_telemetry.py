@@ -243,10 +243,44 @@ def test_counters_of_polled_mailboxes_start_at_zero_and_process_metrics_exist() 
     """A series born at 1 is invisible to increase(): the first dead letter after a restart
     would never alert. Mailboxes this process polls get their counters at 0 up front."""
     m = fresh()
-    telemetry.mailboxes_polled([m.id])
+    telemetry.mailboxes_polled([m])
     text = metrics.exposition().decode()
     for name in ("mails_published", "mails_deleted", "mails_fetched", "fetched_bytes", "in_use"):
         assert f'pop3kafka_{name}_total{{mailbox="{m.id}"}} 0.0' in text, name
     assert f'pop3kafka_cycles_total{{mailbox="{m.id}",outcome="ok"}} 0.0' in text
     assert "process_resident_memory_bytes" in text and "process_start_time_seconds" in text
     assert "python_info{" in text
+    assert f'pop3kafka_mailbox_paused{{mailbox="{m.id}"}} 0.0' in text
+    telemetry.paused(m.id, True)
+    assert value("pop3kafka_mailbox_paused", {"mailbox": m.id}) == 1
+
+
+def test_series_of_closed_producers_and_unpolled_servers_go() -> None:
+    obs = telemetry.KafkaObserver()
+    up = {"nodeid": 1, "nodename": "b1:9092", "state": "UP", "rtt": {"avg": 1000}}
+    obs.statistics("shard-77", {"msg_cnt": 1, "msg_size": 10, "brokers": {"b1:9092/1": up}})
+    assert value("pop3kafka_kafka_broker_up", {"client": "shard-77", "broker": "b1:9092"}) == 1
+    obs.closed("shard-77")  # the shard moved to another replica: no frozen "up" stays behind
+    assert 'client="shard-77"' not in metrics.exposition().decode()
+
+    a, b = mailbox(f"tls-{uuid.uuid4().hex[:6]}"), fresh()
+    object.__setattr__(a, "port", 9951)
+    for mb in (a, b):
+        telemetry.cycle_done(mb, CycleResult(mailbox=mb.id, cycle_id="c", tls_not_after=2e9))
+    telemetry.mailboxes_polled([b])  # a is no longer polled here: its server's expiry goes
+    text = metrics.exposition().decode()
+    assert 'server="pop.example.test:9951"' not in text and 'server="pop.example.test:995"' in text
+
+
+def test_ready_gauge_follows_the_runner() -> None:
+    from connector.runtime.runner import Runner
+
+    runner = Runner(cfg([{"id": f"r-{uuid.uuid4().hex[:6]}"}]))
+    try:
+        assert value("pop3kafka_ready") == 0
+        runner._ready.set()
+        assert value("pop3kafka_ready") == 1
+        runner.stop.set()
+        assert value("pop3kafka_ready") == 0
+    finally:
+        runner.close()
