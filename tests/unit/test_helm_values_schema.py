@@ -112,3 +112,43 @@ def test_the_chart_readme_documents_every_value() -> None:
     defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     missing = [k for k in value_keys(defaults) if f"| `{k}` |" not in readme]
     assert missing == [], f"helm/pop3-kafka/README.md, section Values, lacks: {missing}"
+
+
+def schema_errors(override: Any) -> list[str]:
+    """The values schema's complaints about values.yaml and ci/minimal-values.yaml with ``override``."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    minimal = yaml.safe_load((CHART / "ci" / "minimal-values.yaml").read_text(encoding="utf-8"))
+    doc = merged(merged(defaults, minimal), override)
+    validator = jsonschema.Draft202012Validator(values_schema())
+    return ["/".join(map(str, e.absolute_path)) for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize(
+    ("text", "faulty"),
+    [
+        ("image: {tag: 1.10}", "image/tag"),  # YAML's 1.10 is the number 1.1: pop3-kafka:1.1
+        ("image: {tag: 2}", "image/tag"),
+        ("podLabels: {version: 1.10}", "podLabels/version"),
+        ("commonLabels: {release: 2024.10}", "commonLabels/release"),
+        ("podAnnotations: {revision: 3}", "podAnnotations/revision"),
+        ("extraEnv: [{name: APP_VERSION, value: 1.10}]", "extraEnv/0/value"),
+        ("podDisruptionBudget: {minAvailable: 50}", None),
+        ("podDisruptionBudget: {minAvailable: 'half'}", "podDisruptionBudget/minAvailable"),
+        (
+            "podDisruptionBudget: {unhealthyPodEvictionPolicy: Sometimes}",
+            "podDisruptionBudget/unhealthyPodEvictionPolicy",
+        ),
+    ],
+)
+def test_values_schema_refuses_numbers_where_strings_go(text: str, faulty: str | None) -> None:
+    errors = schema_errors(yaml.safe_load(text))
+    assert errors == ([faulty] if faulty else []), errors
+
+
+def test_values_schema_takes_quoted_versions_and_automatic_egress() -> None:
+    assert schema_errors(yaml.safe_load('image: {tag: "1.10"}\npodLabels: {version: "1.10"}')) == []
+    egress = {name: {"enabled": None} for name in ("dns", "kafka", "pop3", "tokenEndpoint", "objectStore")}
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    doc = merged(defaults, yaml.safe_load((CHART / "ci" / "minimal-values.yaml").read_text(encoding="utf-8")))
+    doc["networkPolicy"]["egress"].update(egress)  # null: on when the config needs it (not deleted here)
+    assert list(jsonschema.Draft202012Validator(values_schema()).iter_errors(doc)) == []

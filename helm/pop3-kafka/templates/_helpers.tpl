@@ -35,7 +35,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "pop3-kafka.labels" -}}
 helm.sh/chart: {{ include "pop3-kafka.chart" . }}
 {{ include "pop3-kafka.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | toString | trunc 63 | quote }}
+app.kubernetes.io/version: {{ regexReplaceAll "^[-_.]+|[-_.]+$" (include "pop3-kafka.imageTag" . | trunc 63) "" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
@@ -50,16 +50,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* registry/repository:tag, or registry/repository@digest when a digest is given. */}}
+{{/*
+The version the pods run, as app.kubernetes.io/version says it: image.tag, else the appVersion.
+values.schema.json keeps image.tag a string (an unquoted 1.10 would be the number 1.1).
+*/}}
+{{- define "pop3-kafka.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion | toString }}
+{{- end }}
+
+{{/*
+registry/repository:tag; with a digest registry/repository:tag@digest when a tag is given (the
+digest decides what runs, the tag names it, as the version label does), else
+registry/repository@digest (the label then says the appVersion).
+*/}}
 {{- define "pop3-kafka.image" -}}
 {{- $repo := .Values.image.repository }}
 {{- if .Values.image.registry }}
 {{- $repo = printf "%s/%s" (trimSuffix "/" .Values.image.registry) $repo }}
 {{- end }}
-{{- if .Values.image.digest }}
+{{- if and .Values.image.digest .Values.image.tag }}
+{{- printf "%s:%s@%s" $repo (toString .Values.image.tag) .Values.image.digest }}
+{{- else if .Values.image.digest }}
 {{- printf "%s@%s" $repo .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" $repo (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- printf "%s:%s" $repo (include "pop3-kafka.imageTag" .) }}
 {{- end }}
 {{- end }}
 
@@ -217,6 +231,13 @@ first problem, before anything reaches the cluster.
 {{- fail "config.runtime.instance_id: every replica would join the owners group with the same static id; remove it (each pod uses its POD_NAME)" }}
 {{- end }}
 
+{{- /* Secret files are mode 0440 (root:fsGroup, see statefulset.yaml): user 10001 reads them only
+through the fsGroup, so a pod security context without one would make every secret unreadable */}}
+{{- $psc := .Values.podSecurityContext | default dict }}
+{{- if kindIs "invalid" $psc.fsGroup }}
+{{- fail "podSecurityContext.fsGroup: required: the Secret files (the admin token, every `secrets` entry) are mounted with mode 0440, owned by root and the fsGroup, so the connector reads them only through that group; set podSecurityContext.fsGroup (the default is 10001; on OpenShift, a GID of the namespace's openshift.io/sa.scc.supplemental-groups range)" }}
+{{- end }}
+
 {{- /* the admin token */}}
 {{- $tok := .Values.admin.token }}
 {{- if and $tok.existingSecret $tok.value }}
@@ -332,4 +353,96 @@ labels, so a new chart version alone does not count as a changed secret.
 {{- end }}
 {{- end }}
 {{- toJson $all | sha256sum }}
+{{- end }}
+
+
+{{/* ------------------------------------------------------------------ network policy */}}
+
+{{/*
+The URL's port for the NetworkPolicy, from (dict "url" U): its explicit port, else 443 (https) or
+80 (http); empty for a loopback host, which never leaves the pod.
+*/}}
+{{- define "pop3-kafka.urlPort" -}}
+{{- $u := urlParse .url }}
+{{- $host := $u.host | default "" }}
+{{- $hostname := regexReplaceAll ":[0-9]+$" $host "" | trimPrefix "[" | trimSuffix "]" | lower }}
+{{- if not (or (eq $hostname "localhost") (hasPrefix "127." $hostname) (eq $hostname "::1")) }}
+{{- regexFind "[0-9]+$" (regexFind ":[0-9]+$" $host) | default (ternary "80" "443" (eq (lower $u.scheme) "http")) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The egress `config` needs, into (dict "root" $ "out" {}): out.<rule> is a list of {port, why} for
+the rules kafka, pop3, tokenEndpoint and objectStore, all TCP.
+*/}}
+{{- define "pop3-kafka.egressNeeds" -}}
+{{- $cfg := .root.Values.config | default dict }}
+{{- $kafka := list }}
+{{- $pop3 := list }}
+{{- $token := list }}
+{{- $store := list }}
+{{- range splitList "," (toString (dig "kafka" "bootstrap_servers" "" $cfg)) }}
+{{- $server := trim . }}
+{{- if $server }}
+{{- $hostport := regexReplaceAll "^[A-Za-z_]+://" $server "" }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $hostport) | default "9092" }}
+{{- $kafka = append $kafka (dict "port" (int $port) "why" (printf "config.kafka.bootstrap_servers (%s)" $server)) }}
+{{- end }}
+{{- end }}
+{{- range $i, $m := (get $cfg "mailboxes" | default list) }}
+{{- $where := printf "config.mailboxes[%d] (id %v)" $i $m.id }}
+{{- $port := 0 }}
+{{- if kindIs "invalid" $m.port }}
+{{- $port = ternary 995 110 (eq (toString ($m.tls | default "implicit")) "implicit") }}
+{{- else }}
+{{- $port = int $m.port }}
+{{- end }}
+{{- $pop3 = append $pop3 (dict "port" $port "why" (printf "%s: POP3 server %v:%d" $where $m.host $port)) }}
+{{- with $m.oauth2 }}
+{{- if .token_url }}
+{{- $p := include "pop3-kafka.urlPort" (dict "url" .token_url) }}
+{{- if $p }}
+{{- $token = append $token (dict "port" (int $p) "why" (printf "%s: oauth2.token_url %s" $where .token_url)) }}
+{{- end }}
+{{- else }}
+{{- $token = append $token (dict "port" 443 "why" (printf "%s: the token_uri of oauth2.service_account_file (https)" $where)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $offload := get $cfg "offload" | default dict }}
+{{- if eq (toString $offload.kind) "s3" }}
+{{- if $offload.endpoint_url }}
+{{- $p := include "pop3-kafka.urlPort" (dict "url" $offload.endpoint_url) }}
+{{- if $p }}
+{{- $store = append $store (dict "port" (int $p) "why" (printf "config.offload.endpoint_url %s" $offload.endpoint_url)) }}
+{{- end }}
+{{- else }}
+{{- $store = append $store (dict "port" 443 "why" "config.offload (kind s3 without endpoint_url: AWS S3, https)") }}
+{{- end }}
+{{- end }}
+{{- $_ := set .out "kafka" $kafka }}
+{{- $_ := set .out "pop3" $pop3 }}
+{{- $_ := set .out "tokenEndpoint" $token }}
+{{- $_ := set .out "objectStore" $store }}
+{{- end }}
+
+{{/* "true" when a NetworkPolicyPort of (dict "ports" LIST "port" N) admits TCP port N. */}}
+{{- define "pop3-kafka.portsAdmit" -}}
+{{- $n := int .port }}
+{{- range .ports }}
+{{- if eq (upper (toString (.protocol | default "TCP"))) "TCP" }}
+{{- if eq (toString .port) (toString $n) }}true{{ end }}
+{{- if and .endPort (not (kindIs "string" .port)) }}
+{{- if and (le (int .port) $n) (ge (int .endPort) $n) }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when an egress rule of (dict "rules" LIST "port" N) admits TCP port N (peers are not compared). */}}
+{{- define "pop3-kafka.rulesAdmit" -}}
+{{- $n := .port }}
+{{- range .rules }}
+{{- if not .ports }}true{{ else }}{{ include "pop3-kafka.portsAdmit" (dict "ports" .ports "port" $n) }}{{ end }}
+{{- end }}
 {{- end }}
