@@ -89,16 +89,18 @@ MUTATIONS = {
         "pop3kafka:mailbox_last_success_age_seconds > 18000",
     ),
     "stale replica wins": (
-        "time() - max by (namespace, job, mailbox) (pop3kafka_last_success_timestamp_seconds)",
-        "time() - min by (namespace, job, mailbox) (pop3kafka_last_success_timestamp_seconds)",
+        "max by (namespace, app_kubernetes_io_instance, job, mailbox) "
+        "(max_over_time(pop3kafka_last_success_timestamp_seconds[6h]))",
+        "min by (namespace, app_kubernetes_io_instance, job, mailbox) "
+        "(max_over_time(pop3kafka_last_success_timestamp_seconds[6h]))",
     ),
     "first fencing missed": (
         "(pop3kafka_fencing_events_total unless pop3kafka_fencing_events_total offset 15m)",
         "(pop3kafka_fencing_events_total == -1)",
     ),
-    "never-connected broker alerts": (
-        "max_over_time(pop3kafka_kafka_broker_up[1d])) == 1",
-        "max_over_time(pop3kafka_kafka_broker_up[1d])) >= 0",
+    "one idle broker pages": (
+        "max by (namespace, app_kubernetes_io_instance, job, instance, client) (pop3kafka_kafka_broker_up)",
+        "max by (namespace, app_kubernetes_io_instance, job, instance, broker) (pop3kafka_kafka_broker_up)",
     ),
     "backlog without growth": (
         "delta(pop3kafka_mailbox_messages[1h]) > 0",
