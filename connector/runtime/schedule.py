@@ -101,39 +101,29 @@ class Scheduler:
             self.add(mid, self.now)
 
     def add(self, mailbox_id: str, now: float) -> None:
-        """Start scheduling a mailbox. Interval: the first poll comes soon (within
-        STARTUP_SPREAD_SECONDS, spread by the same stable offset), so a restart does not leave
-        mail waiting a whole interval; the later ones keep the offset's phase. Cron: the next
-        match plus the offset."""
-        spec = self.specs[mailbox_id]
-        offset = stable_offset(mailbox_id, spec.jitter_seconds)
-        if spec.cron is None:
-            first = now + min(offset, STARTUP_SPREAD_SECONDS * offset / max(spec.jitter_seconds, 1e-9))
-            self.states[mailbox_id] = MailboxState(planned=now, due=first)
-        else:
-            planned = self._cron_next(spec, now)
-            self.states[mailbox_id] = MailboxState(planned=planned, due=planned + offset)
+        """Start scheduling a mailbox (see :meth:`_first_poll`)."""
+        planned, due = self._first_poll(mailbox_id, now)
+        self.states[mailbox_id] = MailboxState(planned=planned, due=due)
 
     def restart(self, mailbox_id: str, now: float) -> None:
         """Plan afresh from ``now`` as :meth:`add` does (first poll within the start-up spread),
         keeping failures, a backoff and a pause: for mailboxes whose shard was just fenced in and
         loaded, whose due times passed while it was being loaded or owned by another replica."""
         st = self.states[mailbox_id]
-        self.add(mailbox_id, now)
-        new = self.states[mailbox_id]
-        new.due = max(new.due, st.backoff_until or new.due)
-        for name in (
-            "failures",
-            "last_error",
-            "backoff_until",
-            "in_use_count",
-            "paused",
-            "running",
-            "last_cycle_at",
-            "last_success_at",
-            "last_error_text",
-        ):
-            setattr(new, name, getattr(st, name))
+        st.planned, due = self._first_poll(mailbox_id, now)
+        st.due = max(due, st.backoff_until or due)
+
+    def _first_poll(self, mailbox_id: str, now: float) -> tuple[float, float]:
+        """(planned, due) of a mailbox's first poll from ``now``. Interval: the first poll comes
+        soon (within STARTUP_SPREAD_SECONDS, spread by the same stable offset), so a restart does
+        not leave mail waiting a whole interval; the later ones keep the offset's phase. Cron:
+        the next match plus the offset."""
+        spec = self.specs[mailbox_id]
+        offset = stable_offset(mailbox_id, spec.jitter_seconds)
+        if spec.cron is None:
+            return now, now + min(offset, STARTUP_SPREAD_SECONDS * offset / max(spec.jitter_seconds, 1e-9))
+        planned = self._cron_next(spec, now)
+        return planned, planned + offset
 
     def remove(self, mailbox_id: str) -> None:
         self.states.pop(mailbox_id, None)
