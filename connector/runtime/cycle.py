@@ -200,14 +200,15 @@ _tls_contexts: dict[str, tuple[tuple[object, ...], float, ssl.SSLContext]] = {}
 _tls_lock = threading.Lock()
 
 
-def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
-    """What tells a changed file: inode (a Secret/ConfigMap swaps a symlink), mtime, size."""
+def file_stamp(path: str | None) -> tuple[int, int, int]:
+    """What tells a changed file: inode (a Secret or ConfigMap swaps a symlink; stat follows
+    it), mtime, size; (0, 0, 0) for no path or a missing file (whoever reads it reports that)."""
     if path is None:
-        return None
+        return (0, 0, 0)
     try:
         st = os.stat(path)
     except OSError:
-        return (0, 0, 0)  # missing: make_tls_context reports it when it builds
+        return (0, 0, 0)
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
@@ -217,15 +218,15 @@ def tls_context(mailbox: MailboxConfig) -> ssl.SSLContext:
     secret = password.reveal() if password is not None else None
     key = (
         mailbox.tls_ca_file,
-        _file_stamp(mailbox.tls_ca_file),
+        file_stamp(mailbox.tls_ca_file),
         mailbox.tls_verify,
         mailbox.tls_min_version,
         mailbox.tls_server_name,
         mailbox.tls_fingerprint_sha256,
         mailbox.tls_client_cert,
-        _file_stamp(mailbox.tls_client_cert),
+        file_stamp(mailbox.tls_client_cert),
         mailbox.tls_client_key,
-        _file_stamp(mailbox.tls_client_key),
+        file_stamp(mailbox.tls_client_key),
         # a digest, so the cache key never holds the password itself
         None if secret is None else hashlib.sha256(secret.encode()).digest(),
         mailbox.tls_legacy,

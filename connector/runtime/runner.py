@@ -43,6 +43,7 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
+    file_stamp,
     open_session,
     run_cycle,
 )
@@ -87,15 +88,6 @@ class LinkedEvent(threading.Event):
 
     def is_set(self) -> bool:
         return super().is_set() or self.parent.is_set()
-
-
-def _file_stamp(path: str) -> tuple[int, int, int]:
-    """What tells a changed file (a ConfigMap swaps a symlink; stat follows it): inode, mtime, size."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def error_text(error: BaseException) -> str:
@@ -178,7 +170,7 @@ class Runner:
         #: reloading (SIGHUP, or the file changed): see _maybe_reload().
         self._reload_requested = False
         self._reload_checked = time.monotonic()
-        self._config_mtime = _file_stamp(config.source)
+        self._config_mtime = file_stamp(config.source)
         self._bad_stamp: tuple[int, int, int] | None = None
         #: the units of work of the configuration object they were computed for (a reload
         #: replaces the object) and shard count (see _units), and its mailboxes by id.
@@ -637,7 +629,7 @@ class Runner:
         if not self._reload_requested and now - self._reload_checked < RELOAD_CHECK_SECONDS:
             return
         self._reload_checked = now
-        stamp = _file_stamp(source)
+        stamp = file_stamp(source)
         asked, self._reload_requested = self._reload_requested, False
         if not asked and stamp in (self._config_mtime, self._bad_stamp):
             return
