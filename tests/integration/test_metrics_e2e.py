@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,28 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.badmail import nested_mail
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
+from support.waits import http_get as get
+from support.waits import wait_for
 from test_end_to_end import put_mails, server_uidls
 
 from connector.records.ledger import shard_of
 
 pytestmark = pytest.mark.integration
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,9 +11,7 @@ import dataclasses
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import pytest
 from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import make_mail
+from support.waits import http_get, wait_for
 
 from connector.cli.main import _ensure_topics  # what `run` does before the runner starts
 from connector.config import load_config
@@ -34,18 +33,8 @@ pytestmark = pytest.mark.integration
 
 
 def get(base: str, path: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(base + path, timeout=10) as resp:  # noqa: S310 - loopback
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    code, body = http_get(base + path)
+    return code, json.loads(body)
 
 
 @contextmanager

@@ -37,17 +37,8 @@ pytestmark = pytest.mark.integration
 FAST: dict[str, Any] = {"timeout_seconds": 2, "max_seconds_per_cycle": 2, "decode_limits": {"max_decode_seconds": 5}}
 
 
-def bad_mailbox(mid: str, port: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": mid,
-        "host": "127.0.0.1",
-        "port": port,
-        "tls": "none",
-        "allow_plaintext_auth": True,
-        "username": "x",
-        "password": {"env": "PW_BAD"},
-        **extra,
-    }
+def bad_mailbox(server: SlowPop3, mid: str, **extra: Any) -> dict[str, Any]:
+    return server.mailbox(mid, username="x", password={"env": "PW_BAD"}, **extra)
 
 
 def test_one_round_with_a_hung_and_a_trickling_server(
@@ -63,8 +54,8 @@ def test_one_round_with_a_hung_and_a_trickling_server(
             topic,
             [
                 mailbox("good", "t15", services.dovecot.pop3s_port, services.cafile, env="PW_GOOD", **FAST),
-                bad_mailbox("hung", hung.port, **FAST),
-                bad_mailbox("trickle", trickle.port, **FAST),
+                bad_mailbox(hung, "hung", **FAST),
+                bad_mailbox(trickle, "trickle", **FAST),
             ],
             ledger={"topic": f"{topic}.ledger", "shards": 1},
             delivery={"transaction_timeout_seconds": 10},  # the round's POP3 limit: 8 s
@@ -119,7 +110,7 @@ def test_run_keeps_other_shards_on_schedule_while_a_server_hangs(
             [
                 mailbox(good_id, "t17", services.dovecot.pop3s_port, services.cafile, env="PW_GOOD"),
                 # Hangs for 30 s per attempt: far longer than the good mailbox's 1 s interval.
-                bad_mailbox(hung_id, hung.port, timeout_seconds=30, poll_interval_seconds=1),
+                bad_mailbox(hung, hung_id, timeout_seconds=30, poll_interval_seconds=1),
             ],
             ledger={"topic": f"{topic}.ledger", "shards": 2},
             runtime={"shutdown_grace_seconds": 5},

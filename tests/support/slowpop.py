@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 from types import TracebackType
+from typing import Any
 
 
 class SlowPop3:
@@ -29,6 +30,17 @@ class SlowPop3:
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(target=self._serve, name=f"slowpop-{mode}", daemon=True)
         self._accept.start()
+
+    def mailbox(self, mid: str, **extra: Any) -> dict[str, Any]:
+        """A mailbox configuration (plain POP3, no TLS) pointing at this server."""
+        return {
+            "id": mid,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "tls": "none",
+            "allow_plaintext_auth": True,
+            **extra,
+        }
 
     def _serve(self) -> None:
         while not self.stop.is_set():

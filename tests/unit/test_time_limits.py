@@ -113,17 +113,6 @@ def cfg(mailboxes: list[dict[str, Any]], **delivery: Any) -> Config:
     )
 
 
-def slow_mailbox(mid: str, port: int) -> dict[str, Any]:
-    return {
-        "id": mid,
-        "host": "127.0.0.1",
-        "port": port,
-        "tls": "none",
-        "allow_plaintext_auth": True,
-        "timeout_seconds": 1,
-    }
-
-
 @pytest.fixture
 def drop() -> Iterator[Maildrop]:
     yield Maildrop({f"U{i}": make_mail(i)[0] for i in range(4)})
@@ -142,9 +131,8 @@ def test_a_trickling_server_does_not_hold_the_round_past_its_limit(
     transaction, taking mailbox a's work with it; with it, a commits and is deleted."""
     monkeypatch.setattr(exactly_once, "ROUND_FETCH_SHARE", 0.02)  # 0.02 x 120 s = 2.4 s
     with SlowPop3("trickle") as server:
-        h = harness(
-            cfg([{"id": "a", "host": "pop.test", "timeout_seconds": 1}, slow_mailbox("slow", server.port)]), drop
-        )
+        a = {"id": "a", "host": "pop.test", "timeout_seconds": 1}
+        h = harness(cfg([a, server.mailbox("slow", timeout_seconds=1)]), drop)
         t0 = time.monotonic()
         ra, rs = h.round()
         took = time.monotonic() - t0
@@ -156,7 +144,7 @@ def test_a_trickling_server_does_not_hold_the_round_past_its_limit(
 
 def test_a_silent_server_costs_the_round_its_own_timeout_only(drop: Maildrop) -> None:
     with SlowPop3("silent") as server:
-        h = harness(cfg([{"id": "a", "host": "pop.test"}, slow_mailbox("hung", server.port)]), drop)
+        h = harness(cfg([{"id": "a", "host": "pop.test"}, server.mailbox("hung", timeout_seconds=1)]), drop)
         t0 = time.monotonic()
         ra, rh = h.round()
         took = time.monotonic() - t0
@@ -181,7 +169,7 @@ def test_a_session_that_would_start_too_late_waits_for_the_next_round(
 def test_at_least_once_cycles_have_a_limit_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cycle, "CYCLE_LIMIT_TIMEOUTS", 0)  # limit = max_seconds_per_cycle = 1 s
     with SlowPop3("trickle") as server:
-        config = cfg([{**slow_mailbox("slow", server.port), "max_seconds_per_cycle": 1}], mode="at_least_once")
+        config = cfg([{**server.mailbox("slow", timeout_seconds=1), "max_seconds_per_cycle": 1}], mode="at_least_once")
         publisher = Publisher("mock:9092", MOCK, 5)
         ctx = CycleContext(config=config, publisher=publisher, stop=threading.Event(), hooks=CycleHooks())
         t0 = time.monotonic()
