@@ -140,6 +140,15 @@ class SmimeError(DecodeError):
     default_reason = "decrypt_failed"
 
 
+class SignatureError(SmimeError):
+    """The mailbox requires a valid S/MIME signature (smime.require_valid_signature) and the
+    mail has none: ``reason`` "not_signed", or "signature_invalid" (the message names the
+    layer and the verdict's reason; never signer facts of a decrypted layer, never content)."""
+
+    default_stage = "verify"
+    default_reason = "signature_invalid"
+
+
 # ---------------------------------------------------------------- Kafka side
 
 

@@ -46,6 +46,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import Message
+from typing import Any
 
 from connector.decoding import fastmime
 from connector.decoding.fastmime import Entity, Splitter
@@ -63,7 +64,7 @@ from connector.decoding.model import (
 )
 from connector.decoding.options import DEFAULT_OPTIONS, DecodeLimits, DecodeOptions
 from connector.decoding.stream import DecodedStream
-from connector.errors import DecodeError, MailTooLargeError, SmimeError
+from connector.errors import DecodeError, MailTooLargeError, SignatureError, SmimeError
 
 __all__ = ["decode_mail"]
 
@@ -404,6 +405,11 @@ class _Decoder:
         #: A .p7m anywhere else is an attachment someone sent, kept as is (kind smime-*).
         self.smime_body_paths: set[tuple[int, ...]] = {()}
         self.smime_layers = 0
+        #: signature verdicts, outermost layer first (connector.decoding.signature).
+        self.signatures: list[Any] = []
+        #: the bytes of entities a detached signature may cover: the message, an unwrapped
+        #: S/MIME layer, the first part of a multipart/signed.
+        self.entity_bytes: dict[tuple[int, ...], Any] = {}
 
     def warn(self, message: str) -> None:
         self._warnings[message] = None
@@ -706,6 +712,7 @@ class _Decoder:
                 self.note_signed("detached")
                 # RFC 8551 §3.5.3: the first part is the signed content, still the message body.
                 self.smime_body_paths.add((*path, 1))
+                self._verify_detached(path, ct, children)
             claimed = False
             if subtype == "alternative":
                 for i, child in enumerate(children, 1):
@@ -936,7 +943,7 @@ class _Decoder:
         pstr = ".".join(map(str, path))
         if what == "signed-data":
             self.note_signed("opaque")
-            inner = smime.unwrap_signed_data(data)
+            inner = self._verify_opaque(data, pstr)
             self.add_part(pstr, path, ctype, ct, headers, None, data, "smime", kind="smime-signed")
         else:
             self.smime["encrypted"] = True
@@ -952,11 +959,56 @@ class _Decoder:
             self.add_part(pstr, path, ctype, ct, headers, None, data, "smime", kind="smime-encrypted")
         del data  # the outer layer is not needed while the inner one is walked
         inner_msg = _PARSER.parsebytes(inner)
-        del inner
         child = (*path, 1)
+        if inner_msg.get_content_type() == "multipart/signed":
+            self.entity_bytes[child] = inner  # a detached signature inside: checked on these bytes
+        del inner
         self.smime_body_paths.add(child)
         self.survey(inner_msg, child)
         return self.walk(inner_msg, child, can_claim)
+
+    def _verify_opaque(self, data: bytes, pstr: str) -> bytes:
+        """Verify opaque signed-data (RFC 8551 §3.5.2) and return its content; a bad signature
+        is a fact of the record (smime.signatures), only unreadable structure is an error."""
+        from connector.decoding import signature, smime  # noqa: PLC0415 - only for signed mail
+
+        check, content = signature.verify_opaque(data, layer=pstr, trust=self.options.trust, at=self.options.verify_at)
+        self.signatures.append(check)
+        return content if content is not None else smime.unwrap_signed_data(data)
+
+    def _verify_detached(self, path: tuple[int, ...], ct: _Params, children: list[Entity]) -> None:
+        """Verify a multipart/signed (RFC 1847, RFC 8551 §3.5.3) over the exact received bytes
+        of its first part, sliced from the bytes of the entity (never re-serialised)."""
+        from connector.decoding import signature  # noqa: PLC0415 - only for signed mail
+
+        pstr = ".".join(map(str, path))
+        where = _part_name(path)
+        at, trust = self.options.verify_at, self.options.trust
+        raw = self.entity_bytes.get(path)
+        boundary = ct.params.get("boundary")
+        problem = ""
+        if raw is None:
+            problem = "the signed entity's bytes are not at hand (nested inside another part)"
+        elif not boundary:
+            problem = "multipart/signed without a boundary"
+        elif len(children) != 2:
+            problem = f"multipart/signed with {len(children)} parts instead of 2"
+        span = None
+        if not problem and raw is not None and boundary:
+            span = signature.first_part(raw, boundary)
+            if span is None:
+                problem = "the first part of the multipart/signed cannot be found"
+        if problem or span is None or raw is None:
+            self.signatures.append(_unreadable_signature(pstr, problem, at))
+            return
+        sig_part = children[1]
+        sig_headers = self.part_headers(sig_part, f"{where}.2")
+        sig = self._transfer_decode(sig_part, sig_headers, f"{where}.2", strip_eol=_kept_boundary_eol(sig_part))
+        start, stop = span
+        content = memoryview(raw)[start:stop]
+        if children[0].get_content_type() == "multipart/signed":
+            self.entity_bytes[(*path, 1)] = bytes(content)  # signed twice: the inner check needs them
+        self.signatures.append(signature.verify_detached(sig, content, layer=pstr, trust=trust, at=at))
 
     def _related_root(self, part: Entity, children: list[Entity], where: str) -> int:
         ctype = self.part_headers(part, where).get("content-type")
@@ -1401,10 +1453,14 @@ def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
     date = first("date")
     date_raw = date.raw.strip() if date is not None else None
     passthrough = False
+    dec.entity_bytes[()] = repaired  # only the top-level header block may differ: not signed content
     try:
         dec.walk(msg, (), True)
     except _PassthroughSignal:
         passthrough = True
+    dec.entity_bytes.clear()
+    if options.require_valid_signature:
+        _require_valid_signature(dec)
     sender = dec.addresses(raw_values("sender"), "header 'Sender'")
     smime = None
     if dec.smime or passthrough:
@@ -1416,6 +1472,7 @@ def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
             signed=bool(dec.smime.get("signed")),
             signature_type=dec.smime.get("signature_type"),  # type: ignore[arg-type]
             passthrough=passthrough,
+            signatures=tuple(dec.signatures),
         )
     common = {
         "message_id": message_id.raw.strip() if message_id is not None else None,
@@ -1451,6 +1508,34 @@ def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
         parts=tuple(dec.parts),
         body=body,
     )
+
+
+def _unreadable_signature(layer: str, problem: str, at: datetime | None) -> Any:
+    from connector.decoding import signature  # noqa: PLC0415 - only for signed mail
+
+    moment = at or signature._now()
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    return signature.SignatureCheck(layer, "detached", "invalid", "malformed", problem, (), moment)
+
+
+def _require_valid_signature(dec: _Decoder) -> None:
+    """smime.require_valid_signature: every signature layer valid, and at least one.
+
+    The message names the layer and the reason only: a layer inside an encrypted one is
+    decrypted content, and the dead letter (RFC 8551 §3.3 content stays encrypted there) must not
+    reveal who signed it either.
+    """
+    if not dec.signatures:
+        raise SignatureError(
+            "the mailbox requires a valid S/MIME signature and the mail is not signed", reason="not_signed"
+        )
+    for check in dec.signatures:
+        if check.verdict != "valid":
+            raise SignatureError(
+                f"{_part_name(tuple(int(i) for i in check.layer.split('.')) if check.layer else ())}: "
+                f"S/MIME signature ({check.type}) is {check.verdict}: {check.reason}; the mailbox requires a valid one",
+                reason="signature_invalid",
+            )
 
 
 def decode_mail(

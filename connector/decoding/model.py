@@ -9,7 +9,10 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the verifier pulls in pyhanko-certvalidator; only S/MIME mail needs it
+    from connector.decoding.signature import SignatureCheck
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,8 @@ class SmimeFacts:
     signed: bool = False
     signature_type: str | None = None
     passthrough: bool = False
+    #: one connector.decoding.signature.SignatureCheck per signature layer, outermost first.
+    signatures: tuple[SignatureCheck, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ Plain data; connector/config builds it from the mailbox's settings (docs/configu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 
@@ -49,6 +50,13 @@ class DecodeOptions:
     smime: Literal["decrypt", "passthrough"] = "decrypt"
     #: connector.decoding.smime.KeyRing (typed loosely so this module stays import-light).
     keys: Any = None
+    #: connector.decoding.signature.TrustStore: signature chains are validated against it.
+    #: None: signatures are still checked for integrity, with the verdict "unchecked".
+    trust: Any = None
+    #: a mail that is not signed, or whose signature is not valid, is a dead letter.
+    require_valid_signature: bool = False
+    #: the moment signature chains are validated at; None = now (the fetch). Tests fix it.
+    verify_at: datetime | None = None
     #: attachment parts whose encoded octets exceed this are not held in memory: they are
     #: transfer-decoded piece by piece from the mail's buffer (size and SHA-256 while decoding,
     #: the bytes again when placed). None: every part is held (small mail, tests).

@@ -15,10 +15,11 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -26,6 +27,9 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from connector import __version__
 from connector.decoding.model import Address, Attachment, DecodedMail, MessageSummary
 from connector.errors import DecodeError
+
+if TYPE_CHECKING:
+    from connector.decoding.signature import SignatureCheck
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 MAIL_SCHEMA_FILE = "mail_record.avsc"
@@ -130,6 +134,40 @@ class PlacedContent(Protocol):
     def ref(self) -> Any: ...
 
 
+def _millis(moment: datetime | None) -> int | None:
+    """timestamp-millis as the other fields of the record carry it (an int, not a datetime)."""
+    return None if moment is None else round(moment.timestamp() * 1000)
+
+
+def _signature(check: SignatureCheck) -> dict[str, Any]:
+    return {
+        "layer": check.layer,
+        "type": check.type,
+        "verdict": check.verdict,
+        "reason": check.reason,
+        "detail": check.detail,
+        "verified_at": _millis(check.verified_at),
+        "signers": [
+            {
+                "subject": s.subject,
+                "issuer": s.issuer,
+                "serial": s.serial,
+                "sha256": s.sha256,
+                "emails": list(s.emails),
+                "not_before": _millis(s.not_before),
+                "not_after": _millis(s.not_after),
+                "signing_time": _millis(s.signing_time),
+                "digest_algorithm": s.digest_algorithm,
+                "signature_algorithm": s.signature_algorithm,
+                "verdict": s.verdict,
+                "reason": s.reason,
+                "detail": s.detail,
+            }
+            for s in check.signers
+        ],
+    }
+
+
 def build_mail_record(
     mail: DecodedMail,
     prov: Provenance,
@@ -210,6 +248,7 @@ def build_mail_record(
                 "signed": mail.smime.signed,
                 "signature_type": mail.smime.signature_type,
                 "passthrough": mail.smime.passthrough,
+                "signatures": [_signature(c) for c in mail.smime.signatures],
             }
         ),
         "body": (
@@ -230,8 +269,14 @@ def build_mail_record(
 
 def encode_single_object(schema: Schema, record: dict[str, Any]) -> bytes:
     """Serialise ``record`` with the single-object header."""
+    return encode_with_header(schema.header, schema, record)
+
+
+def encode_with_header(header: bytes, schema: Schema, record: dict[str, Any]) -> bytes:
+    """``header`` then the Avro binary body of ``record``: the one encoding path of every framing
+    (connector/records/framing.py), so both framings carry byte-identical bodies."""
     buf = io.BytesIO()
-    buf.write(schema.header)
+    buf.write(header)
     try:
         fastavro.schemaless_writer(buf, schema.parsed, record, strict=True)
     except (ValueError, TypeError, KeyError) as exc:

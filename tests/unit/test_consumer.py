@@ -45,7 +45,8 @@ from connector.records.avro import _schema_dir, load_schema
 from connector.records.content import ChunkHeader, chunk_count, encode_chunk
 
 SCHEMAS = _schema_dir()
-MAIL_V1, MAIL_V2, MAIL_V3 = "history/mail_record.v1.avsc", "history/mail_record.v2.avsc", "mail_record.avsc"
+MAIL_V1, MAIL_V2, MAIL_V3 = "history/mail_record.v1.avsc", "history/mail_record.v2.avsc", "history/mail_record.v3.avsc"
+MAIL_V4 = "mail_record.avsc"
 DLQ_V1, DLQ_V2 = "history/dead_letter.v1.avsc", "dead_letter.avsc"
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -195,7 +196,8 @@ def dead_letter_v1() -> dict[str, Any]:
 
 def test_every_schema_file_is_known_with_its_version() -> None:
     got = {(k.file, k.version, k.current) for k in known_schemas()}
-    assert (MAIL_V1, 1, False) in got and (MAIL_V2, 2, False) in got and (MAIL_V3, 3, True) in got
+    assert (MAIL_V1, 1, False) in got and (MAIL_V2, 2, False) in got and (MAIL_V3, 3, False) in got
+    assert (MAIL_V4, 4, True) in got
     assert (DLQ_V1, 1, False) in got and (DLQ_V2, 2, True) in got
     assert ("attachment_chunk.avsc", 1, True) in got
     on_disk = {p.relative_to(SCHEMAS).as_posix() for p in SCHEMAS.rglob("*.avsc")}
@@ -327,7 +329,7 @@ def test_registry_framing_resolves_old_versions_and_caches_per_id() -> None:
 
 
 def test_registry_schema_of_an_unknown_newer_version_still_decodes() -> None:
-    newer = json.loads(schema_text(MAIL_V3))
+    newer = json.loads(schema_text(MAIL_V4))
     newer["fields"].append({"name": "future", "type": ["null", "string"], "default": None})
     reg = FakeRegistry({3: FakeSchema(json.dumps(newer))})
     buf = io.BytesIO()
