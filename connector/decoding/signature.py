@@ -39,6 +39,7 @@ import asyncio
 import hashlib
 import mmap
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 from pyhanko_certvalidator.sig_validate import DefaultSignatureValidator, SignatureValidationContext
@@ -501,6 +503,11 @@ def _check_signature(
         raise _Invalid(
             "unsupported_algorithm", f"signature algorithm {sig_alg['algorithm'].native} not supported"
         ) from None
+    key_algorithm = cert.public_key["algorithm"]
+    if key_algorithm["algorithm"].native == "dsa" and key_algorithm["parameters"].native is None:
+        # RFC 3279 §2.3.2: DSA parameters inherited from the issuer's key. OpenSSL and
+        # cryptography refuse them too; saying "tampered" would blame the sender wrongly.
+        raise _Invalid("unsupported_algorithm", "DSA key whose parameters are inherited from the issuer")
     signature = si["signature"].native
     context = SignatureValidationContext(contextual_md_algorithm=digest_name)
     last: str | None = None
@@ -611,7 +618,10 @@ def _names(der: bytes, cert: asn1_x509.Certificate) -> tuple[str, str, tuple[str
     §4.2.1.6, then the legacy emailAddress attribute of the subject, RFC 8550 §3)."""
     emails: list[str] = []
     try:
-        parsed = x509.load_der_x509_certificate(der)
+        with warnings.catch_warnings():
+            # a non-positive serial (PKITS has them) warns; the facts are still worth reading
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            parsed = x509.load_der_x509_certificate(der)
         # emailAddress by name, not as a dotted OID (RFC 4514 §3 allows either).
         names = {x509.NameOID.EMAIL_ADDRESS: "emailAddress"}
         subject, issuer = parsed.subject.rfc4514_string(names), parsed.issuer.rfc4514_string(names)
