@@ -36,11 +36,12 @@ and certificate names only; no content. Everything here is immutable after loadi
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import mmap
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -375,7 +376,8 @@ def _find_signer(sid: Any, pools: Sequence[Iterable[asn1_x509.Certificate]]) -> 
         issuer, serial = sid.chosen["issuer"], sid.chosen["serial_number"].native
         for pool in pools:
             for cert in pool:
-                if cert.serial_number == serial and cert.issuer == issuer:
+                # Same bytes first: asn1crypto's RFC 5280 §7.1 name comparison is slow.
+                if cert.serial_number == serial and (cert.issuer.dump() == issuer.dump() or cert.issuer == issuer):
                     return cert
         return None
     key_id = sid.chosen.native
@@ -435,7 +437,7 @@ def _check_signer(  # noqa: PLR0917
         digest = _digest(hash_name, content, digests)
         signed_attrs = si["signed_attrs"]
         if isinstance(signed_attrs, core.Void) or len(signed_attrs) == 0:
-            candidates = [bytes(content)]
+            candidates: Iterable[bytes] = [bytes(content)]
         else:
             signing_time = _check_attributes(signed_attrs, digest, econtent_type)
             candidates = _attribute_encodings(signed_attrs)
@@ -478,7 +480,7 @@ def _check_attributes(attrs: Any, digest: bytes, econtent_type: str) -> datetime
     return None
 
 
-def _attribute_encodings(attrs: Any) -> list[bytes]:
+def _attribute_encodings(attrs: Any) -> Iterator[bytes]:
     """What the signer signed: the attributes as a SET OF (tag 0x31), RFC 5652 §5.4.
 
     First the encoding as received with the [0] tag replaced (what the signer most likely
@@ -487,12 +489,15 @@ def _attribute_encodings(attrs: Any) -> list[bytes]:
     """
     received = attrs.dump()
     as_set = b"\x31" + received[1:]
-    der = cms.CMSAttributes([a for a in attrs]).dump(force=True)
-    return [as_set] if der == as_set else [as_set, der]
+    yield as_set
+    # Only reached when the first did not verify: re-encoding costs more than the signature check.
+    der = cms.CMSAttributes(list(attrs)).dump(force=True)
+    if der != as_set:
+        yield der
 
 
 def _check_signature(
-    si: Any, cert: asn1_x509.Certificate, sig_alg: Any, digest_name: str, candidates: list[bytes]
+    si: Any, cert: asn1_x509.Certificate, sig_alg: Any, digest_name: str, candidates: Iterable[bytes]
 ) -> None:
     algorithm = sig_alg
     if sig_alg["algorithm"].dotted == _EC_PUBLIC_KEY:
@@ -590,7 +595,7 @@ def _facts(  # noqa: PLR0917
     if cert is None:
         return SignerFacts("", "", "", "", (), None, None, signing_time, digest_name, sig_name, verdict, reason, detail)
     der = cert.dump()
-    subject, issuer, emails = _names(der, cert)
+    subject, issuer, emails = _names(der)
     try:
         validity = cert["tbs_certificate"]["validity"]
         not_before, not_after = validity["not_before"].native, validity["not_after"].native
@@ -613,10 +618,12 @@ def _facts(  # noqa: PLR0917
     )
 
 
-def _names(der: bytes, cert: asn1_x509.Certificate) -> tuple[str, str, tuple[str, ...]]:
+@functools.lru_cache(maxsize=256)  # the same few signers write most mail of a mailbox
+def _names(der: bytes) -> tuple[str, str, tuple[str, ...]]:
     """RFC 4514 subject and issuer, and the signer's mail addresses (SAN rfc822Name, RFC 5280
     §4.2.1.6, then the legacy emailAddress attribute of the subject, RFC 8550 §3)."""
     emails: list[str] = []
+    cert = asn1_x509.Certificate.load(der)
     try:
         with warnings.catch_warnings():
             # a non-positive serial (PKITS has them) warns; the facts are still worth reading
