@@ -111,7 +111,8 @@ class DecodeError(ConnectorError):
     decrypted content): part numbers, header names, charset labels, limits only.
     """
 
-    #: "parse" (MIME), "decrypt" (S/MIME), "limits" (a hostile-mail limit), "record" (Avro).
+    #: "parse" (MIME), "decrypt" (S/MIME), "verify" (a required signature), "limits" (a
+    #: hostile-mail limit), "record" (Avro).
     default_stage = "parse"
     default_reason = "malformed"
 

@@ -104,6 +104,8 @@ _EC_PUBLIC_KEY: Final = "1.2.840.10045.2.1"
 _PARSE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 _PEM_CERT: Final = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.*?)-----END", re.DOTALL)
 _HASH_CHUNK: Final = 1 << 20
+#: smallest signer keys accepted (NIST SP 800-131A; pyhanko-certvalidator's defaults for CAs).
+_MIN_KEY_BITS: Final = {"rsa": 2048, "rsassa_pss": 2048, "dsa": 3192}
 _SIG_VALIDATOR: Final = DefaultSignatureValidator()
 
 
@@ -513,6 +515,15 @@ def _check_signature(
         # RFC 3279 §2.3.2: DSA parameters inherited from the issuer's key. OpenSSL and
         # cryptography refuse them too; saying "tampered" would blame the sender wrongly.
         raise _Invalid("unsupported_algorithm", "DSA key whose parameters are inherited from the issuer")
+    minimum = _MIN_KEY_BITS.get(key_algorithm["algorithm"].native)
+    bits = cert.public_key.bit_size
+    if minimum is not None and bits < minimum:
+        # The same floor the chain validation applies to CA keys (pyhanko-certvalidator's
+        # default policy), so a signer cannot be weaker than its issuer is allowed to be.
+        raise _Invalid(
+            "unsupported_algorithm",
+            f"{key_algorithm['algorithm'].native.upper()} key of {bits} bits; at least {minimum} required",
+        )
     signature = si["signature"].native
     context = SignatureValidationContext(contextual_md_algorithm=digest_name)
     last: str | None = None
