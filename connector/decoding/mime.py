@@ -1005,10 +1005,17 @@ class _Decoder:
         sig_headers = self.part_headers(sig_part, f"{where}.2")
         sig = self._transfer_decode(sig_part, sig_headers, f"{where}.2", strip_eol=_kept_boundary_eol(sig_part))
         start, stop = span
-        content = memoryview(raw)[start:stop]
-        if children[0].get_content_type() == "multipart/signed":
-            self.entity_bytes[(*path, 1)] = bytes(content)  # signed twice: the inner check needs them
-        self.signatures.append(signature.verify_detached(sig, content, layer=pstr, trust=trust, at=at))
+        view = memoryview(raw)
+        content = view[start:stop]
+        try:
+            if children[0].get_content_type() == "multipart/signed":
+                self.entity_bytes[(*path, 1)] = bytes(content)  # signed twice: the inner check needs them
+            self.signatures.append(signature.verify_detached(sig, content, layer=pstr, trust=trust, at=at))
+        finally:
+            # A spool mapping is closed right after decoding; a view still exported (held by a
+            # traceback's reference cycle, say) would make that close fail.
+            content.release()
+            view.release()
 
     def _related_root(self, part: Entity, children: list[Entity], where: str) -> int:
         ctype = self.part_headers(part, where).get("content-type")

@@ -412,7 +412,7 @@ def _check_signer(  # noqa: PLR0917
     try:
         digest_name = str(si["digest_algorithm"]["algorithm"].native)
         sig_alg = si["signature_algorithm"]
-        sig_name = str(sig_alg["algorithm"].native)
+        sig_name = _mechanism(sig_alg)
         sid = si["sid"]
         _ = sid.chosen.native
     except _PARSE_ERRORS:
@@ -455,6 +455,17 @@ def _check_signer(  # noqa: PLR0917
     if trust is None:
         return _facts(cert, digest_name, sig_name, signing_time, "unchecked", "no_trust_store", None)
     return _facts(cert, digest_name, sig_name, signing_time, "valid", None, None)
+
+
+def _mechanism(sig_alg: Any) -> str:
+    """The signature mechanism without its hash (rsassa_pkcs1v15, rsassa_pss, ecdsa, dsa,
+    ed25519...): the hash is the digest algorithm, reported beside it."""
+    if sig_alg["algorithm"].dotted == _EC_PUBLIC_KEY:
+        return "ecdsa"
+    try:
+        return str(sig_alg.signature_algo)
+    except ValueError:
+        return str(sig_alg["algorithm"].native)
 
 
 def _check_attributes(attrs: Any, digest: bytes, econtent_type: str) -> datetime | None:
@@ -516,7 +527,8 @@ def _check_signature(
         # cryptography refuse them too; saying "tampered" would blame the sender wrongly.
         raise _Invalid("unsupported_algorithm", "DSA key whose parameters are inherited from the issuer")
     minimum = _MIN_KEY_BITS.get(key_algorithm["algorithm"].native)
-    bits = cert.public_key.bit_size
+    # (bit_size only for the key types with a floor: asn1crypto cannot size EdDSA keys)
+    bits = cert.public_key.bit_size if minimum is not None else 0
     if minimum is not None and bits < minimum:
         # The same floor the chain validation applies to CA keys (pyhanko-certvalidator's
         # default policy), so a signer cannot be weaker than its issuer is allowed to be.
