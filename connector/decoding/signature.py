@@ -393,9 +393,9 @@ def _find_signer(sid: Any, pools: Sequence[Iterable[asn1_x509.Certificate]]) -> 
 def _digest(name: str, content: bytes | memoryview, cache: dict[str, bytes]) -> bytes:
     if name not in cache:
         h = hashlib.new(name)
-        view = memoryview(content)
-        for a in range(0, len(view), _HASH_CHUNK):  # a spool mapping is hashed in place
-            h.update(view[a : a + _HASH_CHUNK])
+        with memoryview(content) as view:  # released here: a spool mapping must close afterwards
+            for a in range(0, len(view), _HASH_CHUNK):  # hashed in place, never copied
+                h.update(view[a : a + _HASH_CHUNK])
         cache[name] = h.digest()
     return cache[name]
 
@@ -421,7 +421,10 @@ def _check_signer(  # noqa: PLR0917
     if trust is not None:
         pools += [trust.intermediates, trust.roots]
     cert = _find_signer(sid, pools)
-    signing_time: datetime | None = None
+    signed_attrs = si["signed_attrs"]
+    attributes = not isinstance(signed_attrs, core.Void) and len(signed_attrs) > 0
+    # Recorded whatever the verdict: when a signature fails, the claimed time still helps.
+    signing_time = _signing_time(signed_attrs) if attributes else None
     try:
         if cert is None:
             raise _Invalid(
@@ -437,16 +440,17 @@ def _check_signer(  # noqa: PLR0917
             )
             raise _Invalid("unsupported_algorithm", f"digest algorithm {digest_name} {why}")
         digest = _digest(hash_name, content, digests)
-        signed_attrs = si["signed_attrs"]
-        if isinstance(signed_attrs, core.Void) or len(signed_attrs) == 0:
+        if not attributes:
             candidates: Iterable[bytes] = [bytes(content)]
         else:
-            signing_time = _check_attributes(signed_attrs, digest, econtent_type)
+            _check_attributes(signed_attrs, digest, econtent_type)
             candidates = _attribute_encodings(signed_attrs)
         _check_signature(si, cert, sig_alg, digest_name, candidates)
         if trust is not None:
             _check_path(cert, embedded, trust, moment)
     except _Invalid as bad:
+        if cert is None:
+            return _missing(sid, digest_name, sig_name, signing_time, bad)
         return _facts(cert, digest_name, sig_name, signing_time, "invalid", bad.reason, bad.detail)
     except _PARSE_ERRORS:
         return _facts(
@@ -468,9 +472,35 @@ def _mechanism(sig_alg: Any) -> str:
         return str(sig_alg["algorithm"].native)
 
 
-def _check_attributes(attrs: Any, digest: bytes, econtent_type: str) -> datetime | None:
+def _signing_time(attrs: Any) -> datetime | None:
+    """The signingTime attribute (RFC 5652 §11.3), when there is exactly one value."""
+    try:
+        for attr in attrs:
+            if attr["type"].dotted == "1.2.840.113549.1.9.5" and len(attr["values"]) == 1:
+                value = attr["values"][0].native
+                return value if isinstance(value, datetime) else None
+    except _PARSE_ERRORS:
+        return None
+    return None
+
+
+def _missing(sid: Any, digest_name: str, sig_name: str, signing_time: datetime | None, bad: _Invalid) -> SignerFacts:
+    """Facts of a signer whose certificate is missing: what the SignerInfo's sid names."""
+    issuer = serial = ""
+    try:
+        if sid.name == "issuer_and_serial_number":
+            issuer = clean_str(sid.chosen["issuer"].human_friendly)
+            serial = str(sid.chosen["serial_number"].native)
+    except _PARSE_ERRORS:
+        pass
+    return SignerFacts(
+        "", issuer, serial, "", (), None, None, signing_time, digest_name, sig_name, "invalid", bad.reason, bad.detail
+    )
+
+
+def _check_attributes(attrs: Any, digest: bytes, econtent_type: str) -> None:
     """RFC 5652 §5.3: messageDigest and contentType are required when signed attributes are
-    present, each exactly once with one value (§11.1, §11.2); returns signingTime (§11.3)."""
+    present, each exactly once with one value (§11.1, §11.2)."""
     found: dict[str, list[Any]] = {}
     for attr in attrs:
         name = attr["type"].dotted
@@ -485,12 +515,6 @@ def _check_attributes(attrs: Any, digest: bytes, econtent_type: str) -> datetime
         raise _Invalid("tampered", "the content does not match the signed message digest")
     if ct[0][0].dotted != econtent_type:
         raise _Invalid("tampered", "the signed contentType differs from the encapsulated content type")
-    st = found.get("1.2.840.113549.1.9.5")
-    if st and len(st[0]) == 1:
-        value = st[0][0].native
-        if isinstance(value, datetime):
-            return value
-    return None
 
 
 def _attribute_encodings(attrs: Any) -> Iterator[bytes]:
@@ -540,16 +564,17 @@ def _check_signature(
     context = SignatureValidationContext(contextual_md_algorithm=digest_name)
     last: str | None = None
     for data in candidates:
+        # certvalidator's own errors subclass InvalidSignature: they are caught first.
         try:
             _SIG_VALIDATOR.validate_signature(signature, data, cert.public_key, algorithm, context)
-        except InvalidSignature:
-            last = "tampered"
-            continue
         except (cv_errors.AlgorithmNotSupported, cv_errors.DSAParametersUnavailable, UnsupportedAlgorithm) as exc:
             name = algorithm.signature_algo
             raise _Invalid("unsupported_algorithm", f"{name}: {type(exc).__name__}") from None
         except (cv_errors.PSSParameterMismatch, ValueError, TypeError, AssertionError) as exc:
             raise _Invalid("malformed", f"the signature cannot be checked: {type(exc).__name__}") from None
+        except InvalidSignature:
+            last = "tampered"
+            continue
         return
     raise _Invalid(last or "tampered", "the signature does not verify with the signer's public key")
 

@@ -50,13 +50,13 @@ COMPAT32 = email.parser.BytesParser(policy=email.policy.compat32)
 # ---------------------------------------------------------------- comparing the two splitters
 
 
-
 @pytest.fixture(autouse=True)
 def fixed_signature_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two decodes of a signed mail compare equal only with one validation moment."""
     from connector.decoding import signature
 
     monkeypatch.setattr(signature, "_now", lambda: datetime(2026, 1, 1, tzinfo=UTC))
+
 
 def tree(entity: Entity) -> dict[str, Any]:
     """Everything mime.py can read of a parsed entity, as plain data."""

@@ -39,13 +39,13 @@ CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "mail"
 PROV = Provenance(mailbox_id="m", uidl="u", server="h:1", fetched_at_millis=0, raw_size=0, raw_sha256="0" * 64)
 
 
-
 @pytest.fixture(autouse=True)
 def fixed_signature_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two decodes of a signed mail compare equal only with one validation moment."""
     from connector.decoding import signature
 
     monkeypatch.setattr(signature, "_now", lambda: datetime(2026, 1, 1, tzinfo=UTC))
+
 
 def spool_map(tmp_path: Path, data: bytes) -> SpoolMap:
     f = tmp_path / f"spool-{hashlib.sha256(data).hexdigest()[:12]}"
