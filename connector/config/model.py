@@ -35,6 +35,18 @@ KeyMode = Literal["mailbox", "record_id"]
 DeliveryMode = Literal["exactly_once", "at_least_once"]
 StartFrom = Literal["all", "now"]
 OnUndecodable = Literal["dead_letter", "leave"]
+Framing = Literal["single_object", "schema_registry"]
+SubjectNaming = Literal["topic", "record", "topic_record"]
+#: the compatibility levels of Confluent's API (Apicurio's ccompat API accepts the same).
+COMPATIBILITY_LEVELS = (
+    "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+)
 #: "TLSv1" only results from tls_legacy: true without an explicit tls_min_version.
 TlsVersion = Literal["TLSv1", "TLSv1.2", "TLSv1.3"]
 
@@ -278,6 +290,29 @@ class TopicsConfig:
 @dataclass(frozen=True)
 class RecordConfig:
     key: KeyMode = "mailbox"
+    #: wire framing of mail records, dead letters and chunk records (docs/record.md, "Framing"):
+    #: Avro single-object encoding, or the Confluent Schema Registry wire format (needs
+    #: ``schema_registry:``). The ledger topic is internal state and stays single-object.
+    framing: Framing = "single_object"
+
+
+@dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """``schema_registry:``: a Confluent-compatible registry (Confluent, Apicurio's ccompat API)."""
+
+    url: str
+    #: subjects: ``topic`` = "<topic>-value", ``record`` = "<namespace>.<name>",
+    #: ``topic_record`` = "<topic>-<namespace>.<name>" (Confluent's three naming strategies).
+    subject_naming: SubjectNaming = "topic"
+    #: register a missing schema at start; off: `pop3-kafka schemas register` is the only writer.
+    auto_register: bool = False
+    #: what `pop3-kafka schemas register` sets on each subject before registering.
+    compatibility: str = "FULL_TRANSITIVE"
+    #: "user:password" for HTTP basic authentication.
+    basic_auth: Secret | None = None
+    #: PEM bundle for an https:// registry; default: the system trust store.
+    ca_file: str | None = None
+    timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +372,8 @@ class Config:
     offload: OffloadSettings | None = None
     #: the admin endpoint of ``run``; None: off.
     admin: AdminConfig | None = None
+    #: the schema registry (record.framing: schema_registry, `pop3-kafka schemas register`).
+    schema_registry: SchemaRegistryConfig | None = None
 
     def mailbox(self, mailbox_id: str) -> MailboxConfig:
         for m in self.mailboxes:
@@ -491,6 +528,20 @@ _OAUTH2_ONLY_FOR = {
 _TOKEN_MECHANISMS = frozenset({"XOAUTH2", "XOAUTH2-TWO-STEP", "OAUTHBEARER"})
 
 
+def _check_registry_url(value: Any, path: str) -> None:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https", "mock") or not rest or rest.startswith("/"):
+        raise ConfigError(
+            f"{path}: {value!r} is not an http(s):// URL (e.g. http://registry:8081 for Confluent, "
+            "http://registry:8080/apis/ccompat/v7 for Apicurio)"
+        )
+    if "@" in rest.split("/", 1)[0]:
+        # Credentials in the URL would print wherever the URL does.
+        raise ConfigError(f"{path}: (value hidden) carries user:password@; put them in schema_registry.basic_auth")
+    if "," in value:
+        raise ConfigError(f"{path}: one URL only (a load balancer in front of several registries)")
+
+
 def _check_content_type(value: Any, path: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+", value):
         raise ConfigError(f"{path}: {value!r} is not a content type such as text/plain")
@@ -594,6 +645,20 @@ MAILBOX_SCHEMA: dict[str, Field] = {
                     "label": Field("str", help="name shown in records and logs; default: the file name"),
                 },
             ),
+            "verify": Field(
+                "map",
+                help="signature chains: without it signatures are checked for integrity only (verdict unchecked)",
+                schema={
+                    "trust_store": Field(
+                        "list", items="str", required=True, help="PEM (or DER) files of the CAs whose signers you trust"
+                    ),
+                    "intermediates": Field("list", items="str", default=list, help="extra intermediate CA files"),
+                    "allow_sha1": Field("bool", default=False, help="accept SHA-1 digests and certificates (legacy)"),
+                },
+            ),
+            "require_valid_signature": Field(
+                "bool", default=False, help="true: unsigned mail or mail without a valid signature is a dead letter"
+            ),
         },
     ),
     "decode_limits": Field(
@@ -663,6 +728,36 @@ ROOT_SCHEMA: dict[str, Field] = {
         default=dict,
         schema={
             "key": Field("str", default="mailbox", choices=("mailbox", "record_id")),
+            "framing": Field(
+                "str",
+                default="single_object",
+                choices=("single_object", "schema_registry"),
+                help="schema_registry needs a schema_registry: section",
+            ),
+        },
+    ),
+    "schema_registry": Field(
+        "map",
+        schema={
+            "url": Field(
+                "str",
+                required=True,
+                check=_check_registry_url,
+                help="Confluent-compatible base URL, e.g. http://registry:8080/apis/ccompat/v7 for Apicurio",
+            ),
+            "subject_naming": Field("str", default="topic", choices=("topic", "record", "topic_record")),
+            "auto_register": Field("bool", default=False, help="true: register missing schemas at start"),
+            "compatibility": Field(
+                "str",
+                default="FULL_TRANSITIVE",
+                choices=COMPATIBILITY_LEVELS,
+                help="set on each subject by `pop3-kafka schemas register`",
+            ),
+            "basic_auth": Field(
+                "map", schema=SECRET_SCHEMA, secret=True, help="{env: VAR} or {file: /path} holding 'user:password'"
+            ),
+            "ca_file": Field("str", help="PEM bundle for an https:// registry; default: the system trust store"),
+            "timeout_seconds": Field("float", default=10.0, minimum=1, maximum=300),
         },
     ),
     "delivery": Field(
@@ -841,7 +936,7 @@ def _decode_options(
     m: dict[str, Any], path: str, base: Path, environ: Mapping[str, str], spool_directory: str | None = None
 ) -> DecodeOptions:
     body = m["body_part"]
-    smime = m["smime"] or {"mode": "decrypt", "keys": []}
+    smime = m["smime"] or {"mode": "decrypt", "keys": [], "verify": None, "require_valid_signature": False}
     keys = None
     if smime["keys"]:
         if smime["mode"] == "passthrough":
@@ -855,6 +950,36 @@ def _decode_options(
             password = _resolve_secret(k["password"], f"{kpath}.password", base, environ) if k["password"] else None
             specs.append((file, password.reveal() if password else None, k["label"] or Path(file).name))
         keys = load_keys(specs)
+    trust = None
+    if smime.get("verify"):
+        verify = smime["verify"]
+        if smime["mode"] == "passthrough":
+            raise ConfigError(
+                f"{path}.smime.verify: passthrough publishes encrypted mail unopened, so signatures inside "
+                "cannot be checked; remove verify or use mode: decrypt"
+            )
+        from connector.decoding.signature import load_trust_store  # noqa: PLC0415 - only when configured
+
+        roots = [
+            _existing_file(f, f"trust_store[{i}]", f"{path}.smime.verify", base)
+            for i, f in enumerate(verify["trust_store"])
+        ]
+        extra = [
+            _existing_file(f, f"intermediates[{i}]", f"{path}.smime.verify", base)
+            for i, f in enumerate(verify["intermediates"])
+        ]
+        if not roots:
+            raise ConfigError(f"{path}.smime.verify.trust_store: empty; list the PEM files of the CAs you trust")
+        try:
+            trust = load_trust_store(roots, extra, allow_sha1=verify["allow_sha1"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.smime.verify: {exc}") from None
+    require = bool(smime.get("require_valid_signature"))
+    if require and (smime["mode"] == "passthrough" or not m["mime_decoding"]):
+        raise ConfigError(
+            f"{path}.smime.require_valid_signature: needs the mail decoded (mime_decoding: true, smime.mode: "
+            "decrypt) to find and check signatures; remove it or enable decoding"
+        )
     return DecodeOptions(
         limits=DecodeLimits(**m["decode_limits"]),
         body_part=(
@@ -865,6 +990,8 @@ def _decode_options(
         mime_decoding=m["mime_decoding"],
         smime=smime["mode"],
         keys=keys,
+        trust=trust,
+        require_valid_signature=require,
         stream_above=STREAM_ABOVE,
         spool_directory=spool_directory,
     )
@@ -1072,6 +1199,34 @@ def _offload(o: dict[str, Any] | None, base: Path) -> OffloadSettings | None:
     return OffloadSettings(**o)
 
 
+def _schema_registry(
+    r: dict[str, Any] | None, framing: str, base: Path, environ: Mapping[str, str]
+) -> SchemaRegistryConfig | None:
+    """schema_registry:, and the framing that needs it. The section without the framing is
+    allowed: `pop3-kafka schemas register` runs before a switch of framing."""
+    if r is None:
+        if framing == "schema_registry":
+            raise ConfigError(
+                "record.framing: 'schema_registry' needs a schema_registry: section with at least url (the "
+                "registry's Confluent-compatible base URL, e.g. http://registry:8081 or, for Apicurio, "
+                "http://registry:8080/apis/ccompat/v7); or use framing: single_object"
+            )
+        return None
+    auth = _resolve_secret(r["basic_auth"], "schema_registry.basic_auth", base, environ) if r["basic_auth"] else None
+    if auth is not None and ":" not in auth.reveal():
+        raise ConfigError(f"schema_registry.basic_auth: the secret ({auth.source}) must be 'user:password'")
+    ca_file = _existing_file(r["ca_file"], "ca_file", "schema_registry", base) if r["ca_file"] else None
+    return SchemaRegistryConfig(
+        url=r["url"].rstrip("/"),
+        subject_naming=r["subject_naming"],
+        auto_register=r["auto_register"],
+        compatibility=r["compatibility"],
+        basic_auth=auth,
+        ca_file=ca_file,
+        timeout_seconds=r["timeout_seconds"],
+    )
+
+
 def _check_placement(m: MailboxConfig, path: str, offload: OffloadSettings | None) -> None:
     if m.attachments.placement == "offload" and offload is None:
         raise ConfigError(
@@ -1200,7 +1355,7 @@ def parse_config(
             client_secrets=_client_secrets(k["client_secrets"], base, env),
         ),
         topics=topics,
-        record=RecordConfig(key=v["record"]["key"]),
+        record=RecordConfig(key=v["record"]["key"], framing=v["record"]["framing"]),
         runtime=runtime,
         mailboxes=tuple(mailboxes),
         delivery=delivery,
@@ -1208,6 +1363,7 @@ def parse_config(
         source=source,
         offload=offload,
         admin=_admin(v["admin"], base, env),
+        schema_registry=_schema_registry(v["schema_registry"], v["record"]["framing"], base, env),
     )
 
 
