@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from localstack import DovecotServer, KafkaNode, Stack  # noqa: E402
 from support.objectstore_fixture import object_store  # noqa: E402, F401 - S3 server fixture
+from support.registry_fixture import schema_registry  # noqa: E402, F401 - schema registry fixture
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from connector.records.avro import HEADER_MAILBOX, HEADER_RECORD_ID, Schema, encode_single_object, load_schema
+from connector.records.avro import HEADER_MAILBOX, HEADER_RECORD_ID, Schema, load_schema
+from connector.records.framing import SINGLE_OBJECT, Framer
 
 ATTACHMENT_CHUNK_SCHEMA_FILE = "attachment_chunk.avsc"
 #: Kafka headers of a chunk record, beside the record id and mailbox of every record of ours:
@@ -88,9 +89,11 @@ class ChunkHeader:
     sha256: str
 
 
-def encode_chunk(h: ChunkHeader, index: int, offset: int, data: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The framed AttachmentChunk value and its Kafka headers."""
-    value = encode_single_object(
+def encode_chunk(
+    h: ChunkHeader, index: int, offset: int, data: bytes, framer: Framer = SINGLE_OBJECT
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The AttachmentChunk value framed by ``framer`` (record.framing) and its Kafka headers."""
+    value = framer.encode(
         chunk_schema(),
         {
             "record_id": h.record_id,

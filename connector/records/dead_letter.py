@@ -1,8 +1,8 @@
 """Dead letters: a mail we could not decode, kept as the bytes we retrieved (schemas/dead_letter.avsc).
 
-The value uses the same single-object framing as mail records (connector/records/avro.py), so a
-consumer tells the two apart by the schema fingerprint alone. The Kafka headers follow Kafka
-Connect's dead-letter-queue error headers (KIP-298: ``__connect.errors.stage``,
+The value uses the same framing as mail records (record.framing, connector/records/framing.py), so
+a consumer tells the two apart by the schema fingerprint, or the registry schema id, alone. The
+Kafka headers follow Kafka Connect's dead-letter-queue error headers (KIP-298: ``__connect.errors.stage``,
 ``__connect.errors.exception.class.name``, ``__connect.errors.exception.message``), in our own
 namespace, plus the record id and mailbox every record of ours carries. Kafka Connect also
 sends the stack trace; we do not: a traceback of the decoder could quote mail content.
@@ -24,10 +24,10 @@ from connector.records.avro import (
     Provenance,
     Schema,
     decode_single_object,
-    encode_single_object,
     load_schema,
     record_id,
 )
+from connector.records.framing import SINGLE_OBJECT, Framer
 
 DEAD_LETTER_SCHEMA_FILE = "dead_letter.avsc"
 HEADER_STAGE = "pop3kafka.errors.stage"
@@ -109,9 +109,9 @@ class DeadLetter:
             "raw_ref": self.raw_ref.record() if self.raw_ref is not None else None,
         }
 
-    def encode(self) -> bytes:
-        """The framed Avro value (C3 01, fingerprint, body)."""
-        return encode_single_object(dead_letter_schema(), self.record())
+    def encode(self, framer: Framer = SINGLE_OBJECT) -> bytes:
+        """The Avro value framed by ``framer`` (default: C3 01, fingerprint, body)."""
+        return framer.encode(dead_letter_schema(), self.record())
 
     def headers(self) -> list[tuple[str, bytes]]:
         """Kafka headers: our record headers, then the error headers."""

@@ -56,11 +56,11 @@ from connector.records import (
     Provenance,
     Schema,
     build_mail_record,
-    encode_single_object,
     mail_schema,
     record_id,
 )
 from connector.records.dead_letter import DeadLetter
+from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import header_sha256
 from connector.runtime.login import LoginSession, login
 from connector.runtime.placement import Placer, Send
@@ -436,6 +436,8 @@ class CycleContext:
     hooks: CycleHooks = field(default_factory=CycleHooks)
     #: opens a POP3 session for a mailbox; tests substitute scripted sessions here.
     session_factory: Callable[[MailboxConfig], MailboxSession] = open_session
+    #: record.framing, with registry schema ids resolved at start (connector/delivery/registry.py).
+    framer: Framer = SINGLE_OBJECT
 
 
 def provenance(
@@ -461,6 +463,7 @@ def encode_mail(
     *,
     sha256: str | None = None,
     placer: Placer | None = None,
+    framer: Framer = SINGLE_OBJECT,
 ) -> bytes:
     """Decode one retrieved mail into its framed Avro record; DecodeError when it cannot be.
     ``sha256``: the digest computed while the mail was received, if known. ``placer``: puts
@@ -469,12 +472,12 @@ def encode_mail(
     prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
     mail = decode_mail(raw, options=mailbox.decode)
     if placer is None:
-        return encode_single_object(schema, build_mail_record(mail, prov))
+        return framer.encode(schema, build_mail_record(mail, prov))
     placed = placer.attachments(mail.attachments)
     raw_placed = None
     if mailbox.raw_mail == "include" or mail.raw is not None:
         raw_placed = placer.raw(raw, prov.raw_sha256)
-    return encode_single_object(schema, build_mail_record(mail, prov, placed, raw_placed))
+    return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed))
 
 
 def record_key(config: Config, mailbox: MailboxConfig, rid: str) -> bytes:
@@ -490,12 +493,14 @@ def content_store(settings: OffloadSettings) -> ContentStore:
     return open_store(settings)
 
 
-def placer_for(config: Config, mailbox: MailboxConfig, send: Send) -> Callable[[str], Placer]:
-    """Placers for ``mailbox``'s mail, producing chunk records through ``send``."""
+def placer_for(
+    config: Config, mailbox: MailboxConfig, send: Send, framer: Framer = SINGLE_OBJECT
+) -> Callable[[str], Placer]:
+    """Placers for ``mailbox``'s mail, producing chunk records (framed by ``framer``) through ``send``."""
     store = content_store(config.offload) if config.offload is not None else None
 
     def make(rid: str) -> Placer:
-        return Placer(config, mailbox, rid, record_key(config, mailbox, rid), send, store)
+        return Placer(config, mailbox, rid, record_key(config, mailbox, rid), send, store, framer)
 
     return make
 
@@ -551,6 +556,7 @@ def retrieve_encoded(
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     spool: SpoolPolicy | None = None,
     placer: Callable[[str], Placer] | None = None,
+    framer: Framer = SINGLE_OBJECT,
 ) -> Generator[EncodedMail, None, None]:
     """Stream the chosen mails (pipelined RETR, spooled per ``spool``) and yield each decoded
     one as an :class:`EncodedMail`. Stops at shutdown or max_seconds_per_cycle
@@ -579,7 +585,15 @@ def retrieve_encoded(
                     return
                 uidl = uidl_of[msg_num]
                 got = encode_retrieved(
-                    mailbox, uidl, mail, res=res, hooks=hooks, extra=extra, clock_ms=clock_ms, placer=placer
+                    mailbox,
+                    uidl,
+                    mail,
+                    res=res,
+                    hooks=hooks,
+                    extra=extra,
+                    clock_ms=clock_ms,
+                    placer=placer,
+                    framer=framer,
                 )
             if got is not None:
                 yield got._replace(msg_num=msg_num)
@@ -667,6 +681,7 @@ def encode_retrieved(
     extra: dict[str, str],
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     placer: Callable[[str], Placer] | None = None,
+    framer: Framer = SINGLE_OBJECT,
 ) -> EncodedMail | None:
     """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
@@ -711,7 +726,9 @@ def encode_retrieved(
                     f"({mailbox.max_line_bytes}); raise the limit if such mail is expected",
                     reason="max_line_bytes",
                 )
-            value = encode_mail(mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256, placer=place)
+            value = encode_mail(
+                mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256, placer=place, framer=framer
+            )
         except DecodeError as exc:
             # Never the body in a log line: DecodeError's message carries no mail content
             # (connector/errors.py), and stage/reason/class are codes.
@@ -750,7 +767,14 @@ def encode_retrieved(
                 extra={**extra, "uidl": uidl},
             )
             return EncodedMail(
-                0, uidl, head, mail.sha256, dead.encode(), fetched_at, dead, tuple(place.deliveries if place else ())
+                0,
+                uidl,
+                head,
+                mail.sha256,
+                dead.encode(framer),
+                fetched_at,
+                dead,
+                tuple(place.deliveries if place else ()),
             )
         if place is not None and place.stored:
             log.debug("offloaded %d object(s)", len(place.stored), extra={**extra, "uidl": uidl})
@@ -843,7 +867,8 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 hooks=ctx.hooks,
                 extra=extra,
                 spool=spool_policy(ctx.config),
-                placer=placer_for(ctx.config, mailbox, ctx.publisher.send),
+                placer=placer_for(ctx.config, mailbox, ctx.publisher.send, ctx.framer),
+                framer=ctx.framer,
             )
         ) as mails:
             while True:

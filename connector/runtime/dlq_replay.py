@@ -20,6 +20,10 @@ dead letter) or from its offloaded object; the
 replayed record's attachments are placed as the poll cycle places them (chunk records in the
 same transaction, or the offload store).
 
+Both framings are read (a dead-letter topic may hold single-object and registry-framed values
+after a switch of ``record.framing``; the latter need ``schema_registry:``), and replayed records
+are written in the configured framing.
+
 Dead letters that still fail stay in the dead-letter topic (they are not written again); the
 summary counts them by reason. ``--since`` passes over dead letters written before a time
 (counted as skipped; progress moves past them). ``--dry-run`` decodes and reports, and writes
@@ -46,12 +50,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from connector import faults
 from connector.config.model import STREAM_ABOVE, Config, MailboxConfig
-from connector.consumer import ChunkAssembler, ConsumerError, decode_value, fetch_offloaded
+from connector.consumer import ChunkAssembler, ConsumerError, DecodedRecord, NotOurRecord, decode_value, fetch_offloaded
 from connector.decoding import decode_mail
 from connector.decoding.fastmime import SpoolMap
 from connector.decoding.options import DEFAULT_OPTIONS
 from connector.delivery.kafka import Delivery, client_config_error
 from connector.delivery.offload import ContentStore
+from connector.delivery.registry import close_client, open_client, resolve_framer
 from connector.errors import DecodeError, DeliveryError
 from connector.records import (
     HEADER_MAILBOX,
@@ -59,13 +64,13 @@ from connector.records import (
     Provenance,
     build_mail_record,
     decode_single_object,
-    encode_single_object,
     mail_schema,
     record_id,
 )
 from connector.records.avro import Schema, load_schema
 from connector.records.content import chunk_schema
 from connector.records.dead_letter import dead_letter_schema
+from connector.records.framing import REGISTRY_MAGIC, SINGLE_OBJECT, Framer
 from connector.runtime.cycle import content_store
 from connector.runtime.placement import Placer
 
@@ -136,6 +141,47 @@ def _collect_chunk(msg: Message, value: bytes, ctx: _Context) -> None:
         log.warning("dlq replay: chunk %s[%s]@%s passed over: %s", msg.topic(), msg.partition(), msg.offset(), exc)
 
 
+def _chunk_of(value: bytes | None, ctx: _Context) -> DecodedRecord | None:
+    """``value`` decoded when it is a chunk record in either framing, else None."""
+    if value is None:
+        return None
+    single = value[2:10] == chunk_schema().fingerprint
+    if not single and value[:1] != REGISTRY_MAGIC:
+        return None
+    try:
+        decoded = decode_value(value, registry=ctx.registry)
+    except ConsumerError:
+        return None
+    return decoded if decoded.kind == "chunk" else None
+
+
+def _registry_dead_letter(msg: Message, value: bytes, ctx: _Context) -> dict[str, Any] | None:
+    """A value in the registry wire format: the dead letter it holds, or None (counted) for a
+    chunk (collected), another record type or one that cannot be read."""
+    where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+    try:
+        decoded = decode_value(value, registry=ctx.registry)
+    except NotOurRecord:
+        ctx.summary.not_dead_letters += 1
+        return None
+    except ConsumerError as exc:
+        ctx.summary.unreadable += 1
+        hint = "" if ctx.registry is not None else " (configure schema_registry: to read registry-framed values)"
+        log.warning("dlq replay: %s in the schema registry wire format passed over: %s%s", where, exc, hint)
+        return None
+    if decoded.kind == "chunk":
+        ctx.summary.chunks += 1
+        try:
+            ctx.assembler.add(decoded)
+        except ConsumerError as exc:
+            log.warning("dlq replay: chunk %s passed over: %s", where, exc)
+        return None
+    if decoded.kind != "dead_letter":
+        ctx.summary.not_dead_letters += 1
+        return None
+    return decoded.record
+
+
 def _read_back(msg: Message, ref: dict[str, Any], ctx: _Context) -> None:
     """The chunks of ``ref`` were not all read in this run (an earlier run or ``--since``
     passed them): read the partition again in growing windows back from the dead letter,
@@ -173,12 +219,10 @@ def _read_back(msg: Message, ref: dict[str, Any], ctx: _Context) -> None:
                     if (m.offset() or 0) >= before:
                         done = True
                         break
-                    value = m.value()
-                    if value is not None and value[2:10] == chunk_schema().fingerprint:
+                    chunk = _chunk_of(m.value(), ctx)
+                    if chunk is not None and chunk.record["content_id"] == ref["id"]:
                         try:
-                            chunk = decode_value(value)
-                            if chunk.record["content_id"] == ref["id"]:
-                                ctx.assembler.add(chunk)
+                            ctx.assembler.add(chunk)
                         except ConsumerError:
                             continue
             window *= 4
@@ -285,10 +329,21 @@ def replay(
         "enable.partition.eof": True,
         "logger": logging.getLogger("pop3kafka.rdkafka.dlq"),
     }
+    # Read registry-framed dead letters whenever a registry is configured; write replayed records
+    # in the configured framing (a dry run writes nothing, so it registers nothing either).
+    # Resolved before any Kafka client exists: an unregistered schema stops the run right here.
+    registry = open_client(config.schema_registry) if config.schema_registry is not None else None
     try:
+        framer = SINGLE_OBJECT if dry_run else resolve_framer(config, registry)
         consumer = Consumer(consumer_conf)
     except KafkaException as exc:
+        if registry is not None:
+            close_client(registry)
         raise client_config_error(exc) from exc
+    except BaseException:
+        if registry is not None:
+            close_client(registry)
+        raise
     producer: Producer | None = None
     ctx: _Context | None = None
     # Reassembled and downloaded raw mail of large dead letters: temporary files (0600, in a
@@ -339,7 +394,9 @@ def replay(
         consumer.assign(assign)
         remaining = {tp.partition for tp in assign if _next(tp) < ends[tp.partition]}
         deadline = time.monotonic() + timeout_s
-        ctx = _Context(config, since_at, {m.id: m for m in config.mailboxes}, summary, producer, work.name)
+        ctx = _Context(
+            config, since_at, {m.id: m for m in config.mailboxes}, summary, producer, work.name, framer, registry
+        )
         while remaining:
             if time.monotonic() > deadline:
                 raise DeliveryError(f"dlq replay: not finished within {timeout_s:.0f} s; run it again to continue")
@@ -368,6 +425,8 @@ def replay(
             producer.flush(10)
         if ctx is not None:
             ctx.assembler.close()
+        if registry is not None:
+            close_client(registry)
         work.cleanup()
 
 
@@ -382,6 +441,10 @@ class _Context:
     #: None in a dry run: nothing is produced or stored.
     producer: Producer | None
     work: str
+    #: record.framing of the replayed records (and their chunk records).
+    framer: Framer = SINGLE_OBJECT
+    #: SchemaRegistryClient for registry-framed values, when schema_registry: is configured.
+    registry: Any = None
     assembler: ChunkAssembler = field(init=False)
     store: ContentStore | None = field(init=False)
 
@@ -527,21 +590,27 @@ def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[t
     if value is not None and value[2:10] == chunk_schema().fingerprint:
         _collect_chunk(msg, value, ctx)
         return None
-    known = _dead_letter_schemas()
-    if value is None or value[2:10] not in known:
-        summary.not_dead_letters += 1
-        return None
-    try:
-        dl = decode_single_object(value, known)
-    except Exception:  # noqa: BLE001 - one damaged record must not block every later one
-        summary.unreadable += 1
-        log.warning(
-            "dlq replay: %s[%s]@%s is not a readable dead letter; passed over",
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-        )
-        return None
+    if value is not None and value[:1] == REGISTRY_MAGIC:
+        registry_dl = _registry_dead_letter(msg, value, ctx)
+        if registry_dl is None:
+            return None
+        dl = registry_dl
+    else:
+        known = _dead_letter_schemas()
+        if value is None or value[2:10] not in known:
+            summary.not_dead_letters += 1
+            return None
+        try:
+            dl = decode_single_object(value, known)
+        except Exception:  # noqa: BLE001 - one damaged record must not block every later one
+            summary.unreadable += 1
+            log.warning(
+                "dlq replay: %s[%s]@%s is not a readable dead letter; passed over",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+            )
+            return None
     p = dl["provenance"]
     mailbox = ctx.by_id.get(p["mailbox_id"])
     if mailbox is None:
@@ -572,12 +641,12 @@ def _transform(msg: Message, ctx: _Context) -> tuple[bytes | None, bytes, list[t
                 # As the poll cycle would: attachments (and raw mail) inline, chunked or offloaded.
                 rid = record_id(mailbox.id, p["uidl"])
                 chunk_key = (mailbox.id if ctx.config.record.key == "mailbox" else rid).encode()
-                placer = Placer(ctx.config, mailbox, rid, chunk_key, ctx.send, ctx.store)
+                placer = Placer(ctx.config, mailbox, rid, chunk_key, ctx.send, ctx.store, ctx.framer)
                 placed = placer.attachments(mail.attachments)
                 if mailbox.raw_mail == "include" or mail.raw is not None:
                     raw_placed = placer.raw(raw, p["raw_sha256"])
             record = build_mail_record(mail, prov, placed, raw_placed)
-            out = encode_single_object(mail_schema(), record)
+            out = ctx.framer.encode(mail_schema(), record)
         except DecodeError as exc:
             summary.still_failing[exc.reason] += 1
             return None

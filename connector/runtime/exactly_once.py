@@ -50,6 +50,7 @@ from connector.errors import (
 from connector.observability import metrics
 from connector.protocol.transport import time_limit
 from connector.records import record_id
+from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import LedgerEntry, ShardLedger
 from connector.runtime.cycle import (
     SETTLE_LIMIT_WHAT,
@@ -143,8 +144,11 @@ class ShardWorker:
         session_factory: Callable[[MailboxConfig], MailboxSession] = open_session,
         hooks: CycleHooks | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        framer: Framer = SINGLE_OBJECT,
     ) -> None:
         self.config = config
+        #: record.framing, schema ids resolved at start (fixed for the process: see Runner).
+        self.framer = framer
         self.shard = shard
         self.producer = producer
         self.ledger = ledger
@@ -411,7 +415,8 @@ class ShardWorker:
                 extra=extra,
                 clock_ms=self.clock_ms,
                 spool=spool_policy(self.config),
-                placer=placer_for(self.config, m, self._send),
+                placer=placer_for(self.config, m, self._send, self.framer),
+                framer=self.framer,
             ):
                 step = "produce"
                 # A dead letter goes into the same transaction as a mail record would, and gets

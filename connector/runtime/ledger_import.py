@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from connector.config.model import Config, MailboxConfig
 from connector.cutover.importers import SeenUidl
+from connector.records.framing import SINGLE_OBJECT
 from connector.records.ledger import LedgerEntry, shard_of
 from connector.runtime.cycle import end_without_deletes, open_session
 from connector.runtime.login import login
@@ -34,7 +35,9 @@ def import_baseline(
     *,
     uidl_form: Callable[[str], str] | None = None,
 ) -> ImportReport:
-    runner = Runner(config)
+    # Only ledger entries are written (always single-object): no schema ids needed, so an
+    # import works before the registry's subjects are filled.
+    runner = Runner(config, framer=SINGLE_OBJECT)
     try:
         runner.prepare([mailbox])
         worker = runner.workers[shard_of(mailbox.id, runner.shards)]

@@ -37,6 +37,7 @@ from connector.records.content import (
     content_id,
     encode_chunk,
 )
+from connector.records.framing import SINGLE_OBJECT, Framer
 
 #: how much of a buffer one read takes (the spool mapping hands pages back after each).
 READ_BYTES = 1 << 20
@@ -76,6 +77,8 @@ class Placer:
     key: bytes
     send: Send
     store: ContentStore | None = None
+    #: record.framing of the chunk records.
+    framer: Framer = SINGLE_OBJECT
     #: chunk records produced; the mail may only be deleted once all of them are confirmed.
     deliveries: list[Delivery] = field(default_factory=list)
     #: offloaded objects (uri, reused) for the cycle's log line and tests.
@@ -156,7 +159,7 @@ class Placer:
 
         def emit(data: bytes) -> None:
             nonlocal index, offset
-            value, headers = encode_chunk(header, index, offset, data)
+            value, headers = encode_chunk(header, index, offset, data, self.framer)
             self.deliveries.append(self.send(topic, self.key, value, headers))
             faults.point("during_chunks")
             index += 1

@@ -33,9 +33,11 @@ from typing import Any
 from connector.config.model import Config, MailboxConfig, load_config
 from connector.delivery.admin import ensure_ledger_topic
 from connector.delivery.kafka import Publisher
+from connector.delivery.registry import resolve_framer
 from connector.delivery.transactional import ShardProducer, load_shard_ledger
 from connector.errors import ConfigError, ConnectorError, Pop3LoginDelayError
 from connector.protocol import spool
+from connector.records.framing import Framer
 from connector.records.ledger import shard_of
 from connector.runtime import telemetry
 from connector.runtime.cycle import (
@@ -110,8 +112,13 @@ class Runner:
         clock: Callable[[], float] = time.time,
         idle_wait: Callable[[float], object] | None = None,
         session_factory: Callable[[MailboxConfig], MailboxSession] | None = None,
+        framer: Framer | None = None,
     ) -> None:
         self.config = config
+        #: record.framing; registry schema ids are resolved here, once, before anything starts:
+        #: an unregistered schema stops the process now (ConfigError), never a cycle later.
+        #: Fixed for the process (record and schema_registry changes need a restart).
+        self.framer = framer if framer is not None else resolve_framer(config)
         removed = spool.sweep(config.runtime.spool_directory)
         if removed:
             log.warning("removed %d spool file(s) left by a crashed process", removed)
@@ -131,6 +138,7 @@ class Runner:
             stop=self.stop,
             hooks=self.hooks,
             session_factory=self.session_factory,
+            framer=self.framer,
         )
         self._clock = clock
         #: when each mailbox is due (interval or cron, jitter, backoff): connector/runtime/schedule.py.
@@ -245,6 +253,7 @@ class Runner:
             stop=LinkedEvent(self.stop),
             session_factory=self.session_factory,
             hooks=self.hooks,
+            framer=self.framer,
         )
         with self._control:
             self.workers[shard] = worker
@@ -649,7 +658,7 @@ class Runner:
         (cycles in flight finish with the settings they started with); Kafka, topics, ledger,
         delivery and runtime pool sizes need a restart and are refused here."""
         old = self.config
-        fixed = ("kafka", "topics", "record", "delivery", "ledger", "offload", "admin")
+        fixed = ("kafka", "topics", "record", "delivery", "ledger", "offload", "admin", "schema_registry")
         changed = [name for name in fixed if getattr(old, name) != getattr(new, name)]
         # runtime: only max_sessions_per_server applies live (pools, spool, ownership do not).
         if dataclasses.replace(old.runtime, max_sessions_per_server=0) != dataclasses.replace(

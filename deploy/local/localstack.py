@@ -8,7 +8,8 @@ Used by the pytest fixtures, by .ci/run and by ``make demo``. Everything listens
     python deploy/local/localstack.py up     [--dir D]   # fetch, configure, start both, print env
     python deploy/local/localstack.py down   [--dir D]
     python deploy/local/localstack.py env    [--dir D]   # shell exports for a running stack
-    python deploy/local/localstack.py fetch               # only resolve the Kafka jars (CI cache warm-up)
+    python deploy/local/localstack.py fetch               # only resolve the Kafka jars and fetch the schema
+                                                          # registry (CI cache warm-up; registry.py)
 
 Kafka comes from Maven Central jars (no release tarball is reachable from our machines):
 ``pom.xml`` beside this file lists kafka_2.13 plus a log4j2 binding, and
@@ -69,6 +70,12 @@ TEST_USERS: dict[str, str] = {
     "invoices": "invoices-pw",
     # one mailbox per integration test, so tests never see each other's mail
     **{f"t{i}": f"t{i}-pw" for i in range(1, 21)},
+    # tests/integration/test_schema_registry.py
+    "registry1": "registry1-pw",
+    "registry2": "registry2-pw",
+    # tests/integration/test_signatures_e2e.py
+    "sig1": "sig1-pw",
+    "sig2": "sig2-pw",
 }
 
 
@@ -997,6 +1004,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.action == "fetch":
         print(kafka_lib())
+        # The schema registry of the registry-framing tests (deploy/local/registry.py), so CI's
+        # warm-up step fetches it too; imported here only: registry.py imports this module.
+        from registry import fetch as fetch_registry
+
+        try:
+            print(fetch_registry())
+        except StackError as exc:
+            print(f"localstack: {exc}", file=sys.stderr)
+            return 1
         return 0
     stack = Stack.at(args.dir)
     try:

@@ -224,7 +224,7 @@ def test_tail_writes_inline_chunked_and_offloaded_attachments(kafka: KafkaNode, 
     records = [x for x in lines if "record" in x]
     saved = [x for x in lines if "attachments_written" in x]
     assert [(r["kind"], r["schema_version"], r["record"]["record_id"]) for r in records] == [
-        ("mail", 3, "mb:u1"),
+        ("mail", 4, "mb:u1"),
         ("mail", 1, "mb:u2"),
     ]
     assert [a["placement"] for a in records[0]["attachment_summary"]] == ["inline", "chunked", "offload"]
