@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 # kept from starting by the policy-rc.d guard below. prometheus: the real server (and promtool) that
 # scrapes the connector in tests/integration/test_metrics_e2e.py; its service is kept from starting too.
 # bubblewrap: runs the connector with a read-only root (tests/integration/test_readonly_root.py).
-APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jre-headless \
+APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jdk-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus bubblewrap
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore registry bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down java-deps
 
-# System packages (Dovecot, OpenSSL, Maven, Java 17); skipped when already present.
+# System packages (Dovecot, OpenSSL, Maven, a Java 17 JDK: tests/java/ is compiled); skipped when
+# already present.
 # Installing dovecot-core would start the system Dovecot on *:110/995: a temporary
 # policy-rc.d forbids service starts during the install (our servers listen on loopback only).
 deps:
@@ -45,14 +46,20 @@ typecheck: venv
 
 # The whole suite: lint, types, unit and integration tests (starts Kafka and Dovecot itself
 # unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at running ones).
-test: deps venv lint typecheck objectstore
+test: deps venv lint typecheck objectstore registry
 	$(BIN)/pytest
 
 test-unit: venv
 	$(BIN)/pytest tests/unit
 
-test-integration: deps venv objectstore
+test-integration: deps venv objectstore registry
 	$(BIN)/pytest tests/integration
+
+# The Java consumer example (tests/java/, Apache Avro + kafka-clients from Maven Central): fills
+# ~/.m2 and runs its JUnit tests once (~20 s cold, ~10 s warm), into a throw-away build directory.
+# tests/integration/test_java_consumer.py builds it again for itself and would download the same.
+java-deps: deps
+	d=$$(mktemp -d) && mvn -B -ntp -f tests/java/pom.xml -Dpop3k.build.dir=$$d package; rc=$$?; rm -rf "$$d"; exit $$rc
 
 demo: deps venv
 	$(BIN)/python deploy/local/demo.py
@@ -71,6 +78,12 @@ stack-down:
 # Needs Go >= the version in deploy/local/seaweedfs/go.mod (GO=/path/to/go to choose one).
 objectstore:
 	$(PY) deploy/local/objectstore.py fetch
+
+# Fetch (mvn dependency:get into ~/.m2) and unpack Apicurio Registry into ~/.cache/pop3-kafka for the
+# schema-registry tests: 3.3.3 on a Java 21+ (the Temurin JDK), else 2.6.13.Final on Java 17. Instant
+# when cached; deploy/local/registry.py up/down runs one by hand.
+registry:
+	$(PY) deploy/local/registry.py fetch
 
 # The full crash matrix (10 kills per named point + 200 random kill -9, ~20 min); writes
 # bench/results/crash-matrix.md. CI runs a reduced one (tests/integration/test_crash_matrix.py).
