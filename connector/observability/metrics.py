@@ -78,6 +78,12 @@ MAILS_DEAD_LETTERED = Counter(
     ["mailbox", "reason"],
     registry=REGISTRY,
 )
+SIGNATURE_CHECKS = Counter(
+    "pop3kafka_signature_checks",
+    "S/MIME signature layers checked while decoding, by verdict (valid, invalid, unchecked) and reason.",
+    ["mailbox", "verdict", "reason"],
+    registry=REGISTRY,
+)
 MAILS_LEFT = Counter(
     "pop3kafka_mails_left",
     "Mails left on the server by a cycle, by why (undecodable, oversized, long_lines, too_large).",
@@ -245,6 +251,13 @@ def known_mailboxes(ids: Iterable[str]) -> None:
             counter.labels(mid)
 
 
+def signatures_checked(mailbox_id: str, checks: Iterable[Any]) -> None:
+    """One count per S/MIME signature layer of a decoded mail (connector.decoding.signature
+    SignatureCheck). A mail decoded again after a failed cycle counts again: checks, not mails."""
+    for check in checks:
+        SIGNATURE_CHECKS.labels(mailbox_id, check.verdict, check.reason or "none").inc()
+
+
 def forget_mailboxes(ids: Iterable[str]) -> None:
     """Drop the series of mailboxes a reload removed, so that cardinality follows the config."""
     for metric in (
@@ -263,7 +276,7 @@ def forget_mailboxes(ids: Iterable[str]) -> None:
     ):
         for mid in ids:
             _remove(metric, mid)
-    for labelled in (CYCLES, LOGIN_FAILURES, MAILS_DEAD_LETTERED, MAILS_LEFT):
+    for labelled in (CYCLES, LOGIN_FAILURES, MAILS_DEAD_LETTERED, MAILS_LEFT, SIGNATURE_CHECKS):
         for mid in ids:
             for key in list(_label_sets(labelled)):
                 if key[0] == mid:

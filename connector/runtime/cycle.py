@@ -48,6 +48,7 @@ from connector.errors import (
     Pop3UnsupportedError,
     RecordTooLargeError,
 )
+from connector.observability import metrics
 from connector.protocol import Pop3Session, Retrieved, ServerPolicy, SpoolPolicy, make_tls_context
 from connector.protocol.transport import time_limit
 from connector.records import (
@@ -471,6 +472,8 @@ def encode_mail(
     the mail has decoded; None: metadata only (record version 2 behaviour)."""
     prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
     mail = decode_mail(raw, options=mailbox.decode)
+    if mail.smime is not None and mail.smime.signatures:
+        metrics.signatures_checked(mailbox.id, mail.smime.signatures)
     if placer is None:
         return framer.encode(schema, build_mail_record(mail, prov))
     placed = placer.attachments(mail.attachments)

@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.smimesign import crlf, head, make_sign_pki, text_entity
 
 from connector.config import parse_config
 from connector.decoding.options import DecodeOptions
 from connector.decoding.signature import TrustStore, first_part, load_trust_store
 from connector.errors import ConfigError
+from connector.observability import metrics
+from connector.records import mail_schema
+from connector.runtime.cycle import encode_mail
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,39 @@ def test_no_delimiter_or_no_second_delimiter_is_none() -> None:
     assert sliced(b"H: v\r\n\r\nno parts here\r\n") is None
     assert sliced(b"H: v\r\n\r\n--b\r\nA: 1\r\n\r\nnever closed\r\n") is None
     assert sliced(b"no header end at all") is None
+
+
+# ---------------------------------------------------------------- the signature-checks metric
+
+
+def test_encode_mail_counts_each_signature_layer_by_verdict(tmp_path_factory: pytest.TempPathFactory) -> None:
+    pki = make_sign_pki(tmp_path_factory.mktemp("sigmetric"))
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "k:9092"},
+            "topics": {"mail": "m"},
+            "mailboxes": [
+                {"id": "sigm", "host": "pop.test", "username": "u", "password": {"env": "PW"},
+                 "smime": {"verify": {"trust_store": [str(pki.root)], "intermediates": [str(pki.intermediate)]}}},
+            ],
+        },
+        environ={"PW": "pw"},
+        base=pki.dir,
+    )  # fmt: skip
+    mailbox = cfg.mailboxes[0]
+    good = head("ok", "m1") + crlf(pki.sign(text_entity("one"), "rsa"))
+    tampered = good.replace(b"Signed text one.", b"Signed text 0ne.")
+    assert tampered != good
+
+    def count(verdict: str, reason: str) -> float:
+        return metrics.value(
+            "pop3kafka_signature_checks_total", {"mailbox": "sigm", "verdict": verdict, "reason": reason}
+        )
+
+    before_ok, before_bad = count("valid", "none"), count("invalid", "tampered")
+    encode_mail(mailbox, "u1", good, 0, mail_schema())
+    encode_mail(mailbox, "u2", tampered, 0, mail_schema())
+    encode_mail(mailbox, "u3", head("plain", "m3") + text_entity("x"), 0, mail_schema())  # unsigned: no count
+    assert (count("valid", "none") - before_ok, count("invalid", "tampered") - before_bad) == (1.0, 1.0)
+    metrics.forget_mailboxes(["sigm"])
+    assert count("valid", "none") == 0.0
