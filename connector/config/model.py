@@ -975,6 +975,11 @@ def _decode_options(
         except ConfigError as exc:
             raise ConfigError(f"{path}.smime.verify: {exc}") from None
     require = bool(smime.get("require_valid_signature"))
+    if require and trust is None and smime["mode"] != "passthrough" and m["mime_decoding"]:
+        raise ConfigError(
+            f"{path}.smime.require_valid_signature: needs smime.verify.trust_store (without it no signature "
+            "can be valid, so every mail would be a dead letter); add the CAs you trust"
+        )
     if require and (smime["mode"] == "passthrough" or not m["mime_decoding"]):
         raise ConfigError(
             f"{path}.smime.require_valid_signature: needs the mail decoded (mime_decoding: true, smime.mode: "

@@ -168,7 +168,7 @@ Buffer = bytes | SpoolMap
 class Node:
     """One MIME entity: the part of compat32's ``Message`` that mime.py uses, read-only."""
 
-    __slots__ = ("_ctype", "_default_type", "_headers", "_payload", "defects", "epilogue", "preamble")
+    __slots__ = ("_ctype", "_default_type", "_headers", "_payload", "defects", "epilogue", "preamble", "span")
 
     def __init__(self, default_type: str) -> None:
         self._headers: list[tuple[str, str]] = []
@@ -180,6 +180,11 @@ class Node:
         self.defects: list[email.errors.MessageDefect] = []
         self.preamble: str | None = None
         self.epilogue: str | None = None
+        #: a part of a multipart: where its bytes are in the parsed buffer, header block included,
+        #: without the line break that belongs to the next delimiter (RFC 2046 §5.1.1). What a
+        #: detached signature covers (RFC 8551 §3.5.3) is read from here, so the bytes checked are
+        #: exactly the bytes this tree was built from. None for other entities.
+        self.span: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._headers)
@@ -626,9 +631,11 @@ class _Split:
                     while not self.at_end(self.pos) and self.own(self.pos, sep) is not None:
                         self.pos = self.line_end(self.pos)
                     self.push_end(sep)
-                    self.entity(node)
+                    start = self.pos
+                    child = self.entity(node)
                     self.pop_end(sep)
                     self._strip_delimiter_eol()
+                    child.span = (start, _without_eol(self.data, start, self.pos))
                     self.last = node
                 self.close_multipart(node, closed)
         else:
@@ -786,6 +793,16 @@ class _Split:
             last._payload = _strip_eol(last._payload)
         elif isinstance(last._payload, Span):
             last._payload.strip_eol()
+
+
+def _without_eol(data: Buffer, start: int, stop: int) -> int:
+    """``stop`` moved before the line break that ends ``data[start:stop]``, as _strip_eol
+    removes it from the entity (CRLF, LF or a bare CR)."""
+    if stop - start >= 2 and data[stop - 2 : stop] == b"\r\n":
+        return stop - 2
+    if stop > start and data[stop - 1 : stop] in (b"\n", b"\r"):
+        return stop - 1
+    return stop
 
 
 def _field(lines: list[str]) -> tuple[str, str]:

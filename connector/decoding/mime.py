@@ -343,6 +343,7 @@ def _part_name(path: tuple[int, ...]) -> str:
 
 _SMIME_SUBTYPES = frozenset({"pkcs7-mime", "x-pkcs7-mime"})
 _SIGNATURE_SUBTYPES = frozenset({"pkcs7-signature", "x-pkcs7-signature"})
+_SIGNATURE_TYPES = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature"})
 _SMIME_PROTOCOLS = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature"})
 _TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
 # message/* whose body is blocks of header-like fields, not a message (RFC 3464, RFC 6533, RFC 8098, RFC 5965).
@@ -407,9 +408,9 @@ class _Decoder:
         self.smime_layers = 0
         #: signature verdicts, outermost layer first (connector.decoding.signature).
         self.signatures: list[Any] = []
-        #: the bytes of entities a detached signature may cover: the message, an unwrapped
-        #: S/MIME layer, the first part of a multipart/signed.
-        self.entity_bytes: dict[tuple[int, ...], Any] = {}
+        #: the buffers the splitter parsed, by the path of their root entity: the message, and
+        #: each unwrapped S/MIME layer; part offsets (Node.span) point into them.
+        self.layer_buffers: dict[tuple[int, ...], Any] = {}
 
     def warn(self, message: str) -> None:
         self._warnings[message] = None
@@ -712,7 +713,7 @@ class _Decoder:
                 self.note_signed("detached")
                 # RFC 8551 §3.5.3: the first part is the signed content, still the message body.
                 self.smime_body_paths.add((*path, 1))
-                self._verify_detached(path, ct, children)
+                self._verify_detached(path, part, children)
             claimed = False
             if subtype == "alternative":
                 for i, child in enumerate(children, 1):
@@ -961,7 +962,7 @@ class _Decoder:
         inner_msg = _PARSER.parsebytes(inner)
         child = (*path, 1)
         if inner_msg.get_content_type() == "multipart/signed":
-            self.entity_bytes[child] = inner  # a detached signature inside: checked on these bytes
+            self.layer_buffers[child] = inner  # a detached signature inside: checked on these bytes
         del inner
         self.smime_body_paths.add(child)
         self.survey(inner_msg, child)
@@ -976,31 +977,41 @@ class _Decoder:
         self.signatures.append(check)
         return content if content is not None else smime.unwrap_signed_data(data)
 
-    def _verify_detached(self, path: tuple[int, ...], ct: _Params, children: list[Entity]) -> None:
-        """Verify a multipart/signed (RFC 1847, RFC 8551 §3.5.3) over the exact received bytes
-        of its first part, sliced from the bytes of the entity (never re-serialised)."""
+    def _verify_detached(self, path: tuple[int, ...], part: Entity, children: list[Entity]) -> None:
+        """Verify a multipart/signed (RFC 1847, RFC 8551 §3.5.3) over the exact bytes its first
+        part was parsed from: the splitter's own offsets (fastmime ``Node.span``) into the
+        buffer this layer was parsed from. Never re-serialised, and never found by a second
+        scan of our own, which could disagree with the parser about where the part is and so
+        let a record show bytes other than the ones verified."""
         from connector.decoding import signature  # noqa: PLC0415 - only for signed mail
 
         pstr = ".".join(map(str, path))
         where = _part_name(path)
         at, trust = self.options.verify_at, self.options.trust
-        raw = self.entity_bytes.get(path)
-        boundary = ct.params.get("boundary")
+        self.smime_layers += 1
+        if self.smime_layers > MAX_SMIME_LAYERS:
+            raise MailTooLargeError(f"{where}: more than {MAX_SMIME_LAYERS} S/MIME layers", reason="max_smime_layers")
+        if time.monotonic() > self.deadline:
+            raise MailTooLargeError(
+                f"decoding took longer than {self.limits.max_decode_seconds:g} s", reason="max_decode_seconds"
+            )
+        layer = max((p for p in self.layer_buffers if path[: len(p)] == p), key=len, default=None)
+        raw = self.layer_buffers.get(layer) if layer is not None else None
+        span = getattr(children[0], "span", None) if children else None
+        defects = {type(d).__name__ for d in part.defects}
         problem = ""
-        if raw is None:
-            problem = "the signed entity's bytes are not at hand (nested inside another part)"
-        elif not boundary:
-            problem = "multipart/signed without a boundary"
-        elif len(children) != 2:
+        if len(children) != 2:
             problem = f"multipart/signed with {len(children)} parts instead of 2"
-        span = None
-        if not problem and raw is not None and boundary:
-            span = signature.first_part(raw, boundary)
-            if span is None:
-                problem = "the first part of the multipart/signed cannot be found"
-        if problem or span is None or raw is None:
+        elif defects & {"StartBoundaryNotFoundDefect", "CloseBoundaryNotFoundDefect", "NoBoundaryInMultipartDefect"}:
+            problem = "multipart/signed whose delimiters are incomplete"
+        elif children[1].get_content_type() not in _SIGNATURE_TYPES:
+            problem = f"the second part of the multipart/signed is {children[1].get_content_type()}, not a signature"
+        elif raw is None or span is None:
+            problem = "the exact bytes of the signed part are not known (the stdlib splitter keeps no offsets)"
+        if problem:
             self.signatures.append(_unreadable_signature(pstr, problem, at))
             return
+        assert span is not None and raw is not None  # for the type checker: problem covers it
         sig_part = children[1]
         sig_headers = self.part_headers(sig_part, f"{where}.2")
         sig = self._transfer_decode(sig_part, sig_headers, f"{where}.2", strip_eol=_kept_boundary_eol(sig_part))
@@ -1008,9 +1019,9 @@ class _Decoder:
         view = memoryview(raw)
         content = view[start:stop]
         try:
-            if children[0].get_content_type() == "multipart/signed":
-                self.entity_bytes[(*path, 1)] = bytes(content)  # signed twice: the inner check needs them
-            self.signatures.append(signature.verify_detached(sig, content, layer=pstr, trust=trust, at=at))
+            self.signatures.append(
+                signature.verify_detached(sig, content, layer=pstr, trust=trust, at=at, deadline=self.deadline)
+            )
         finally:
             # A spool mapping is closed right after decoding; a view still exported (held by a
             # traceback's reference cycle, say) would make that close fail.
@@ -1460,12 +1471,12 @@ def _decode(raw: fastmime.Buffer, options: DecodeOptions) -> DecodedMail:
     date = first("date")
     date_raw = date.raw.strip() if date is not None else None
     passthrough = False
-    dec.entity_bytes[()] = repaired  # only the top-level header block may differ: not signed content
+    dec.layer_buffers[()] = repaired  # the buffer the splitter parsed: part offsets point into it
     try:
         dec.walk(msg, (), True)
     except _PassthroughSignal:
         passthrough = True
-    dec.entity_bytes.clear()
+    dec.layer_buffers.clear()
     if options.require_valid_signature:
         _require_valid_signature(dec)
     sender = dec.addresses(raw_values("sender"), "header 'Sender'")

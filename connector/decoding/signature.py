@@ -36,10 +36,11 @@ and certificate names only; no content. Everything here is immutable after loadi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
-import mmap
 import re
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,17 +55,20 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.utils import CryptographyDeprecationWarning
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
+from pyhanko_certvalidator.policy_decl import DisallowWeakAlgorithmsPolicy
+from pyhanko_certvalidator.registry import CertificateRegistry
 from pyhanko_certvalidator.sig_validate import DefaultSignatureValidator, SignatureValidationContext
 
 from connector.decoding.mime import clean_str
-from connector.errors import ConfigError
+from connector.errors import ConfigError, MailTooLargeError
 
 __all__ = [
+    "MAX_CERTIFICATES",
+    "MAX_SIGNERS",
     "REASONS",
     "SignatureCheck",
     "SignerFacts",
     "TrustStore",
-    "first_part",
     "load_trust_store",
     "verify_detached",
     "verify_opaque",
@@ -104,8 +108,17 @@ _EC_PUBLIC_KEY: Final = "1.2.840.10045.2.1"
 _PARSE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 _PEM_CERT: Final = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.*?)-----END", re.DOTALL)
 _HASH_CHUNK: Final = 1 << 20
-#: smallest signer keys accepted (NIST SP 800-131A; pyhanko-certvalidator's defaults for CAs).
-_MIN_KEY_BITS: Final = {"rsa": 2048, "rsassa_pss": 2048, "dsa": 3192}
+#: smallest keys accepted, for signers and (through the validation policy) CAs: NIST SP
+#: 800-131A (RSA and DSA under 2048 bits are disallowed for signing).
+_MIN_KEY_BITS: Final = {"rsa": 2048, "rsassa_pss": 2048, "dsa": 2048}
+#: id-data (RFC 5652 §4): what an S/MIME signature covers.
+_ID_DATA: Final = "1.2.840.113549.1.7.1"
+#: SignerInfos checked per layer, certificates read per SignedData, and path-building steps per
+#: signer: far above real mail (one or two signers, a handful of certificates), low enough that
+#: hostile mail costs milliseconds.
+MAX_SIGNERS: Final = 16
+MAX_CERTIFICATES: Final = 64
+MAX_PATH_STEPS: Final = 256
 _SIG_VALIDATOR: Final = DefaultSignatureValidator()
 
 
@@ -226,90 +239,30 @@ class _Invalid(Exception):  # noqa: N818 - an outcome, raised inside this module
         self.detail = detail
 
 
-# ---------------------------------------------------------------- detached content
-
-
-def first_part(entity: bytes | mmap.mmap, boundary: str) -> tuple[int, int] | None:
-    """Where the first body part of a multipart entity is, as ``(start, stop)`` offsets into
-    ``entity`` (the whole entity: header block, blank line, body), or None when it has none.
-
-    RFC 1847 §2.1 and RFC 8551 §3.5.3: the signature covers the first part exactly as sent,
-    header fields included. It starts after the line break that ends the first delimiter line
-    and stops before the line break that precedes the next delimiter: that line break belongs
-    to the delimiter (RFC 2046 §5.1.1). Found on the bytes as received, because re-serialising
-    a parsed part (folding, line ends, transfer encodings) is not byte-exact.
-    """
-    buf = entity  # bytes or a spool mapping: both have find() and slicing, nothing is copied
-    dash = b"--" + boundary.encode("ascii", "surrogateescape")
-    head = _header_end(buf)
-    if head is None:
-        return None
-    pos = head
-    start = -1
-    while True:  # the opening delimiter: at the start of a line, then blanks to the line end
-        found = buf.find(dash, pos)
-        if found < 0:
-            return None
-        if found == head or buf[found - 1 : found] in (b"\n", b"\r"):
-            eol = _line_end(buf, found + len(dash))
-            if eol is not None:
-                start = eol
-                break
-        pos = found + 1
-    pos = start
-    while True:  # the next delimiter (a part or the close delimiter), preceded by a line break
-        found = buf.find(dash, pos)
-        if found < 0:
-            return None
-        if found > start and buf[found - 1 : found] == b"\n":
-            after = found + len(dash)
-            if buf[after : after + 2] == b"--" or _line_end(buf, after) is not None:
-                stop = found - 1
-                if stop > start and buf[stop - 1 : stop] == b"\r":
-                    stop -= 1
-                return start, stop
-        pos = found + 1
-
-
-def _header_end(buf: bytes | mmap.mmap) -> int | None:
-    """Offset after the blank line that ends the header block (CRLF CRLF, or LF LF)."""
-    if buf[:1] == b"\n":
-        return 1
-    if buf[:2] == b"\r\n":
-        return 2
-    crlf, lf = buf.find(b"\r\n\r\n"), buf.find(b"\n\n")
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
-    return min(ends) if ends else None
-
-
-def _line_end(buf: bytes | mmap.mmap, p: int) -> int | None:
-    """Offset after the line break at or after ``p`` when only blanks precede it, else None."""
-    while p < len(buf) and buf[p] in b" \t":
-        p += 1
-    if buf[p : p + 2] == b"\r\n":
-        return p + 2
-    if buf[p : p + 1] == b"\n":
-        return p + 1
-    return None
-
-
 # ---------------------------------------------------------------- verification
 
 
 def verify_detached(
-    signature: bytes, content: bytes | memoryview, *, layer: str, trust: TrustStore | None, at: datetime | None = None
+    signature: bytes,
+    content: bytes | memoryview,
+    *,
+    layer: str,
+    trust: TrustStore | None,
+    at: datetime | None = None,
+    deadline: float | None = None,
 ) -> SignatureCheck:
     """Verify an application/pkcs7-signature (``signature``, the transfer-decoded CMS
-    ContentInfo) over ``content``, the exact bytes of the first part (:func:`first_part`)."""
-    return _verify(signature, content, "detached", layer, trust, at)[0]
+    ContentInfo) over ``content``, the exact bytes of the first part of the multipart/signed as
+    the splitter parsed it. ``deadline`` (time.monotonic): past it, MailTooLargeError."""
+    return _verify(signature, content, "detached", layer, trust, at, deadline)[0]
 
 
 def verify_opaque(
-    data: bytes, *, layer: str, trust: TrustStore | None, at: datetime | None = None
+    data: bytes, *, layer: str, trust: TrustStore | None, at: datetime | None = None, deadline: float | None = None
 ) -> tuple[SignatureCheck, bytes | None]:
     """Verify opaque signed-data (RFC 8551 §3.5.2) and return the verdict and the eContent
-    (None when there is none to read; the verdict then says malformed)."""
-    return _verify(data, None, "opaque", layer, trust, at)
+    (None when there is none to read, or it is not MIME: the verdict then says malformed)."""
+    return _verify(data, None, "opaque", layer, trust, at, deadline)
 
 
 def _verify(  # noqa: PLR0917 - internal, two call sites
@@ -319,6 +272,7 @@ def _verify(  # noqa: PLR0917 - internal, two call sites
     layer: str,
     trust: TrustStore | None,
     at: datetime | None,
+    deadline: float | None,
 ) -> tuple[SignatureCheck, bytes | None]:
     # Milliseconds: the record's timestamp-millis field, so the verdict survives a round trip.
     moment = at or _now()
@@ -330,6 +284,10 @@ def _verify(  # noqa: PLR0917 - internal, two call sites
     signed, econtent_type, econtent, problem = _signed_data(data)
     if signed is None:
         return failed("malformed", problem), None
+    if econtent_type != _ID_DATA:
+        # RFC 8551 §3.5: S/MIME signs MIME entities (id-data). Anything else (a signed receipt,
+        # another protocol's signed object) must not be parsed and shown as this mail's content.
+        return failed("malformed", f"the signed content type is {econtent_type}, not id-data (MIME)"), None
     if external is None and econtent is None:
         return failed("malformed", "signed-data without encapsulated content"), None
     content: bytes | memoryview = external if external is not None else econtent  # type: ignore[assignment]
@@ -342,8 +300,21 @@ def _verify(  # noqa: PLR0917 - internal, two call sites
         return failed("malformed", "the certificates or signer infos cannot be parsed"), econtent
     if not infos:
         return failed("malformed", "signed-data without a signer"), econtent
+    # Bounds against hostile mail: each signer costs a signature check (and a path), and many
+    # look-alike certificates make path building explode (every simple path is explored).
+    if len(infos) > MAX_SIGNERS:
+        return failed("malformed", f"{len(infos)} signers; at most {MAX_SIGNERS} are checked"), econtent
+    if len(embedded) > MAX_CERTIFICATES:
+        return failed("malformed", f"{len(embedded)} certificates; at most {MAX_CERTIFICATES} are read"), econtent
     digests: dict[str, bytes] = {}  # one pass over the content per digest algorithm
-    signers = tuple(_check_signer(si, content, econtent_type, embedded, trust, moment, digests) for si in infos)
+    checked: list[SignerFacts] = []
+    for si in infos:
+        if deadline is not None and time.monotonic() > deadline:
+            raise MailTooLargeError(
+                "signature verification took longer than the decode limit", reason="max_decode_seconds"
+            )
+        checked.append(_guarded_signer(si, content, econtent_type, embedded, trust, moment, digests))
+    signers = tuple(checked)
     bad = next((s for s in signers if s.verdict == "invalid"), None)
     if bad is not None:
         return SignatureCheck(layer, kind, "invalid", bad.reason, bad.detail, signers, moment), econtent
@@ -400,6 +371,27 @@ def _digest(name: str, content: bytes | memoryview, cache: dict[str, bytes]) -> 
     return cache[name]
 
 
+def _guarded_signer(  # noqa: PLR0917
+    si: Any,
+    content: bytes | memoryview,
+    econtent_type: str,
+    embedded: list[asn1_x509.Certificate],
+    trust: TrustStore | None,
+    moment: datetime,
+    digests: dict[str, bytes],
+) -> SignerFacts:
+    """:func:`_check_signer`, where anything a hostile structure makes a library raise (lazy
+    parsing in asn1crypto, a certificate cryptography refuses) is a ``malformed`` signer, never
+    an error that would turn the whole mail into an unexpected failure."""
+    try:
+        return _check_signer(si, content, econtent_type, embedded, trust, moment, digests)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring; the type is all we report
+        detail = f"the signer info cannot be processed ({type(exc).__name__})"
+        return SignerFacts("", "", "", "", (), None, None, None, "", "", "invalid", "malformed", detail)
+
+
 def _check_signer(  # noqa: PLR0917
     si: Any,
     content: bytes | memoryview,
@@ -431,14 +423,11 @@ def _check_signer(  # noqa: PLR0917
                 "signer_certificate_missing",
                 "the signer's certificate is neither in the mail nor among the configured certificates",
             )
-        hash_name = _DIGESTS.get(digest_name)
-        if hash_name is None or (hash_name == "sha1" and not (trust is not None and trust.allow_sha1)):
-            why = (
-                "not allowed: set smime.verify.allow_sha1 for legacy senders"
-                if hash_name == "sha1"
-                else "not supported"
-            )
-            raise _Invalid("unsupported_algorithm", f"digest algorithm {digest_name} {why}")
+        hash_name = _allowed_digest(digest_name, trust)
+        # A signature algorithm naming its own hash (md5WithRSAEncryption, sha1WithRSA...) is
+        # held to the same policy: PKCS#1 binds that hash, whatever digestAlgorithm says.
+        with contextlib.suppress(ValueError):
+            _allowed_digest(str(sig_alg.hash_algo), trust)
         digest = _digest(hash_name, content, digests)
         if not attributes:
             candidates: Iterable[bytes] = [bytes(content)]
@@ -459,6 +448,15 @@ def _check_signer(  # noqa: PLR0917
     if trust is None:
         return _facts(cert, digest_name, sig_name, signing_time, "unchecked", "no_trust_store", None)
     return _facts(cert, digest_name, sig_name, signing_time, "valid", None, None)
+
+
+def _allowed_digest(name: str, trust: TrustStore | None) -> str:
+    """The hashlib name of an allowed digest algorithm, else unsupported_algorithm."""
+    hash_name = _DIGESTS.get(name)
+    if hash_name is None or (hash_name == "sha1" and not (trust is not None and trust.allow_sha1)):
+        why = "not allowed: set smime.verify.allow_sha1 for legacy senders" if hash_name == "sha1" else "not supported"
+        raise _Invalid("unsupported_algorithm", f"digest algorithm {name} {why}")
+    return hash_name
 
 
 def _mechanism(sig_alg: Any) -> str:
@@ -585,17 +583,21 @@ def _check_path(
     weak = {"md2", "md5"} if trust.allow_sha1 else {"md2", "md5", "sha1"}
     context = ValidationContext(
         trust_roots=list(trust.roots),
-        other_certs=[*embedded, *trust.intermediates],
         moment=moment,
         allow_fetching=False,
         # No revocation data is fetched or given: soft-fail means "not checked", not "revoked".
         revocation_mode="soft-fail",
-        weak_hash_algos=weak,
+        algorithm_usage_policy=DisallowWeakAlgorithmsPolicy(  # type: ignore[no-untyped-call]
+            frozenset(weak), rsa_key_size_threshold=_MIN_KEY_BITS["rsa"], dsa_key_size_threshold=_MIN_KEY_BITS["dsa"]
+        ),
+        certificate_registry=_BudgetRegistry.build([*embedded, *trust.intermediates]),
     )
     validator = CertificateValidator(cert, validation_context=context)
     problem: tuple[str, str] | None = None
     try:
         asyncio.run(validator.async_validate_path())
+    except _PathBudgetExceeded:
+        problem = ("invalid_chain", f"no path found within {MAX_PATH_STEPS} path-building steps")
     except cv_errors.PathBuildingError:
         problem = ("unknown_ca", "no chain from the signer's certificate to a trusted root")
     except cv_errors.ExpiredError as exc:
@@ -611,6 +613,26 @@ def _check_path(
     if problem is not None:
         raise _Invalid(*problem)
     _check_usage(cert)
+
+
+class _PathBudgetExceeded(Exception):  # noqa: N818 - an outcome
+    """Path building took more steps than MAX_PATH_STEPS."""
+
+
+class _BudgetRegistry(CertificateRegistry):
+    """certvalidator's registry with a step budget: its path walker explores every simple path,
+    which grows factorially with certificates sharing a subject name (hostile mail can carry
+    dozens). Real chains need a few steps."""
+
+    def __init__(self, *, cert_fetcher: Any = None) -> None:
+        super().__init__(cert_fetcher=cert_fetcher)
+        self.steps = 0
+
+    def find_potential_issuers(self, cert: asn1_x509.Certificate, trust_manager: Any) -> Iterator[Any]:
+        self.steps += 1
+        if self.steps > MAX_PATH_STEPS:
+            raise _PathBudgetExceeded
+        return super().find_potential_issuers(cert, trust_manager)
 
 
 def _message(exc: Exception) -> str:
@@ -682,7 +704,10 @@ def _names(der: bytes) -> tuple[str, str, tuple[str, ...]]:
         subject, issuer = parsed.subject.rfc4514_string(names), parsed.issuer.rfc4514_string(names)
     except (ValueError, UnsupportedAlgorithm):
         # cryptography refuses some certificates asn1crypto reads (negative serials...).
-        subject, issuer = cert.subject.human_friendly, cert.issuer.human_friendly
+        try:
+            subject, issuer = cert.subject.human_friendly, cert.issuer.human_friendly
+        except (*_PARSE_ERRORS, UnicodeError):
+            subject, issuer = "(unreadable name)", "(unreadable name)"
     try:
         san = cert.subject_alt_name_value
         if san is not None:

@@ -1,5 +1,5 @@
 """mailboxes[].smime.verify and smime.require_valid_signature: parsing, file checks, the
-combinations that cannot work, and first_part's slicing rules (RFC 2046 §5.1.1)."""
+combinations that cannot work; the signature-checks metric."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from support.smimesign import crlf, head, make_sign_pki, text_entity
 
 from connector.config import parse_config
 from connector.decoding.options import DecodeOptions
-from connector.decoding.signature import TrustStore, first_part, load_trust_store
+from connector.decoding.signature import TrustStore, load_trust_store
 from connector.errors import ConfigError
 from connector.observability import metrics
 from connector.records import mail_schema
@@ -88,12 +88,21 @@ def test_a_der_root_and_a_pem_bundle_both_load(ca: Path, tmp_path: Path) -> None
     assert repr(store) == "TrustStore(roots=1, intermediates=2)"
 
 
+def test_require_valid_signature_without_a_trust_store_is_refused(ca: Path) -> None:
+    with pytest.raises(ConfigError, match=r"require_valid_signature: needs smime\.verify\.trust_store"):
+        options(ca.parent, {"require_valid_signature": True})
+
+
 @pytest.mark.parametrize(
     ("smime", "extra", "message"),
     [
         ({"mode": "passthrough", "verify": {"trust_store": ["ca.pem"]}}, {}, r"smime\.verify: passthrough"),
         ({"mode": "passthrough", "require_valid_signature": True}, {}, r"require_valid_signature: needs the mail"),
-        ({"require_valid_signature": True}, {"mime_decoding": False}, r"require_valid_signature: needs the mail"),
+        (
+            {"require_valid_signature": True, "verify": {"trust_store": ["ca.pem"]}},
+            {"mime_decoding": False},
+            r"require_valid_signature: needs the mail",
+        ),
     ],
 )
 def test_combinations_that_cannot_check_signatures_are_refused(
@@ -101,39 +110,6 @@ def test_combinations_that_cannot_check_signatures_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         options(ca.parent, smime, **extra)
-
-
-# ---------------------------------------------------------------- first_part (RFC 2046 §5.1.1)
-
-
-def sliced(raw: bytes, boundary: str = "b") -> bytes | None:
-    span = first_part(raw, boundary)
-    return None if span is None else raw[span[0] : span[1]]
-
-
-def test_first_part_excludes_the_line_break_before_the_next_delimiter() -> None:
-    raw = b"H: v\r\n\r\npreamble\r\n--b\r\nA: 1\r\n\r\nbody\r\n\r\n--b\r\nsig\r\n--b--\r\n"
-    assert sliced(raw) == b"A: 1\r\n\r\nbody\r\n"
-
-
-def test_first_part_allows_blanks_after_the_delimiter_and_a_close_delimiter_next() -> None:
-    raw = b"H: v\r\n\r\n--b \t\r\nA: 1\r\n\r\nx\r\n--b--\r\n"
-    assert sliced(raw) == b"A: 1\r\n\r\nx"
-
-
-def test_a_boundary_inside_a_line_or_as_a_prefix_is_not_a_delimiter() -> None:
-    raw = b"H: v\r\n\r\nsee --b here\r\n--bx\r\n--b\r\nA: 1\r\n\r\nx --b\r\n--bb\r\ny\r\n--b\r\nsig\r\n--b--\r\n"
-    assert sliced(raw) == b"A: 1\r\n\r\nx --b\r\n--bb\r\ny"
-
-
-def test_lf_only_mail_is_sliced_on_lf() -> None:
-    assert sliced(b"H: v\n\n--b\nA: 1\n\nx\n--b\nsig\n--b--\n") == b"A: 1\n\nx"
-
-
-def test_no_delimiter_or_no_second_delimiter_is_none() -> None:
-    assert sliced(b"H: v\r\n\r\nno parts here\r\n") is None
-    assert sliced(b"H: v\r\n\r\n--b\r\nA: 1\r\n\r\nnever closed\r\n") is None
-    assert sliced(b"no header end at all") is None
 
 
 # ---------------------------------------------------------------- the signature-checks metric
