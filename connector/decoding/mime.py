@@ -973,7 +973,9 @@ class _Decoder:
         is a fact of the record (smime.signatures), only unreadable structure is an error."""
         from connector.decoding import signature, smime  # noqa: PLC0415 - only for signed mail
 
-        check, content = signature.verify_opaque(data, layer=pstr, trust=self.options.trust, at=self.options.verify_at)
+        check, content = signature.verify_opaque(
+            data, layer=pstr, trust=self.options.trust, at=self.options.verify_at, deadline=self.deadline
+        )
         self.signatures.append(check)
         return content if content is not None else smime.unwrap_signed_data(data)
 

@@ -168,11 +168,13 @@ class SignPki:
         certs: bool = True,
         chain: bool = True,
         outform: str = "SMIME",
+        econtent_type: str | None = None,
     ) -> bytes:
         """``openssl cms -sign`` in text mode (the content is a CRLF MIME entity already, so
         canonicalisation changes nothing). SMIME output: ``multipart/signed`` (detached) or
         ``application/pkcs7-mime; smime-type=signed-data`` (``opaque``); LF headers as openssl
-        writes them (use :func:`crlf`)."""
+        writes them (use :func:`crlf`). ``econtent_type``: a dotted OID for eContentType
+        (``-econtent_type``) instead of id-data, as hostile mail may carry."""
         src = self.path(".in")
         src.write_bytes(content)
         out = self.path(".out")
@@ -190,6 +192,8 @@ class SignPki:
             args += ["-md", md]
         if noattr:
             args.append("-noattr")
+        if econtent_type is not None:
+            args += ["-econtent_type", econtent_type]
         if not certs:
             args.append("-nocerts")
         elif chain:
