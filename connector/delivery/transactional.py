@@ -160,6 +160,9 @@ def read_ledger_partition(
             # An EOF event tells us we reached the end (past control records, which have
             # offsets but are never delivered).
             "enable.partition.eof": True,
+            # At the end the broker would hold each fetch for up to 500 ms waiting for data
+            # that is not coming: the EOF arrives that much later.
+            "fetch.wait.max.ms": 10,
             "logger": logging.getLogger("pop3kafka.rdkafka.ledger"),
         }
     )
@@ -168,7 +171,23 @@ def read_ledger_partition(
     except KafkaException as exc:
         raise client_config_error(exc) from exc
     try:
-        consumer.assign([TopicPartition(topic, shard, -2)])  # OFFSET_BEGINNING
+        # Where the partition starts and ends, first: an empty one (a new deployment, a shard
+        # whose mail is all deleted and compacted) needs no fetch at all. And the start as an
+        # absolute offset: a logical one (OFFSET_BEGINNING) costs librdkafka an offset lookup
+        # that took 0.5 s here, at every start and shard assignment.
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, shard), timeout=min(timeout, 10.0))
+        except KafkaException as exc:
+            err = exc.args[0]
+            fix = (
+                f"; the connector's principal needs Read on topic {topic!r} (docs/kafka-security.md)"
+                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED)
+                else ""
+            )
+            raise DeliveryError(f"ledger {topic}[{shard}]: cannot read its offsets: {err.str()}{fix}") from exc
+        if high <= low:
+            return 0, high
+        consumer.assign([TopicPartition(topic, shard, low)])
         deadline = time.monotonic() + timeout
         n = 0
         while True:
