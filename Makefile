@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jdk-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus bubblewrap
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore registry bench clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down java-deps
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore registry bench bench-deps bench-parsers clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down java-deps
 
 # System packages (Dovecot, OpenSSL, Maven, a Java 17 JDK: tests/java/ is compiled); skipped when
 # already present.
@@ -45,14 +45,15 @@ typecheck: venv
 	$(BIN)/mypy
 
 # The whole suite: lint, types, unit and integration tests (starts Kafka and Dovecot itself
-# unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at running ones).
-test: deps venv lint typecheck objectstore registry
+# unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at running ones). bench-deps: the benchmark's
+# smoke test (tests/integration/test_bench_smoke.py) runs getmail6 and fetchmail.
+test: deps venv bench-deps lint typecheck objectstore registry
 	$(BIN)/pytest
 
 test-unit: venv
 	$(BIN)/pytest tests/unit
 
-test-integration: deps venv objectstore registry
+test-integration: deps venv bench-deps objectstore registry
 	$(BIN)/pytest tests/integration
 
 # The Java consumer example (tests/java/, Apache Avro + kafka-clients from Maven Central): fills
@@ -108,7 +109,41 @@ large-mail: deps venv objectstore
 scale-out: deps venv
 	SCALE_OUT_REPLICAS=3 SCALE_OUT_MAILBOXES=60 $(BIN)/pytest tests/integration/test_scale_out.py -v --durations=0
 
-bench: venv
+# Issue 10: the connector side by side with the limits (raw pipelined RETR over TLS, the broker's
+# produce limit) and its peers (stdlib poplib, getmail6, fetchmail) on five workloads, median of 5
+# runs (3 for mb50 and many, to stay under ~40 min on 2 cores); writes bench/results/compare.md,
+# compare.json and compare.png. Uses the broker named by KAFKA_BOOTSTRAP, else starts one (Dovecot:
+# always its own, with the bench users). Quick look: $(BIN)/python bench/compare.py --scale 0.05 --runs 1
+BENCH_ARGS ?= --runs 5 --runs-for mb50=3 --runs-for many=3
+bench: bench-deps
+	GETMAIL=$(BENCH_VENV)/bin/getmail $(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# The peers and tools of `make bench`: fetchmail and GNU time (peak RSS of each tool) from Debian,
+# getmail6 from PyPI into its own venv (POP3K_BENCH_VENV, default ~/.cache/pop3-kafka/bench-venv),
+# matplotlib (the bench extra) into .venv. Instant when all are there.
+BENCH_APT_PACKAGES := fetchmail time
+GETMAIL6_VERSION := 6.20.2
+BENCH_VENV ?= $(or $(POP3K_BENCH_VENV),$(or $(POP3K_CACHE),$(HOME)/.cache/pop3-kafka)/bench-venv)
+bench-deps: venv
+	@need=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $$SUDO chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$need; \
+	  rc=$$?; if [ -n "$$guard" ]; then $$SUDO rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
+	fi
+	@if [ ! -e "$(BENCH_VENV)/.getmail6-$(GETMAIL6_VERSION)" ]; then \
+	  rm -rf "$(BENCH_VENV)" && $(PY) -m venv "$(BENCH_VENV)" && \
+	  "$(BENCH_VENV)/bin/pip" install -q "getmail6==$(GETMAIL6_VERSION)" && \
+	  touch "$(BENCH_VENV)/.getmail6-$(GETMAIL6_VERSION)"; \
+	fi
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+
+# The parser throughput table (bench/results/parsers.md); this was `make bench` before issue 10.
+bench-parsers: venv
 	$(BIN)/python bench/parsers.py
 
 # Peak RSS growth of one poll-once cycle for one 1-200 MB mail, chunked and offload (issue 6:
