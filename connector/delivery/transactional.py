@@ -174,20 +174,24 @@ def read_ledger_partition(
         # Where the partition starts and ends, first: an empty one (a new deployment, a shard
         # whose mail is all deleted and compacted) needs no fetch at all. And the start as an
         # absolute offset: a logical one (OFFSET_BEGINNING) costs librdkafka an offset lookup
-        # that took 0.5 s here, at every start and shard assignment.
+        # that took 0.5 s here, at every start and shard assignment. When the offsets cannot be
+        # had at once (a topic created a moment ago answers "not leader" for a while), the
+        # logical start is used and the poll loop below rides out the transient errors.
+        start = -2  # OFFSET_BEGINNING
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, shard), timeout=min(timeout, 10.0))
         except KafkaException as exc:
             err = exc.args[0]
-            fix = (
-                f"; the connector's principal needs Read on topic {topic!r} (docs/kafka-security.md)"
-                if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED)
-                else ""
-            )
-            raise DeliveryError(f"ledger {topic}[{shard}]: cannot read its offsets: {err.str()}{fix}") from exc
-        if high <= low:
-            return 0, high
-        consumer.assign([TopicPartition(topic, shard, low)])
+            if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+                raise DeliveryError(
+                    f"ledger {topic}[{shard}]: {err.str()}; the connector's principal needs Read on topic "
+                    f"{topic!r} (docs/kafka-security.md)"
+                ) from exc
+        else:
+            if high <= low:
+                return 0, high
+            start = low
+        consumer.assign([TopicPartition(topic, shard, start)])
         deadline = time.monotonic() + timeout
         n = 0
         while True:
