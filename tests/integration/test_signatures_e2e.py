@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from cryptography.hazmat.primitives import hashes
 from support.cli import run_cli
 from support.configs import mailbox, write_config
-from support.kafkautil import consume_all
+from support.kafkautil import all_values, consume_all
 from support.leaks import assert_no_leak
 from support.smime import openssl
 from support.smimesign import (
@@ -74,36 +73,6 @@ def layers(record: dict[str, Any]) -> list[tuple[str, str, str, str | None]]:
     smime = record["smime"]
     assert smime is not None, record["message_id"]
     return [(s["layer"], s["type"], s["verdict"], s["reason"]) for s in smime["signatures"]]
-
-
-def all_values(bootstrap: str, topic: str) -> list[bytes]:
-    """Every committed value and header value of a topic, raw (for the leak search)."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"sigleak-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    try:
-        md = c.list_topics(topic, timeout=15).topics[topic]
-        c.assign([TopicPartition(topic, p, -2) for p in md.partitions])
-        out: list[bytes] = []
-        open_parts = set(md.partitions)
-        while open_parts:
-            m = c.poll(2.0)
-            if m is None:
-                break
-            if m.error():
-                open_parts.discard(m.partition())
-                continue
-            out.append(m.value() or b"")
-            out.extend(v or b"" for _, v in (m.headers() or []))
-        return out
-    finally:
-        c.close()
 
 
 def poll_once(cfg: Path, env: dict[str, str]) -> tuple[str, str]:

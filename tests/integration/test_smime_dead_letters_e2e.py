@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from support.cli import run_cli
 from support.configs import mailbox, write_config
-from support.kafkautil import consume_all
+from support.kafkautil import all_values, consume_all
 from support.leaks import assert_no_leak
 from support.mailgen import make_mail
 from support.smime import make_pki
@@ -41,36 +40,6 @@ def encrypted(pki, subject: str, mid: str, inner: bytes, recipient: str = "alice
 def nested(depth: int, text: bytes) -> bytes:
     opening = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth))
     return opening + b"Content-Type: text/plain\r\n\r\n" + text + b"\r\n"
-
-
-def all_values(bootstrap: str, topic: str) -> list[bytes]:
-    """Every committed value and header of a topic, raw."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"leak-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    try:
-        md = c.list_topics(topic, timeout=15).topics[topic]
-        c.assign([TopicPartition(topic, p, -2) for p in md.partitions])
-        out: list[bytes] = []
-        open_parts = set(md.partitions)
-        while open_parts:
-            m = c.poll(2.0)
-            if m is None:
-                break
-            if m.error():
-                open_parts.discard(m.partition())
-                continue
-            out.append(m.value() or b"")
-            out.extend(v or b"" for _, v in (m.headers() or []))
-        return out
-    finally:
-        c.close()
 
 
 def test_good_encrypted_and_broken_mail(services, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

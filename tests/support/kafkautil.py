@@ -69,3 +69,33 @@ def consume_all(
         return out
     finally:
         c.close()
+
+
+def all_values(bootstrap: str, topic: str) -> list[bytes]:
+    """Every committed value and header value of a topic, raw (for the leak searches)."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"leak-{uuid.uuid4().hex[:8]}",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        md = c.list_topics(topic, timeout=15).topics[topic]
+        c.assign([TopicPartition(topic, p, -2) for p in md.partitions])
+        out: list[bytes] = []
+        open_parts = set(md.partitions)
+        while open_parts:
+            m = c.poll(2.0)
+            if m is None:
+                break
+            if m.error():
+                open_parts.discard(m.partition())
+                continue
+            out.append(m.value() or b"")
+            out.extend(v or b"" for _, v in (m.headers() or []))
+        return out
+    finally:
+        c.close()
