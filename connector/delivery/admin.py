@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
@@ -47,6 +47,76 @@ def admin_client(bootstrap: str, client: Mapping[str, Any]) -> AdminClient:
 DEAD_LETTER_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+class TopicSpec(NamedTuple):
+    """A topic the connector needs: its name, and the partitions and settings it gets when the
+    connector creates it. ``partitions_like``: take the partition count of that topic instead
+    (the attachments topic follows the mail topic, whoever created it)."""
+
+    name: str
+    partitions: int
+    config: Mapping[str, str] | None = None
+    partitions_like: str | None = None
+
+
+def ensure_topics(
+    bootstrap: str,
+    client: Mapping[str, Any],
+    wanted: Sequence[TopicSpec],
+    *,
+    create: bool,
+    replication_factor: int,
+    timeout: float = 15.0,
+) -> list[str]:
+    """Make sure every topic of ``wanted`` exists; returns those created now (with their
+    ``config`` as topic settings; an existing topic is left as it is).
+
+    One metadata request answers for all of them and one CreateTopics request creates the
+    missing ones: at start-up each AdminClient round trip is time before the first mail.
+
+    Raises DeliveryError naming the topic and the fix when one is missing and ``create`` is
+    off, or when the cluster cannot be reached.
+    """
+    admin = admin_client(bootstrap, client)
+    try:
+        md = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise DeliveryError(
+            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}{_hint(bootstrap)}; "
+            "check kafka.bootstrap_servers and the client security settings"
+        ) from exc
+    present = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+    missing = [w for w in wanted if w.name not in present]
+    if not missing:
+        return []
+    if not create:
+        raise DeliveryError(
+            f"topic {missing[0].name!r} does not exist on {bootstrap} (or this principal lacks Describe on it); "
+            "create it, or set topics.create: true to let the connector create it"
+        )
+    new = []
+    for w in missing:
+        partitions = present.get(w.partitions_like, w.partitions) if w.partitions_like else w.partitions
+        config = dict(w.config or {})
+        new.append(NewTopic(w.name, num_partitions=partitions, replication_factor=replication_factor, config=config))
+    futures = admin.create_topics(new)
+    created: list[str] = []
+    for w in missing:
+        try:
+            futures[w.name].result(timeout=timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise DeliveryError(
+                f"creating topic {w.name!r} on {bootstrap} did not finish within {timeout:.0f}s; "
+                "create it yourself and set topics.create: false"
+            ) from exc
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.name() == "TOPIC_ALREADY_EXISTS":  # another replica won the race
+                continue
+            raise DeliveryError(f"cannot create topic {w.name!r}: {err.str()}") from exc
+        created.append(w.name)
+    return created
+
+
 def ensure_topic(
     bootstrap: str,
     client: Mapping[str, Any],
@@ -58,42 +128,16 @@ def ensure_topic(
     timeout: float = 15.0,
     config: Mapping[str, str] | None = None,
 ) -> bool:
-    """Make sure ``topic`` exists; returns True when it was created now (with ``config`` as
-    its topic settings; an existing topic is left as it is).
-
-    Raises DeliveryError naming the topic and the fix when it is missing and ``create`` is off,
-    or when the cluster cannot be reached.
-    """
-    admin = admin_client(bootstrap, client)
-    try:
-        md = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise DeliveryError(
-            f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s: {exc.args[0].str()}{_hint(bootstrap)}; "
-            "check kafka.bootstrap_servers and the client security settings"
-        ) from exc
-    if topic in md.topics and md.topics[topic].error is None:
-        return False
-    if not create:
-        raise DeliveryError(
-            f"topic {topic!r} does not exist on {bootstrap} (or this principal lacks Describe on it); "
-            "create it, or set topics.create: true to let the connector create it"
-        )
-    new = NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor, config=dict(config or {}))
-    futures = admin.create_topics([new])
-    try:
-        futures[topic].result(timeout=timeout)
-    except concurrent.futures.TimeoutError as exc:
-        raise DeliveryError(
-            f"creating topic {topic!r} on {bootstrap} did not finish within {timeout:.0f}s; "
-            "create it yourself and set topics.create: false"
-        ) from exc
-    except KafkaException as exc:
-        err = exc.args[0]
-        if err.name() == "TOPIC_ALREADY_EXISTS":  # another replica won the race
-            return False
-        raise DeliveryError(f"cannot create topic {topic!r}: {err.str()}") from exc
-    return True
+    """Make sure ``topic`` exists; True when it was created now (see ensure_topics)."""
+    created = ensure_topics(
+        bootstrap,
+        client,
+        [TopicSpec(topic, partitions, config)],
+        create=create,
+        replication_factor=replication_factor,
+        timeout=timeout,
+    )
+    return bool(created)
 
 
 def partitions_of(bootstrap: str, client: Mapping[str, Any], topic: str, *, timeout: float = 15.0) -> int | None:

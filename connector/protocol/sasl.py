@@ -63,9 +63,6 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Protocol
 
-import spnego
-import spnego.exceptions
-
 from connector.errors import ConfigError, Pop3AuthError, Pop3ProtocolError
 
 __all__ = [
@@ -519,6 +516,10 @@ class Ntlm(_Base):
         super().__init__(username)
         self.domain = domain
         principal = f"{domain}\\{username}" if domain else username
+        # Imported here: pyspnego costs ~35 ms at start-up, and only NTLM mailboxes use it.
+        import spnego  # noqa: PLC0415
+        import spnego.exceptions  # noqa: PLC0415
+
         try:
             self._context = spnego.client(
                 principal, password, protocol="ntlm", options=spnego.NegotiateOptions.use_ntlm
@@ -543,6 +544,8 @@ class Ntlm(_Base):
         raise self._unexpected(challenge)
 
     def _step(self, token: bytes | None) -> bytes:
+        import spnego.exceptions  # noqa: PLC0415 - see __init__
+
         try:
             out = self._context.step(token)
         except (spnego.exceptions.SpnegoError, ValueError, KeyError, IndexError, OverflowError, struct.error) as exc:

@@ -520,7 +520,11 @@ class Pop3Session:
                 n = queue[received]
                 status = self._read_status()
                 received += 1
-                send_upto(min(received + window, len(queue)))  # keep the window full
+                # Refilled once half the window has been answered: one write (one TLS record,
+                # one system call) per window/2 commands instead of one per mail, and still
+                # never fewer than window/2 answers queued at the server.
+                if sent - received <= window // 2:
+                    send_upto(min(received + window, len(queue)))
                 if not status.ok:
                     raise self._error(f"RETR {n}", status)
                 yield n, self._read_retrieved(limit, spool, max_line)

@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Final
+from typing import Final, NoReturn
 
 from connector.errors import ConfigError, Pop3ConnectError, Pop3TimeoutError, Pop3TlsError
 
@@ -58,6 +58,8 @@ log = logging.getLogger("pop3kafka.tls")
 
 #: Bytes asked for per recv(). 256 KiB keeps syscalls per 50 MB mail in the hundreds.
 RECV_SIZE: Final = 256 * 1024
+#: Linux's TCP_QUICKACK option number; None where the platform has none.
+_TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
 TLS_FIX_HINT: Final = "set tls_ca_file or check the server certificate"
 
 _TLS_VERSIONS: Final = {
@@ -346,10 +348,13 @@ class Transport:
     def _quickack(self) -> None:
         # TCP_QUICKACK is not sticky on Linux (the kernel may fall back to delayed ACKs),
         # hence re-armed per command and per read. Absent on non-Linux: silently skipped.
-        opt = getattr(socket, "TCP_QUICKACK", None)
-        if opt is not None and self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.IPPROTO_TCP, opt, 1)
+        sock = self._sock
+        if _TCP_QUICKACK is not None and sock is not None:
+            # try/except, not contextlib.suppress: this runs after every read.
+            try:  # noqa: SIM105
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass  # not a TCP socket (tests use socketpair): nothing to re-arm
 
     def start_tls(self, ssl_context: ssl.SSLContext) -> None:
         """Wrap the socket in TLS and handshake now, verifying against ``self.host``.
@@ -412,16 +417,23 @@ class Transport:
 
     def _apply_limit(self, sock: socket.socket) -> None:
         """Cut the socket timeout to the thread's time limit (see :func:`time_limit`); raise
-        when it has run out. Without a limit the inactivity timeout is restored."""
-        left = _left()
-        if left is None:
-            if sock.gettimeout() != self._timeout:
-                sock.settimeout(self._timeout)
-            return
-        if left[0] <= 0:
-            self.close()
-            raise Pop3TimeoutError(f"{self.host}:{self.port}: {left[1]} ran out; the session was dropped")
-        sock.settimeout(left[0] if self._timeout is None else min(self._timeout, left[0]))
+        when it has run out. Without a limit, or with one further away than the inactivity
+        timeout, the inactivity timeout applies.
+
+        Called before every read and write, so the socket is only touched when its timeout
+        must change: settimeout() is a system call, and a pipelined RETR of 20 KB mails over
+        TLS reads ~8 times per mail (bench/results/compare.md, "Profile")."""
+        limit = _LIMIT.get()
+        if limit is not None:
+            left = limit[0] - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise Pop3TimeoutError(f"{self.host}:{self.port}: {limit[1]} ran out; the session was dropped")
+            if self._timeout is None or left < self._timeout:
+                sock.settimeout(left)
+                return
+        if sock.gettimeout() != self._timeout:
+            sock.settimeout(self._timeout)
 
     def _timed_out(self, inactivity: str) -> str:
         left = _left()
@@ -429,33 +441,31 @@ class Transport:
             return f"{self.host}:{self.port}: {left[1]} ran out; the session was dropped"
         return inactivity
 
-    @contextlib.contextmanager
-    def _io(self, timed_out: str, failed: str) -> Iterator[None]:
-        """Translate socket errors of one send/recv; the framing is lost, so close first."""
-        try:
-            yield
-        except TimeoutError as exc:
+    def _io_failed(self, exc: OSError, timed_out: str, failed: str) -> NoReturn:
+        """Translate a socket error of one send/recv; the framing is lost, so close first."""
+        if isinstance(exc, TimeoutError):
             message = self._timed_out(timed_out)
             self.close()
             raise Pop3TimeoutError(message) from exc
-        except ssl.SSLError as exc:
-            self.close()
+        self.close()
+        if isinstance(exc, ssl.SSLError):
             if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
                 raise Pop3ConnectError(f"{failed}: {exc}") from exc
             # A TLS alert after the handshake: with TLS 1.3 the server checks the client
             # certificate only after the client's Finished, so its refusal lands here.
             raise _tls_error(self.host, self.port, exc, what="TLS error") from exc
-        except OSError as exc:
-            self.close()
-            raise Pop3ConnectError(f"{failed}: {exc}") from exc
+        raise Pop3ConnectError(f"{failed}: {exc}") from exc
 
     def send(self, data: bytes) -> None:
         """Send all of ``data`` (one command: a single write, so Nagle never delays it)."""
         sock = self._require()
         self._apply_limit(sock)
         self._quickack()
-        with self._io(f"sending to {self.host}:{self.port} timed out", f"sending to {self.host}:{self.port} failed"):
+        try:
             sock.sendall(data)
+        except OSError as exc:  # TimeoutError and ssl.SSLError are OSErrors
+            where = f"{self.host}:{self.port}"
+            self._io_failed(exc, f"sending to {where} timed out", f"sending to {where} failed")
 
     def recv(self) -> bytes:
         """Return the next bytes received (1..RECV_SIZE of them); never ``b""``.
@@ -464,12 +474,17 @@ class Transport:
         legitimately); timeouts raise Pop3TimeoutError. Either way the transport is closed,
         since the response framing is lost.
         """
-        sock = self._require()
+        # The hot path of every retrieval: no context managers, no message formatting
+        # unless something failed (both measured in bench/results/compare.md, "Profile").
+        sock = self._sock
+        if sock is None:
+            sock = self._require()
         self._apply_limit(sock)
-        with self._io(
-            f"{self.host}:{self.port} did not answer in time", f"receiving from {self.host}:{self.port} failed"
-        ):
+        try:
             n = sock.recv_into(self._buf)
+        except OSError as exc:
+            where = f"{self.host}:{self.port}"
+            self._io_failed(exc, f"{where} did not answer in time", f"receiving from {where} failed")
         if not n:
             self.close()
             raise Pop3ConnectError(f"connection closed by {self.host}:{self.port}")

@@ -206,6 +206,11 @@ class Runner:
         if not self.exactly_once:
             return
         c = self.config
+        targets = mailboxes if mailboxes is not None else c.mailboxes
+        if self.shards:
+            asked = shards if shards is not None else {shard_of(m.id, self.shards) for m in targets}
+            if all(s in self.workers for s in asked):
+                return  # every shard asked for is up (poll-once prepares before its first wave)
         self.shards = ensure_ledger_topic(
             c.kafka.bootstrap_servers,
             c.kafka.client_conf(),
@@ -214,7 +219,6 @@ class Runner:
             create=c.ledger.create,
             replication_factor=c.topics.replication_factor,
         )
-        targets = mailboxes if mailboxes is not None else c.mailboxes
         wanted = shards if shards is not None else {shard_of(m.id, self.shards) for m in targets}
         todo = [s for s in sorted(wanted) if s not in self.workers]
         if len(todo) <= 1:
