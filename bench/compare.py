@@ -133,13 +133,24 @@ TOOLS: dict[str, str] = {
     "getmail6": "getmail6 into a Maildir, delete",
     "fetchmail": "fetchmail into a BSMTP file, nokeep, auth password",
     "eos-decode": "connector exactly-once, full decode",
+    "eos-decode-1p": "the same, decoding in the cycle thread (runtime.decode_processes: 0)",
     "alo-decode": "connector at-least-once, full decode",
     "eos-raw": "connector exactly-once, raw passthrough",
     "alo-raw": "connector at-least-once, raw passthrough",
     "decode-only": "decode + record + Avro in memory",
 }
-POP3_TOOLS = ("raw", "poplib", "getmail6", "fetchmail", "eos-decode", "alo-decode", "eos-raw", "alo-raw")
-CONNECTOR_TOOLS = ("eos-decode", "alo-decode", "eos-raw", "alo-raw")
+POP3_TOOLS = (
+    "raw",
+    "poplib",
+    "getmail6",
+    "fetchmail",
+    "eos-decode",
+    "eos-decode-1p",
+    "alo-decode",
+    "eos-raw",
+    "alo-raw",
+)
+CONNECTOR_TOOLS = ("eos-decode", "eos-decode-1p", "alo-decode", "eos-raw", "alo-raw")
 PEER_TOOLS = ("poplib", "getmail6", "fetchmail")
 WORKLOADS = ("small20k", "mb1", "mb50", "many", "smime")
 
@@ -564,7 +575,7 @@ def connector_config(env: Env, w: Workload, tool: str, d: Path, tag: str) -> tup
     spool.mkdir(exist_ok=True)
     largest = w.largest_wire
     mailbox_extra: dict[str, Any] = {
-        "mime_decoding": tool.endswith("decode"),
+        "mime_decoding": "decode" in tool,
         "max_messages_per_cycle": 100_000,
         "max_bytes_per_cycle": 4 * 1024 * MIB,
         "max_seconds_per_cycle": 300,
@@ -578,7 +589,7 @@ def connector_config(env: Env, w: Workload, tool: str, d: Path, tag: str) -> tup
         "topics": {"mail": topic, "partitions": 3, "dead_letter": f"{topic}.dlq", "attachments": f"{topic}.att"},
         "ledger": {"topic": f"{topic}.ledger"},
         "delivery": {"mode": mode, "transactional_id_prefix": topic, "transaction_timeout_seconds": 600},
-        "runtime": {"spool_directory": str(spool)},
+        "runtime": {"spool_directory": str(spool), **({"decode_processes": 0} if tool.endswith("-1p") else {})},
         "mailboxes": [
             {
                 "id": u,
@@ -644,7 +655,7 @@ def tool_connector(env: Env, w: Workload, tool: str, d: Path) -> Run:
             )
         check_empty(env, w, tool)
         mail_topic = doc["topics"]["mail"]
-        decode = w.smime_key is not None and tool.endswith("decode")
+        decode = w.smime_key is not None and "decode" in tool
         count, ids, values = committed_records(env.bootstrap, mail_topic, decode=decode)
         if count != w.n or len(ids) != w.n:
             raise BenchError(f"{tool}: {count} committed records, {len(ids)} record ids on {mail_topic}; {w.n} mails")

@@ -222,10 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.file}: OK ({len(cfg.mailboxes)} mailbox(es): {', '.join(m.id for m in cfg.mailboxes)})")
             return EXIT_OK
         cfg = load_config(args.config)
-        if args.command == "poll-once":
-            return _poll_once(cfg, args.mailbox)
-        if args.command == "run":
-            return _run(cfg)
+        if args.command in ("poll-once", "run"):
+            from connector.runtime import decode_pool
+
+            # Forked now, while this is the only thread (connector/runtime/decode_pool.py).
+            decode_pool.start(cfg)
+            try:
+                return _poll_once(cfg, args.mailbox) if args.command == "poll-once" else _run(cfg)
+            finally:
+                decode_pool.stop()
         if args.command == "doctor":
             return _doctor(cfg, args.mailbox, kafka_only=args.kafka_only)
         if args.command == "ledger":

@@ -347,6 +347,9 @@ class RuntimeConfig:
     spool_threshold_bytes: int = 4 * 1024 * 1024
     #: where spool files go (anonymous 0600 files); None = the system temp directory.
     spool_directory: str | None = None
+    #: worker processes that decode mail beside retrieval (connector/runtime/decode_pool.py);
+    #: None: one less than the usable CPUs, at most 4; 0: decode in the cycle threads.
+    decode_processes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -801,6 +804,12 @@ ROOT_SCHEMA: dict[str, Field] = {
             "shutdown_grace_seconds": Field("float", default=30.0, minimum=0, maximum=3600),
             "spool_threshold_bytes": Field("int", default=4 * 1024 * 1024, minimum=0),
             "spool_directory": Field("str", help="a writable directory (an emptyDir in Kubernetes)"),
+            "decode_processes": Field(
+                "int",
+                minimum=0,
+                maximum=64,
+                help="worker processes decoding mail beside retrieval; default: usable CPUs - 1 (at most 4); 0: none",
+            ),
         },
     ),
     "mailboxes": Field("list", required=True, schema=MAILBOX_SCHEMA),

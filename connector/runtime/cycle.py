@@ -16,6 +16,7 @@ ledger that make it exactly-once come in the next issue and plug in at "produce"
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
@@ -65,6 +66,10 @@ from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import header_sha256
 from connector.runtime.login import LoginSession, login
 from connector.runtime.placement import Placer, Send
+
+if TYPE_CHECKING:
+    from connector.decoding.signature import SignatureCheck
+    from connector.runtime.decode_pool import Channel, DecodePool
 
 log = logging.getLogger("pop3kafka.cycle")
 
@@ -470,17 +475,38 @@ def encode_mail(
     ``sha256``: the digest computed while the mail was received, if known. ``placer``: puts
     attachment bytes (and the raw mail) inline, in chunk records or in the offload store, once
     the mail has decoded; None: metadata only (record version 2 behaviour)."""
+    value, signatures = encode_mail_checked(
+        mailbox, uidl, raw, fetched_at, schema, sha256=sha256, placer=placer, framer=framer
+    )
+    if signatures:
+        metrics.signatures_checked(mailbox.id, signatures)
+    return value
+
+
+def encode_mail_checked(
+    mailbox: MailboxConfig,
+    uidl: str,
+    raw: bytes | SpoolMap,
+    fetched_at: int,
+    schema: Schema,
+    *,
+    sha256: str | None = None,
+    placer: Placer | None = None,
+    framer: Framer = SINGLE_OBJECT,
+) -> tuple[bytes, tuple[SignatureCheck, ...]]:
+    """:func:`encode_mail` without touching metrics: the framed record and the S/MIME
+    signature checks made on the way, for whoever counts them (a decode worker process hands
+    them to its parent, connector/runtime/decode_pool.py)."""
     prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
     mail = decode_mail(raw, options=mailbox.decode)
-    if mail.smime is not None and mail.smime.signatures:
-        metrics.signatures_checked(mailbox.id, mail.smime.signatures)
+    signatures = tuple(mail.smime.signatures) if mail.smime is not None else ()
     if placer is None:
-        return framer.encode(schema, build_mail_record(mail, prov))
+        return framer.encode(schema, build_mail_record(mail, prov)), signatures
     placed = placer.attachments(mail.attachments)
     raw_placed = None
     if mailbox.raw_mail == "include" or mail.raw is not None:
         raw_placed = placer.raw(raw, prov.raw_sha256)
-    return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed))
+    return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed)), signatures
 
 
 def record_key(config: Config, mailbox: MailboxConfig, rid: str) -> bytes:
@@ -560,9 +586,11 @@ def retrieve_encoded(
     spool: SpoolPolicy | None = None,
     placer: Callable[[str], Placer] | None = None,
     framer: Framer = SINGLE_OBJECT,
+    pool: DecodePool | None = None,
 ) -> Generator[EncodedMail, None, None]:
     """Stream the chosen mails (pipelined RETR, spooled per ``spool``) and yield each decoded
-    one as an :class:`EncodedMail`. Stops at shutdown or max_seconds_per_cycle
+    one as an :class:`EncodedMail` (decoded by ``pool``'s worker processes when it takes this
+    mailbox's mail, else here). Stops at shutdown or max_seconds_per_cycle
     (``res.more_pending``); mail that must stay on the server is counted and skipped. Closing
     the generator drains RETRs still in flight, so the session stays in step for DELE."""
     uidl_of = dict(chosen)
@@ -580,28 +608,171 @@ def retrieve_encoded(
         spool=spool,
         max_line=mailbox.max_line_bytes,
     )
+    channels = pool.checkout() if pool is not None and pool.takes(mailbox) else []
     try:
-        for msg_num, mail in retrieval:
-            with mail:  # releases a spool file whatever happens next
-                if stop.is_set() or time.monotonic() > deadline:
-                    res.more_pending = True  # this one and the rest stay for the next cycle
-                    return
-                uidl = uidl_of[msg_num]
-                got = encode_retrieved(
-                    mailbox,
-                    uidl,
-                    mail,
-                    res=res,
-                    hooks=hooks,
-                    extra=extra,
-                    clock_ms=clock_ms,
-                    placer=placer,
-                    framer=framer,
-                )
-            if got is not None:
-                yield got._replace(msg_num=msg_num)
+        if not channels:
+            for msg_num, mail in retrieval:
+                with mail:  # releases a spool file whatever happens next
+                    if stop.is_set() or time.monotonic() > deadline:
+                        res.more_pending = True  # this one and the rest stay for the next cycle
+                        return
+                    got = encode_retrieved(
+                        mailbox,
+                        uidl_of[msg_num],
+                        mail,
+                        res=res,
+                        hooks=hooks,
+                        extra=extra,
+                        clock_ms=clock_ms,
+                        placer=placer,
+                        framer=framer,
+                    )
+                if got is not None:
+                    yield got._replace(msg_num=msg_num)
+            return
+        assert pool is not None
+        yield from _retrieve_with_worker(
+            retrieval,
+            pool,
+            channels,
+            mailbox,
+            uidl_of=uidl_of,
+            deadline=deadline,
+            stop=stop,
+            res=res,
+            hooks=hooks,
+            extra=extra,
+            clock_ms=clock_ms,
+            placer=placer,
+            framer=framer,
+        )
     finally:
         retrieval.close()
+        if channels:
+            assert pool is not None
+            pool.checkin(channels)
+
+
+def _retrieve_with_worker(
+    retrieval: Iterator[tuple[int, Retrieved]],
+    pool: DecodePool,
+    channels: list[Channel],
+    mailbox: MailboxConfig,
+    *,
+    uidl_of: dict[int, str],
+    deadline: float,
+    stop: threading.Event,
+    res: CycleResult,
+    hooks: CycleHooks,
+    extra: dict[str, str],
+    clock_ms: Callable[[], int],
+    placer: Callable[[str], Placer] | None,
+    framer: Framer,
+) -> Generator[EncodedMail, None, None]:
+    """retrieve_encoded's loop with decode workers: each mail goes to a worker as it
+    arrives and the next one is read meanwhile; records are yielded in server order. At
+    most AHEAD_MAILS mails / AHEAD_BYTES bytes wait between the two (memory stays bounded).
+    Mail the worker does not take (spooled, refused, oversized for a dead letter) or hands
+    back, and every mail once the worker is gone, is decoded here, on the same path."""
+    from connector.runtime.decode_pool import WorkerGone  # noqa: PLC0415 - it imports this module
+
+    ahead: collections.deque[_Ahead] = collections.deque()
+    ahead_bytes = 0
+
+    def finish(a: _Ahead) -> EncodedMail | None:
+        nonlocal ahead_bytes
+        ahead_bytes -= a.size
+        encoded = None
+        if a.channel is not None:
+            try:
+                encoded = a.channel.take()
+            except WorkerGone as exc:
+                pool.lost(a.channel, exc)
+        with a.mail:
+            return encode_retrieved(
+                mailbox,
+                uidl_of[a.msg_num],
+                a.mail,
+                res=res,
+                hooks=hooks,
+                extra=extra,
+                clock_ms=clock_ms,
+                placer=placer,
+                framer=framer,
+                fetched_at=a.fetched_at,
+                encoded=encoded,
+            )
+
+    index = pool.index(mailbox)
+    turn = 0
+    try:
+        for msg_num, mail in retrieval:
+            if stop.is_set() or time.monotonic() > deadline:
+                mail.close()
+                res.more_pending = True  # this one and the rest stay for the next cycle
+                break
+            fetched_at = clock_ms()
+            uidl = uidl_of[msg_num]
+            # Round robin over the cycle's workers; each one answers in its own job order.
+            channel: Channel | None = channels[turn % len(channels)]
+            turn += 1
+            if channel is not None and (
+                channel.broken or mail.refused is not None or mail.spooled or uidl in res.dead_letter_unread
+            ):
+                channel = None
+            if channel is not None:
+                try:
+                    channel.submit(index, uidl, mail.read(), fetched_at, mail.sha256)
+                except WorkerGone as exc:
+                    pool.lost(channel, exc)
+                    channel = None
+            ahead.append(_Ahead(msg_num, mail, fetched_at, channel, mail.size))
+            ahead_bytes += mail.size
+            # The head goes as soon as its record is ready, or when too much waits.
+            while ahead and (
+                (head := ahead[0].channel) is None
+                or head.broken
+                or len(ahead) > AHEAD_MAILS
+                or ahead_bytes > AHEAD_BYTES
+                or _ready(head)
+            ):
+                a = ahead.popleft()
+                got = finish(a)
+                if got is not None:
+                    yield got._replace(msg_num=a.msg_num)
+        # Retrieved before a stop or the end: published as the serial loop would have.
+        while ahead:
+            a = ahead.popleft()
+            got = finish(a)
+            if got is not None:
+                yield got._replace(msg_num=a.msg_num)
+    finally:
+        for a in ahead:  # only when the consumer stopped early or something failed
+            a.mail.close()  # their replies are drained when the worker is checked in
+
+
+def _ready(channel: Channel) -> bool:
+    from connector.runtime.decode_pool import WorkerGone  # noqa: PLC0415 - it imports this module
+
+    try:
+        return channel.ready()
+    except WorkerGone:
+        return True  # finish() sees it, marks the worker lost and decodes here
+
+
+#: how far retrieval may run ahead of the records handed out, with decode workers: mails and
+#: bytes received but not yet yielded (each decoding in a worker or waiting its turn).
+AHEAD_MAILS = 16
+AHEAD_BYTES = 16 * 1024 * 1024
+
+
+class _Ahead(NamedTuple):
+    msg_num: int
+    mail: Retrieved
+    fetched_at: int
+    #: the worker decoding it; None: decoded in the cycle thread.
+    channel: Channel | None
+    size: int
 
 
 def select_for_retrieval(
@@ -658,6 +829,14 @@ def select_for_retrieval(
     return chosen
 
 
+class Encoded(NamedTuple):
+    """A mail record made by a decode worker: its Avro body (no framing header) and the
+    S/MIME signature checks made on the way (counted by the parent)."""
+
+    body: bytes
+    signatures: tuple[SignatureCheck, ...] = ()
+
+
 class EncodedMail(NamedTuple):
     """One retrieved mail, ready to produce: its mail record, or (``dead_letter`` set) the
     dead letter that replaces it when it could not be decoded."""
@@ -685,6 +864,8 @@ def encode_retrieved(
     clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     placer: Callable[[str], Placer] | None = None,
     framer: Framer = SINGLE_OBJECT,
+    fetched_at: int | None = None,
+    encoded: Encoded | None = None,
 ) -> EncodedMail | None:
     """The per-mail step both delivery modes share, after a (bounded) RETR: decode -> Avro.
 
@@ -694,6 +875,10 @@ def encode_retrieved(
     when the mail has to stay on the server (over max_message_bytes or max_line_bytes,
     undecodable with ``on_undecodable: leave``), counted in ``res`` and logged with its UIDL.
     A spooled mail is decoded in place from a mapping of its spool file, never read whole.
+
+    ``fetched_at``: when the mail was received (default: now). ``encoded``: the record a
+    decode worker already made of it (connector/runtime/decode_pool.py), used instead of
+    decoding here; everything else (counts, hooks, dead letters) is the same either way.
     """
     res.fetched += 1
     if mail.refused == "size":
@@ -705,7 +890,8 @@ def encode_retrieved(
         )
         return None
     with mapped(mail) as raw:
-        fetched_at = clock_ms()
+        if fetched_at is None:
+            fetched_at = clock_ms()
         res.fetched_bytes += len(raw)
         faults.point("after_retr")
         log.debug("retrieved %d bytes", len(raw), extra={**extra, "uidl": uidl})
@@ -729,9 +915,15 @@ def encode_retrieved(
                     f"({mailbox.max_line_bytes}); raise the limit if such mail is expected",
                     reason="max_line_bytes",
                 )
-            value = encode_mail(
-                mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256, placer=place, framer=framer
-            )
+            if encoded is not None:
+                # Framed here: the worker framed nothing, so both framings share this path.
+                value = framer.header(mail_schema()) + encoded.body
+                if encoded.signatures:
+                    metrics.signatures_checked(mailbox.id, encoded.signatures)
+            else:
+                value = encode_mail(
+                    mailbox, uidl, raw, fetched_at, mail_schema(), sha256=mail.sha256, placer=place, framer=framer
+                )
         except DecodeError as exc:
             # Never the body in a log line: DecodeError's message carries no mail content
             # (connector/errors.py), and stage/reason/class are codes.
@@ -830,6 +1022,8 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
     phase: abort() drops pending deletes (RFC 1939 §6); what was already queued still reaches
     Kafka and is published again next cycle with the same record id (at-least-once).
     """
+    from connector.runtime import decode_pool  # noqa: PLC0415 - it imports this module
+
     res = CycleResult(mailbox=mailbox.id, cycle_id=uuid.uuid4().hex[:12])
     t0 = time.monotonic()
     extra = {"mailbox": mailbox.id, "cycle": res.cycle_id}
@@ -872,6 +1066,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 spool=spool_policy(ctx.config),
                 placer=placer_for(ctx.config, mailbox, ctx.publisher.send, ctx.framer),
                 framer=ctx.framer,
+                pool=decode_pool.current(ctx.config),
             )
         ) as mails:
             while True:

@@ -52,6 +52,7 @@ from connector.protocol.transport import time_limit
 from connector.records import record_id
 from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import LedgerEntry, ShardLedger
+from connector.runtime import decode_pool
 from connector.runtime.cycle import (
     SETTLE_LIMIT_WHAT,
     CycleHooks,
@@ -417,6 +418,7 @@ class ShardWorker:
                 spool=spool_policy(self.config),
                 placer=placer_for(self.config, m, self._send, self.framer),
                 framer=self.framer,
+                pool=decode_pool.current(self.config),
             ):
                 step = "produce"
                 # A dead letter goes into the same transaction as a mail record would, and gets
