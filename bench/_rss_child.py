@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -173,6 +174,9 @@ def main(argv: list[str]) -> int:
         code = exc.code if isinstance(exc.code, int) else 1
     wall = time.perf_counter() - t0
     out.update(hwm_kb=status_kb("VmHWM"), rss_end_kb=status_kb("VmRSS"), exit=code, wall_s=round(wall, 4))
+    # Decode workers (connector/runtime/decode_pool.py) are this process's children, reaped
+    # before poll-once returns: the largest one's peak RSS (a fork: shared pages included).
+    out["children_maxrss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if diagnose:
         import tracemalloc
 

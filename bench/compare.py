@@ -666,6 +666,7 @@ def tool_connector(env: Env, w: Workload, tool: str, d: Path) -> Run:
             raise BenchError(f"{tool}: {dlq} offsets on the dead-letter topic")
         verified = {"published": published, "deleted": deleted, "committed_records": count, "record_ids": len(ids)}
         verified |= {"dead_letters": 0, "left_on_server": 0, **({"decrypted": len(values)} if decode else {})}
+        verified["decode_worker_peak_rss_kb"] = res.get("children_maxrss_kb", 0)
         return Run(
             tool, 0, p.wall_s, p.cpu_s, p.maxrss_kb, res["wall_s"], res["hwm_kb"] - res["baseline_rss_kb"], verified
         )
@@ -804,6 +805,9 @@ class Row:
             "cpu_s_per_mail": self.cpu_per_mail,
             "peak_rss_mib_median": self.rss_mib,
             "rss_growth_mb_worst": self.growth_worst_mb,
+            "decode_worker_peak_rss_mib_worst": max(
+                (r.verified.get("decode_worker_peak_rss_kb", 0) / 1024 for r in self.runs), default=0.0
+            ),
         }
 
 
@@ -911,6 +915,17 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             for w in summary
             if any(ww == w for ww, _, _ in growths)
         )
+        workers = [
+            s["rows"][t].get("decode_worker_peak_rss_mib_worst", 0.0)
+            for s in summary.values()
+            for t in CONNECTOR_TOOLS
+            if t in s["rows"]
+        ]
+        if any(workers):
+            ev += (
+                f"; the decode worker processes (forks of the connector after start-up, their pages shared until "
+                f"written) peaked at {max(workers):.0f} MiB RSS each at most"
+            )
         out.append((name, verdict(ok), ev))
     else:
         out.append((name, "not measured", "needs a connector mode"))
@@ -1127,7 +1142,8 @@ def render_png(data: dict[str, Any], path: Path) -> None:
     width = 0.8 / len(tools)
     colours = {
         "raw": "#1f4e79", "produce-idem": "#5b9bd5", "produce-txn": "#9dc3e6", "poplib": "#7f7f7f",
-        "getmail6": "#548235", "fetchmail": "#a9d18e", "eos-decode": "#c00000", "alo-decode": "#ff8f8f",
+        "getmail6": "#548235", "fetchmail": "#a9d18e", "eos-decode": "#c00000", "eos-decode-1p": "#e06666",
+        "alo-decode": "#ff8f8f",
         "eos-raw": "#7030a0", "alo-raw": "#c5b0e0", "decode-only": "#ed7d31",
     }  # fmt: skip
     for i, t in enumerate(tools):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from connector.runtime import decode_pool
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +31,7 @@ VERIFIED = {
     "getmail6": "maildir_files",
     "fetchmail": "bsmtp_messages",
     "eos-decode": "committed_records",
+    "eos-decode-1p": "committed_records",
     "alo-decode": "committed_records",
     "eos-raw": "committed_records",
     "alo-raw": "committed_records",
@@ -37,6 +40,7 @@ VERIFIED = {
     "decode-only": "encoded_records",
 }
 TOOLS = list(VERIFIED)
+CONNECTOR = ("eos-decode", "eos-decode-1p", "alo-decode", "eos-raw", "alo-raw")
 
 
 def test_compare_smoke(services, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -60,7 +64,7 @@ def test_compare_smoke(services, tmp_path: Path) -> None:  # type: ignore[no-unt
             assert row["ratios"]["raw"]["throughput"] > 0
             for peer in ("poplib", "getmail6", "fetchmail"):
                 assert row["ratios"][peer]["throughput"] > 0, (name, tool, peer)
-        for tool in ("eos-decode", "alo-decode", "eos-raw", "alo-raw"):
+        for tool in CONNECTOR:
             assert w["rows"][tool]["rss_growth_mb_worst"] > 0
             assert w["rows"][tool]["in_process_s_median"] > 0
         # every run was verified: the job was done completely
@@ -70,9 +74,12 @@ def test_compare_smoke(services, tmp_path: Path) -> None:  # type: ignore[no-unt
             assert v[VERIFIED[run["tool"]]] >= mails, run
             if run["tool"] not in ("produce-idem", "produce-txn", "decode-only"):
                 assert v["left_on_server"] == 0, run
-            if run["tool"] in ("eos-decode", "alo-decode", "eos-raw", "alo-raw"):
+            if run["tool"] in CONNECTOR:
                 assert v["published"] == v["deleted"] == v["record_ids"] == mails, run
                 assert v["dead_letters"] == 0, run
+                # decode workers ran where decoding is on and allowed (this machine: >= 2 CPUs)
+                forked = v["decode_worker_peak_rss_kb"] > 0
+                assert forked == (run["tool"] in ("eos-decode", "alo-decode") and decode_pool.usable_cpus() > 1), run
 
     verdicts = [v for _, v, _ in data["targets"]]
     assert len(verdicts) == 6
