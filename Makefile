@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-pop3d dovecot-lmtpd openssl maven openjdk-17-jdk-headless \
 	libpython3.11-testsuite python3-venv mailutils-pop3d prometheus bubblewrap
 
-.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore registry bench bench-deps bench-parsers clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down java-deps
+.PHONY: deps venv lint typecheck test test-unit test-integration demo demo-down stack-up stack-down objectstore registry bench bench-deps bench-timeline bench-parsers clean crash-matrix fuzz large-mail scale-out bench-large-mail bench-many-mailboxes bench-tls-context bench-scheduler-loop dist helm-tools rules image compose-up compose-down java-deps
 
 # System packages (Dovecot, OpenSSL, Maven, a Java 17 JDK: tests/java/ is compiled); skipped when
 # already present.
@@ -141,6 +141,11 @@ bench-deps: venv
 	  touch "$(BENCH_VENV)/.getmail6-$(GETMAIL6_VERSION)"; \
 	fi
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+
+# One poll-once phase by phase next to the raw retrieval limit (bench/results/timeline.md): where
+# the wall time of the ~24 KB mix goes in raw passthrough and full decode (issue 10).
+bench-timeline: venv
+	$(BIN)/python bench/timeline.py --runs 5
 
 # The parser throughput table (bench/results/parsers.md); this was `make bench` before issue 10.
 bench-parsers: venv

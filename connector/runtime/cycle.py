@@ -669,42 +669,49 @@ def _retrieve_with_worker(
     placer: Callable[[str], Placer] | None,
     framer: Framer,
 ) -> Generator[EncodedMail, None, None]:
-    """retrieve_encoded's loop with decode workers: each mail goes to a worker as it
-    arrives and the next one is read meanwhile; records are yielded in server order. At
-    most AHEAD_MAILS mails / AHEAD_BYTES bytes wait between the two (memory stays bounded).
-    Mail the worker does not take (spooled, refused, oversized for a dead letter) or hands
-    back, and every mail once the worker is gone, is decoded here, on the same path."""
+    """retrieve_encoded's loop with decode workers: a mail goes to a worker as it arrives
+    and the next one is read meanwhile; records are yielded in server order. When every
+    worker already has WORKER_QUEUE mails waiting, this thread decodes the mail itself at
+    once, so on few CPUs the cycle thread shares the decoding instead of waiting (measured:
+    bench/results/timeline.md). At most AHEAD_MAILS mails / AHEAD_BYTES bytes wait to be
+    yielded (memory stays bounded). Mail a worker does not take (spooled, refused, oversized
+    for a dead letter) or hands back, and every mail once the workers are gone, is decoded
+    here, on the same path as without workers."""
     from connector.runtime.decode_pool import WorkerGone  # noqa: PLC0415 - it imports this module
 
     ahead: collections.deque[_Ahead] = collections.deque()
     ahead_bytes = 0
 
-    def finish(a: _Ahead) -> EncodedMail | None:
-        nonlocal ahead_bytes
-        ahead_bytes -= a.size
-        encoded = None
-        if a.channel is not None:
-            try:
-                encoded = a.channel.take()
-            except WorkerGone as exc:
-                pool.lost(a.channel, exc)
-        with a.mail:
+    def encode(mail: Retrieved, msg_num: int, fetched_at: int, encoded: Encoded | None) -> EncodedMail | None:
+        with mail:
             return encode_retrieved(
                 mailbox,
-                uidl_of[a.msg_num],
-                a.mail,
+                uidl_of[msg_num],
+                mail,
                 res=res,
                 hooks=hooks,
                 extra=extra,
                 clock_ms=clock_ms,
                 placer=placer,
                 framer=framer,
-                fetched_at=a.fetched_at,
+                fetched_at=fetched_at,
                 encoded=encoded,
             )
 
+    def finish(a: _Ahead) -> EncodedMail | None:
+        nonlocal ahead_bytes
+        ahead_bytes -= a.size
+        if a.channel is None:
+            return a.done  # decoded in this thread when it arrived
+        assert a.mail is not None  # kept until its worker answers
+        encoded = None
+        try:
+            encoded = a.channel.take()
+        except WorkerGone as exc:
+            pool.lost(a.channel, exc)
+        return encode(a.mail, a.msg_num, a.fetched_at, encoded)
+
     index = pool.index(mailbox)
-    turn = 0
     try:
         for msg_num, mail in retrieval:
             if stop.is_set() or time.monotonic() > deadline:
@@ -713,21 +720,22 @@ def _retrieve_with_worker(
                 break
             fetched_at = clock_ms()
             uidl = uidl_of[msg_num]
-            # Round robin over the cycle's workers; each one answers in its own job order.
-            channel: Channel | None = channels[turn % len(channels)]
-            turn += 1
-            if channel is not None and (
-                channel.broken or mail.refused is not None or mail.spooled or uidl in res.dead_letter_unread
-            ):
-                channel = None
+            channel: Channel | None = None
+            if mail.refused is None and not mail.spooled and uidl not in res.dead_letter_unread:
+                # The least busy worker, unless all are busy enough: then this thread decodes.
+                idle = [c for c in channels if not c.broken and c.waiting < WORKER_QUEUE]
+                channel = min(idle, key=lambda c: c.waiting) if idle else None
             if channel is not None:
                 try:
                     channel.submit(index, uidl, mail.read(), fetched_at, mail.sha256)
                 except WorkerGone as exc:
                     pool.lost(channel, exc)
                     channel = None
-            ahead.append(_Ahead(msg_num, mail, fetched_at, channel, mail.size))
-            ahead_bytes += mail.size
+            if channel is None:
+                ahead.append(_Ahead(msg_num, None, fetched_at, None, 0, encode(mail, msg_num, fetched_at, None)))
+            else:
+                ahead.append(_Ahead(msg_num, mail, fetched_at, channel, mail.size))
+                ahead_bytes += mail.size
             # The head goes as soon as its record is ready, or when too much waits.
             while ahead and (
                 (head := ahead[0].channel) is None
@@ -748,7 +756,8 @@ def _retrieve_with_worker(
                 yield got._replace(msg_num=a.msg_num)
     finally:
         for a in ahead:  # only when the consumer stopped early or something failed
-            a.mail.close()  # their replies are drained when the worker is checked in
+            if a.mail is not None:
+                a.mail.close()  # their replies are drained when the worker is checked in
 
 
 def _ready(channel: Channel) -> bool:
@@ -764,15 +773,20 @@ def _ready(channel: Channel) -> bool:
 #: bytes received but not yet yielded (each decoding in a worker or waiting its turn).
 AHEAD_MAILS = 16
 AHEAD_BYTES = 16 * 1024 * 1024
+#: mails a worker may have waiting (one decoding, one queued) before the cycle thread decodes
+#: the next mail itself.
+WORKER_QUEUE = 2
 
 
 class _Ahead(NamedTuple):
     msg_num: int
-    mail: Retrieved
+    #: None once decoded here (then ``done`` holds the result).
+    mail: Retrieved | None
     fetched_at: int
-    #: the worker decoding it; None: decoded in the cycle thread.
+    #: the worker decoding it; None: decoded in the cycle thread when it arrived.
     channel: Channel | None
     size: int
+    done: EncodedMail | None = None
 
 
 def select_for_retrieval(

@@ -259,6 +259,7 @@ def test_cycle_with_a_worker_publishes_what_the_thread_would_in_server_order(
     pool_for: Any, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("connector.runtime.cycle.time.time_ns", lambda: 1_700_000_000_000_000_000)
+    monkeypatch.setattr("connector.runtime.cycle.WORKER_QUEUE", 10_000)  # every mail to the worker
     config = make_config()
     serial_res, serial = published(publisher, config, drop_of(40))
     pool = pool_for(config)
@@ -274,6 +275,30 @@ def test_cycle_with_a_worker_publishes_what_the_thread_would_in_server_order(
     ]
     assert pooled == serial  # byte for byte
     assert pool.checkout() != []  # the worker went back to the pool
+
+
+def test_cycle_thread_shares_the_decoding_when_the_worker_is_busy(
+    pool_for: Any, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the worker's queue full the cycle thread decodes the next mail itself; the
+    records are the same, in the same order, whoever decoded them."""
+    monkeypatch.setattr("connector.runtime.cycle.time.time_ns", lambda: 1_700_000_000_000_000_000)
+    config = make_config()
+    _, serial = published(publisher, config, drop_of(40))
+    pool_for(config)
+    calls: list[str] = []
+    real_submit = decode_pool.Channel.submit
+
+    def submit(self: Any, *a: Any) -> None:
+        assert self.waiting < 2  # never more than WORKER_QUEUE mails wait for one worker
+        calls.append(a[1])
+        real_submit(self, *a)
+
+    monkeypatch.setattr(decode_pool.Channel, "submit", submit)
+    res, shared = published(publisher, config, drop_of(40))
+    assert res.ok and (res.published, res.deleted) == (40, 40)
+    assert 2 <= len(calls) < 40  # both decoded: the worker (the first two at least) and this thread
+    assert shared == serial
 
 
 def test_cycle_survives_a_worker_killed_mid_cycle(

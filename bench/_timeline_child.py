@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Child of bench/timeline.py: one ``pop3-kafka poll-once`` with its phases timed.
+
+Wraps the functions that make up a poll-once (the imports, the topic check, the shard's start,
+the POP3 login and listing, the retrieval loop, the ledger entries, the commit, DELE + QUIT,
+the close) with timers, runs ``connector.cli.main.main`` as the console script would and
+prints one JSON line (after MARKER) with every phase's start and duration, seconds since the
+interpreter started. Nothing in connector/ is changed: the wrappers only measure.
+
+    python bench/_timeline_child.py CONFIG
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()  # first thing: the interpreter is up (its own start is not seen here)
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
+
+MARKER = "TIMELINE "
+events: list[dict[str, Any]] = []
+lock = threading.Lock()
+
+
+def now() -> float:
+    return time.perf_counter() - T0
+
+
+def timed(owner: Any, name: str, label: str) -> None:
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = now()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            with lock:
+                events.append({"phase": label, "start": round(start, 4), "seconds": round(now() - start, 4)})
+
+    setattr(owner, name, wrapper)
+
+
+def timed_generator(owner: Any, name: str, label: str) -> None:
+    """A generator's whole life, its consumer's work between items included."""
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = now()
+        try:
+            yield from inner(*args, **kwargs)
+        finally:
+            with lock:
+                events.append({"phase": label, "start": round(start, 4), "seconds": round(now() - start, 4)})
+
+    setattr(owner, name, wrapper)
+
+
+def main(argv: list[str]) -> int:
+    import connector.cli.main as cli
+
+    t_cli = now()
+    from connector.delivery import transactional
+    from connector.runtime import decode_pool, exactly_once, runner
+
+    events.append({"phase": "imports", "start": 0.0, "seconds": round(now(), 4), "cli_imported": round(t_cli, 4)})
+    timed(decode_pool, "start", "decode workers forked")
+    timed(cli, "_ensure_topics", "topic check (metadata)")
+    timed(runner, "ensure_ledger_topic", "ledger topic check")
+    timed(transactional.ShardProducer, "init", "init_transactions (incl. first connection)")
+    timed(runner, "load_shard_ledger", "ledger load")
+    timed(exactly_once, "login", "POP3 connect + TLS + login")
+    timed(exactly_once, "list_mailbox", "LIST + UIDL")
+    timed_generator(exactly_once, "retrieve_encoded", "retrieve + decode + produce (the per-mail loop)")
+    timed(exactly_once.ShardWorker, "_write_entries", "delivery reports + ledger entries")
+    timed(transactional.ShardProducer, "commit", "commit_transaction")
+    timed(exactly_once.ShardWorker, "_settle", "DELE + QUIT")
+    timed(runner.Runner, "close", "close (tombstones, producers)")
+    code = cli.main(["poll-once", "--config", argv[0]])
+    end = now()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {
+        "exit": code,
+        "end": round(end, 4),
+        "events": events,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "worker_cpu_s": round(children.ru_utime + children.ru_stime, 3),
+    }
+    sys.stdout.flush()
+    print(MARKER + json.dumps(out), flush=True)
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

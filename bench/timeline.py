@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Where one ``pop3-kafka poll-once`` spends its wall time, phase by phase, next to the raw
+retrieval limit (issue 10's "show where the time goes").
+
+For each variant (exactly-once raw passthrough; exactly-once full decode with the decode
+workers; the same with ``runtime.decode_processes: 0``) and the raw limit, N runs each on the
+~24 KB mix (bench/compare.py's small20k, same mail, same checks: mailbox empty, N committed
+records), round robin. The connector runs under bench/_timeline_child.py, which times the
+phases of the real poll-once from outside the package. Medians per phase go to
+bench/results/timeline.md (every run in timeline.json).
+
+    python bench/timeline.py [--runs 5] [--scale 1.0]      (make bench-timeline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import compare as c  # noqa: E402
+
+CHILD = REPO / "bench" / "_timeline_child.py"
+VARIANTS = {
+    "eos-raw": "exactly-once, raw passthrough (mime_decoding: false)",
+    "eos-decode": "exactly-once, full decode, decode workers (the default)",
+    "eos-decode-1p": "exactly-once, full decode in the cycle thread (decode_processes: 0)",
+}
+ORDER = [
+    "imports",
+    "decode workers forked",
+    "topic check (metadata)",
+    "ledger topic check",
+    "init_transactions (incl. first connection)",
+    "ledger load",
+    "POP3 connect + TLS + login",
+    "LIST + UIDL",
+    "retrieve + decode + produce (the per-mail loop)",
+    "delivery reports + ledger entries",
+    "commit_transaction",
+    "DELE + QUIT",
+    "close (tombstones, producers)",
+]
+
+
+def run_variant(env: c.Env, w: c.Workload, tool: str, d: Path) -> dict[str, Any]:
+    cfg_path, doc = c.connector_config(env, w, tool, d, uuid.uuid4().hex[:8])
+    topics = c.create_topics(env, cfg_path, eos=True)
+    try:
+        c.seed(env, w)
+        p = c.spawn([sys.executable, str(CHILD), str(cfg_path)], env=c.child_env(CMP_PW=c.PASSWORD), workdir=d)
+        if p.rc != 0:
+            raise c.BenchError(f"{tool}: child exited {p.rc}: {p.stderr[-2000:]}")
+        res = c.marker_json(p.stdout, "TIMELINE ")
+        c.check_empty(env, w, tool)
+        count, ids, _ = c.committed_records(env.bootstrap, doc["topics"]["mail"])
+        if count != w.n or len(ids) != w.n:
+            raise c.BenchError(f"{tool}: {count} committed records for {w.n} mails")
+        res["wall_s"] = p.wall_s
+        return res
+    finally:
+        c.delete_topics(env.bootstrap, topics)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="pop3k-timeline-"))
+    state.chmod(0o755)
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in ["raw", *VARIANTS]}
+    t_start = time.monotonic()
+    try:
+        with c.kafka_broker(state) as bootstrap:
+            dove = c.DovecotServer(state / "dovecot", users={"cmp1": c.PASSWORD})
+            dove.start()
+            try:
+                env = c.Env(bootstrap, dove, state, "", "")
+                w = c.build_workload("small20k", args.scale, state)
+                tools = list(runs)
+                for r in range(args.runs):
+                    for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
+                        d = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=state))
+                        d.chmod(0o755)
+                        try:
+                            if tool == "raw":
+                                raw = c.tool_pop3_py(env, w, "raw", d)
+                                runs[tool].append({"wall_s": raw.wall_s, "work_s": raw.work_s})
+                            else:
+                                runs[tool].append(run_variant(env, w, tool, d))
+                        finally:
+                            shutil.rmtree(d, ignore_errors=True)
+                        c.log(f"run {r + 1}/{args.runs} {tool}: {runs[tool][-1]['wall_s']:.3f}s")
+            finally:
+                dove.stop()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    data = {
+        "command": f"python bench/timeline.py --runs {args.runs} --scale {args.scale}",
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "minutes": round((time.monotonic() - t_start) / 60, 1),
+        "mails": w.n,
+        "runs": runs,
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "timeline.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = render(data)
+    (args.results_dir / "timeline.md").write_text(text)
+    print(text)
+    return 0
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def render(data: dict[str, Any]) -> str:
+    runs = data["runs"]
+    raw_wall = med([r["wall_s"] for r in runs["raw"]])
+    raw_work = med([r["work_s"] for r in runs["raw"]])
+    lines = [
+        "# One poll-once, phase by phase (issue 10)",
+        "",
+        f"Generated by `{data['command']}` on {data['when']} ({data['minutes']} min): {data['mails']} mails of "
+        "the ~24 KB mix (bench/compare.py's small20k) in one mailbox over POP3S, topics created beforehand, "
+        f"{len(runs['raw'])} runs per variant in round-robin order, medians. Phases are timed by "
+        "bench/_timeline_child.py around the real functions (seconds from the interpreter's start; the "
+        "interpreter's own start-up, ~0.02 s, is in the process wall time only).",
+        "",
+        f"The raw retrieval limit (bench/peers.py raw: pipelined RETR over TLS to /dev/null, DELE, QUIT) took "
+        f"**{raw_wall:.3f} s** process wall time, {raw_work:.3f} s of it for the job itself.",
+        "",
+        "| phase | " + " | ".join(VARIANTS) + " |",
+        "|---|" + "---:|" * len(VARIANTS),
+    ]
+    for phase in ORDER:
+        cells = []
+        for tool in VARIANTS:
+            vals = [sum(e["seconds"] for e in r["events"] if e["phase"] == phase) for r in runs[tool]]
+            cells.append(f"{med(vals):.3f}" if any(vals) else "-")
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    for label, key in (("poll-once returned", "end"), ("process wall time", "wall_s")):
+        cells = [f"**{med([r[key] for r in runs[t]]):.3f}**" for t in VARIANTS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"{raw_wall / med([r['wall_s'] for r in runs[t]]):.2f}x" for t in VARIANTS]
+    lines.append("| throughput vs the raw limit (process wall) | " + " | ".join(cells) + " |")
+    cells = [
+        f"{med([r['cpu_s'] for r in runs[t]]):.2f} + {med([r['worker_cpu_s'] for r in runs[t]]):.2f}" for t in VARIANTS
+    ]
+    lines.append("| CPU s: connector process + decode workers | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Phases that overlap (the topic check runs beside the shard's start) are listed each with its own "
+        "duration; a dash: the variant has no such phase. The per-mail loop includes the produce calls made "
+        "between two mails (its consumer's work).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
