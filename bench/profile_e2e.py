@@ -3,7 +3,8 @@
 
 Seeds N mails of the ~24 KB mix (bench/parsers.py) into a Dovecot user of the local stack
 (started here unless KAFKA_BOOTSTRAP and DOVECOT_TEST_DIR point at one), then runs
-``pop3-kafka poll-once`` in a child under ``py-spy record`` (all threads, native frames off) and
+``pop3-kafka poll-once`` in a child under ``py-spy record`` (all threads and the decode worker
+processes, native frames off) and
 writes the hottest functions, by own and by total samples, to bench/results/profile_e2e_<mode>.txt.
 
     python bench/profile_e2e.py [--mails 2000] [--mode raw|decode] [--delivery exactly_once|at_least_once]
@@ -106,6 +107,8 @@ def summarise(raw_file: Path, out: Path, header: str) -> None:
     lines += [f"{n / samples:6.1%}  {f}" for f, n in own.most_common(40)]
     lines += ["", "total samples (the function or anything it called):"]
     lines += [f"{n / samples:6.1%}  {f}" for f, n in total.most_common(60)]
+    in_workers = sum(n for f, n in total.items() if f.startswith("_serve (connector/runtime/decode_pool.py"))
+    lines += ["", f"in the decode worker processes (stacks through decode_pool._serve): {in_workers} samples"]
     lines += [
         "",
         f"inside the round's work (stacks through ShardWorker._fetch/_settle/_round or run_cycle): {in_round} samples",
@@ -134,7 +137,7 @@ def main() -> int:
             env = {**os.environ, "PROF_PW": f"{USER}-pw"}
             cmd = [
                 str(REPO / ".venv" / "bin" / "py-spy"), "record", "--rate", "250", "--format", "raw",
-                "--output", str(raw), "--threads", "--",
+                "--output", str(raw), "--threads", "--subprocesses", "--",
                 sys.executable, "-m", "connector.cli.main", "--log-level", "warning", "poll-once", "--config", str(cfg),
             ]  # fmt: skip
             t0 = time.perf_counter()

@@ -107,8 +107,10 @@ def main() -> int:
                 dove.stop()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+    scaling = decode_scaling(w.mails, args.runs)
     data = {
         "command": f"python bench/timeline.py --runs {args.runs} --scale {args.scale}",
+        "decode_scaling": scaling,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "minutes": round((time.monotonic() - t_start) / 60, 1),
         "mails": w.n,
@@ -120,6 +122,38 @@ def main() -> int:
     (args.results_dir / "timeline.md").write_text(text)
     print(text)
     return 0
+
+
+def decode_scaling(mails: list[bytes], runs: int) -> dict[str, float]:
+    """How much parallel decoding this machine gives, servers idle: the mix decoded by one
+    process, then by two processes taking every other mail (fork; no pipes, no Kafka)."""
+    import os
+
+    from connector.decoding import decode_mail
+
+    def work(part: list[bytes]) -> None:
+        for m in part:
+            decode_mail(m)
+
+    one, two = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        work(mails)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pids = []
+        for k in range(2):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    work(mails[k::2])
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        two.append(time.perf_counter() - t)
+    return {"one_process_s": med(one), "two_processes_s": med(two)}
 
 
 def med(xs: list[float]) -> float:
@@ -160,6 +194,13 @@ def render(data: dict[str, Any]) -> str:
         f"{med([r['cpu_s'] for r in runs[t]]):.2f} + {med([r['worker_cpu_s'] for r in runs[t]]):.2f}" for t in VARIANTS
     ]
     lines.append("| CPU s: connector process + decode workers | " + " | ".join(cells) + " |")
+    sc = data["decode_scaling"]
+    lines += [
+        "",
+        f"Parallel capacity of this machine with the servers idle: `decode_mail` over the same {data['mails']} "
+        f"mails took {sc['one_process_s']:.3f} s in one process and {sc['two_processes_s']:.3f} s in two processes "
+        f"taking every other mail ({sc['one_process_s'] / sc['two_processes_s']:.2f}x).",
+    ]
     lines += [
         "",
         "Phases that overlap (the topic check runs beside the shard's start) are listed each with its own "

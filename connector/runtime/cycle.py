@@ -721,7 +721,12 @@ def _retrieve_with_worker(
             fetched_at = clock_ms()
             uidl = uidl_of[msg_num]
             channel: Channel | None = None
-            if mail.refused is None and not mail.spooled and uidl not in res.dead_letter_unread:
+            if (
+                mail.refused is None
+                and not mail.spooled
+                and uidl not in res.dead_letter_unread
+                and pool.worth_sending(mailbox, mail.size)
+            ):
                 # The least busy worker, unless all are busy enough: then this thread decodes.
                 idle = [c for c in channels if not c.broken and c.waiting < WORKER_QUEUE]
                 channel = min(idle, key=lambda c: c.waiting) if idle else None

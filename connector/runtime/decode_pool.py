@@ -61,7 +61,7 @@ from connector.delivery.kafka import Delivery
 from connector.records import mail_schema, record_id
 from connector.records.framing import SINGLE_OBJECT
 from connector.runtime.cycle import Encoded, encode_mail_checked, record_key
-from connector.runtime.placement import Placer
+from connector.runtime.placement import INLINE_BUDGET, Placer
 
 log = logging.getLogger("pop3kafka.decode")
 
@@ -258,6 +258,16 @@ class DecodePool:
         very mailbox object (a reload makes new ones) and it decodes MIME."""
         index = self._index.get(mailbox.id)
         return mailbox.decode.mime_decoding and index is not None and self.config.mailboxes[index] is mailbox
+
+    @staticmethod
+    def worth_sending(mailbox: MailboxConfig, size: int) -> bool:
+        """False for a mail whose content may need chunk records or the offload store: a
+        worker would decode it only to hand it back (measured: 1 MB mails took 7 % longer
+        with workers before this check). A decoded attachment is never larger than its
+        encoded mail (S/MIME compressed content can be: the worker hands such a mail back),
+        so a mail within the inline limits keeps everything inline."""
+        policy = mailbox.attachments
+        return policy.placement == "none" or size <= min(policy.inline_max_bytes, INLINE_BUDGET)
 
     def checkout(self) -> list[Channel]:
         """Workers for one cycle thread: its share of the free ones (all of them when the

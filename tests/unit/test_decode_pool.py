@@ -349,6 +349,26 @@ def test_spooled_mail_is_decoded_in_the_cycle_thread(
     assert calls == []  # spooled: decoded in place from its file, never sent to a worker
 
 
+def test_mail_over_the_inline_limit_is_not_sent_to_a_worker(
+    pool_for: Any, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content that may need chunk records is decoded in the cycle thread at once, not
+    decoded by a worker only to be handed back."""
+    monkeypatch.setattr("connector.runtime.cycle.WORKER_QUEUE", 10_000)
+    config = make_config(attachments={"placement": "chunked", "inline_max_bytes": 2048})
+    pool_for(config)
+    drop = drop_of(12)
+    small = {u for u, raw in drop.mails.items() if len(raw) <= 2048}
+    assert small and len(small) < 12  # the mix has both
+    sent: list[str] = []
+    real_submit = decode_pool.Channel.submit
+    monkeypatch.setattr(decode_pool.Channel, "submit", lambda self, *a: (sent.append(a[1]), real_submit(self, *a))[1])
+    res, _ = published(publisher, config, drop)
+    assert res.ok and res.published == 12
+    assert set(sent) == small
+    assert DecodePool.worth_sending(make_config(attachments={"placement": "none"}).mailboxes[0], 10**9)
+
+
 def test_reloaded_mailbox_is_not_sent_to_workers_forked_with_the_old_one(pool_for: Any) -> None:
     old = make_config()
     pool = pool_for(old)
