@@ -181,6 +181,8 @@ def main(argv: list[str]) -> int:
         import tracemalloc
 
         out["py_traced_peak_kb"] = tracemalloc.get_traced_memory()[1] // 1024
+        out["end_smaps"] = smaps_by_kind()
+        out["threads_at_end"] = threading.active_count()
         tracemalloc.stop()
     if watch is not None:
         watch.done.set()

@@ -639,6 +639,8 @@ def tool_connector(env: Env, w: Workload, tool: str, d: Path) -> Run:
         if p.rc != 0:
             raise BenchError(f"{tool}: child exited {p.rc}: {p.stderr[-2000:]}")
         res = marker_json(p.stdout, "RSS-CHILD ")
+        if os.environ.get("POP3K_BENCH_DIAGNOSE") == "1":  # bench/_rss_child.py's memory diagnosis
+            log(f"{tool} diagnosis: {json.dumps(res)}")
         if res["exit"] != 0:
             raise BenchError(f"{tool}: poll-once exited {res['exit']}: {p.stderr[-2000:]}")
         published = deleted = boxes = 0

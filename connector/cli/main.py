@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command in ("poll-once", "run"):
             from connector.runtime import decode_pool
+            from connector.runtime.process import limit_malloc_arenas
 
+            limit_malloc_arenas()  # before any thread: they would each get an arena
             # Forked now, while this is the only thread (connector/runtime/decode_pool.py).
             decode_pool.start(cfg)
             try:

@@ -106,16 +106,18 @@ class ShardProducer(Publisher):
             )
         return DeliveryFatalError(f"shard {self.shard}: the producer failed fatally ({text})")
 
-    def init(self) -> None:
-        """init_transactions(): fence older producers of this id, abort their open transaction."""
+    def init(self, *, metadata_topic: str | None = None) -> None:
+        """init_transactions(): fence older producers of this id, abort their open transaction.
+        ``metadata_topic``: an existing topic to ask about first (see below); None: all topics."""
         producer = self._get()
         # A metadata request first: it brings up a broker connection. init_transactions() on a
         # producer with none yet finds no broker for its coordinator lookup and librdkafka
         # tries again only after a fixed 500 ms, which was a third of a small poll-once's
         # wall time (bench/results/compare.md, "Start-up"). Any error here is left to
-        # init_transactions, which classifies it.
+        # init_transactions, which classifies it. One topic: a cluster's full metadata can be
+        # large, and every shard's producer would keep a copy.
         with contextlib.suppress(KafkaException):
-            producer.list_topics(timeout=min(2.0, self._call_timeout))
+            producer.list_topics(metadata_topic, timeout=min(2.0, self._call_timeout))
         self._call("init_transactions", lambda: producer.init_transactions(self._call_timeout), abortable=False)
 
     def begin(self) -> None:
