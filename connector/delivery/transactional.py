@@ -106,18 +106,17 @@ class ShardProducer(Publisher):
             )
         return DeliveryFatalError(f"shard {self.shard}: the producer failed fatally ({text})")
 
-    def init(self, *, metadata_topic: str | None = None) -> None:
-        """init_transactions(): fence older producers of this id, abort their open transaction.
-        ``metadata_topic``: an existing topic to ask about first (see below); None: all topics."""
+    def init(self) -> None:
+        """init_transactions(): fence older producers of this id, abort their open transaction."""
         producer = self._get()
         # A metadata request first: it brings up a broker connection. init_transactions() on a
         # producer with none yet finds no broker for its coordinator lookup and librdkafka
         # tries again only after a fixed 500 ms, which was a third of a small poll-once's
         # wall time (bench/results/compare.md, "Start-up"). Any error here is left to
-        # init_transactions, which classifies it. One topic: a cluster's full metadata can be
-        # large, and every shard's producer would keep a copy.
+        # init_transactions, which classifies it. The full metadata: a request for one topic
+        # did not avoid the 500 ms in 2 of 4 tries (bench/results/timeline.md).
         with contextlib.suppress(KafkaException):
-            producer.list_topics(metadata_topic, timeout=min(2.0, self._call_timeout))
+            producer.list_topics(timeout=min(2.0, self._call_timeout))
         self._call("init_transactions", lambda: producer.init_transactions(self._call_timeout), abortable=False)
 
     def begin(self) -> None:

@@ -244,7 +244,7 @@ class Runner:
             transaction_timeout_s=c.delivery.transaction_timeout_seconds,
         )
         try:
-            producer.init(metadata_topic=c.ledger.topic)  # checked to exist by prepare()
+            producer.init()
             ledger = load_shard_ledger(c.kafka.bootstrap_servers, c.kafka.client_conf(), c.ledger.topic, shard)
         except BaseException:
             producer.close(timeout=5.0)
