@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -26,12 +25,10 @@ def limit_malloc_arenas() -> bool:
     "many" workload; docs/operations.md, "Memory")."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False  # the operator's choice, applied by glibc itself
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process: ctypes.util.find_library would run
+        # ldconfig in a child process at every start.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False  # not glibc (musl has no arenas to cap)
     ok = bool(mallopt(_M_ARENA_MAX, ARENA_MAX))
