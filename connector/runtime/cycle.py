@@ -711,6 +711,12 @@ def _retrieve_with_worker(
             pool.lost(a.channel, exc)
         return encode(a.mail, a.msg_num, a.fetched_at, encoded)
 
+    def ready(channel: Channel) -> bool:
+        try:
+            return channel.ready()
+        except WorkerGone:
+            return True  # finish() sees it, marks the worker lost and decodes here
+
     index = pool.index(mailbox)
     try:
         for msg_num, mail in retrieval:
@@ -747,7 +753,7 @@ def _retrieve_with_worker(
                 or head.broken
                 or len(ahead) > AHEAD_MAILS
                 or ahead_bytes > AHEAD_BYTES
-                or _ready(head)
+                or ready(head)
             ):
                 a = ahead.popleft()
                 got = finish(a)
@@ -763,15 +769,6 @@ def _retrieve_with_worker(
         for a in ahead:  # only when the consumer stopped early or something failed
             if a.mail is not None:
                 a.mail.close()  # their replies are drained when the worker is checked in
-
-
-def _ready(channel: Channel) -> bool:
-    from connector.runtime.decode_pool import WorkerGone  # noqa: PLC0415 - it imports this module
-
-    try:
-        return channel.ready()
-    except WorkerGone:
-        return True  # finish() sees it, marks the worker lost and decodes here
 
 
 #: how far retrieval may run ahead of the records handed out, with decode workers: mails and

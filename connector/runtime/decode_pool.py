@@ -176,11 +176,9 @@ class Channel:
 
     def _frame(self) -> memoryview | None:
         """The first complete reply frame in the input buffer, removed from it."""
-        if len(self._in) < _LEN.size:
+        if not self._frame_complete():
             return None
         (n,) = _LEN.unpack_from(self._in)
-        if len(self._in) < _LEN.size + n:
-            return None
         frame = memoryview(bytes(self._in[_LEN.size : _LEN.size + n]))
         del self._in[: _LEN.size + n]
         return frame
