@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
+    c.compile_bytecode()
     state = Path(tempfile.mkdtemp(prefix="pop3k-timeline-"))
     state.chmod(0o755)
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in ["raw", *VARIANTS]}

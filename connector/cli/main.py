@@ -303,11 +303,13 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
     runner = Runner(cfg)
     _stop_on_signals(runner.stop)
     try:
-        # The topic check and the shards' start (ledger topic, init_transactions, ledger load)
-        # are independent round trips to the broker: side by side they cost the longer of the
-        # two before the first mail, not the sum (bench/results/compare.md).
+        # The topic check, the shards' start (ledger topic, init_transactions, ledger load)
+        # and, exactly-once, the first sessions' login and LIST + UIDL are independent round
+        # trips: side by side they cost the longest of the three before the first mail, not
+        # the sum (bench/results/timeline.md).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topics") as pool:
             topics = pool.submit(_ensure_topics, cfg)
+            runner.open_early(targets)
             try:
                 runner.prepare(targets)
             finally:

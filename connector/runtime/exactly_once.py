@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from connector import faults
@@ -90,6 +90,7 @@ DAY_MS = 86_400_000
 #: keeps max_seconds_per_cycle (checked between mails) under 3/4 of it.
 ROUND_FETCH_SHARE = 0.8
 FETCH_LIMIT_WHAT = "the shard round's time limit (0.8 x delivery.transaction_timeout_seconds)"
+OPEN_LIMIT_WHAT = "the time limit of a session opened before its round (0.8 x delivery.transaction_timeout_seconds)"
 BASELINE_MARKER = ""  # ledger uidl "" = "start_from: now was applied to this mailbox"
 
 
@@ -129,6 +130,48 @@ class Prepared:
     fetch_until: float = float("inf")
     #: the reasons of the dead letters among its ledger entries.
     dead_reasons: list[str | None] = field(default_factory=list)
+    #: where the fetch phase is (connect, login, uidl, retr, produce): an error's context.
+    step: str = "connect"
+    #: LIST sizes and (msg_num, UIDL) pairs, once the session has listed the maildrop.
+    listing: tuple[list[tuple[int, str]], dict[int, int]] | None = None
+    #: open_listed() running in another thread since before the round (Runner.open_early):
+    #: the fetch phase waits for it instead of opening a session of its own.
+    early: Future[None] | None = None
+
+
+def open_listed(p: Prepared, session_factory: Callable[[MailboxConfig], MailboxSession], extra: dict[str, str]) -> None:
+    """Connect, log in, LIST + UIDL: fills ``p.session``, ``p.listing`` and ``p.result``'s
+    login facts, and keeps ``p.step`` on the step in progress; raises what that step raised
+    (the session, if one was opened, stays in ``p.session`` for the caller to end)."""
+    m, res = p.mailbox, p.result
+    p.step = "connect"
+    session = session_factory(m)
+    p.session = session
+    note_session(session, res)
+    p.step = "login"
+    login(session, m)
+    after_login(session, m, res, extra)
+    p.step = "uidl"
+    p.listing = list_mailbox(session, m)
+
+
+def open_early(p: Prepared, session_factory: Callable[[MailboxConfig], MailboxSession], config: Config) -> None:
+    """open_listed() before the round exists (poll-once opens the sessions while the shards
+    start), within a time limit of its own: the round's has not begun."""
+    extra = {"mailbox": p.mailbox.id, "cycle": p.result.cycle_id}
+    with time_limit(ROUND_FETCH_SHARE * config.delivery.transaction_timeout_seconds, OPEN_LIMIT_WHAT):
+        open_listed(p, session_factory, extra)
+
+
+def join_early(p: Prepared) -> BaseException | None:
+    """Wait for ``p``'s early open, if it has one; returns what it raised (never raises)."""
+    if p.early is None:
+        return None
+    try:
+        p.early.result()
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, who decides
+        return exc
+    return None
 
 
 class ShardWorker:
@@ -179,13 +222,20 @@ class ShardWorker:
         metrics.SHARD_OWNED.labels(shard).set(0)
         log.critical("shard %d stopped: %s", self.shard, exc)
 
-    def round(self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
-        """One transaction for ``mailboxes`` (all of this shard); results in the same order."""
+    def round(
+        self,
+        mailboxes: Sequence[MailboxConfig],
+        sessions: ThreadPoolExecutor,
+        early: dict[str, Prepared] | None = None,
+    ) -> list[CycleResult]:
+        """One transaction for ``mailboxes`` (all of this shard); results in the same order.
+        ``early``: sessions of some of them opened beforehand (open_early), by mailbox id."""
         with self._lock:
-            return self._round(mailboxes, sessions)
+            return self._round(mailboxes, sessions, early or {})
 
     def _fail_all(self, preps: Sequence[Prepared], err: ConnectorError, step: str) -> list[CycleResult]:
         for p in preps:
+            join_early(p)  # its session, if it got one, is ended here like the others
             if p.session is not None:
                 end_without_deletes(p.session, p.mailbox)  # RFC 1939 §6: nothing is deleted
                 p.session = None
@@ -198,9 +248,17 @@ class ShardWorker:
             p.result.duration_s = time.monotonic() - p.t0
         return [p.result for p in preps]
 
-    def _round(self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor) -> list[CycleResult]:
-        round_id = uuid.uuid4().hex[:12]
-        preps = [Prepared(m, CycleResult(mailbox=m.id, cycle_id=round_id), t0=time.monotonic()) for m in mailboxes]
+    def _round(
+        self, mailboxes: Sequence[MailboxConfig], sessions: ThreadPoolExecutor, early: dict[str, Prepared]
+    ) -> list[CycleResult]:
+        # Sessions opened early were logged under the cycle id they were opened with (one per
+        # poll-once): the round keeps it, so one id names the whole cycle in the logs.
+        ids = [p.result.cycle_id for p in early.values()]
+        round_id = ids[0] if ids else uuid.uuid4().hex[:12]
+        preps = [
+            early.get(m.id) or Prepared(m, CycleResult(mailbox=m.id, cycle_id=round_id), t0=time.monotonic())
+            for m in mailboxes
+        ]
         if self.dead is not None:
             return self._fail_all(preps, self.dead, "produce")
         try:
@@ -351,6 +409,10 @@ class ShardWorker:
         server answer may take (the pool was busy) does not start: it is due again at once."""
         left = p.fetch_until - time.monotonic()
         if left < p.mailbox.timeout_seconds:
+            join_early(p)
+            if p.session is not None:  # opened early, then the round had no time left for it
+                end_without_deletes(p.session, p.mailbox)
+                p.session = None
             p.result.more_pending = True
             log.info(
                 "not started: %.1fs of the round's time limit left; polled again in the next round",
@@ -365,16 +427,14 @@ class ShardWorker:
         m, res = p.mailbox, p.result
         extra = {"mailbox": m.id, "cycle": res.cycle_id}
         produced: list[_Produced] = []
-        step = "connect"
         try:
-            session = self.session_factory(m)
-            p.session = session
-            note_session(session, res)
-            step = "login"
-            login(session, m)
-            after_login(session, m, res, extra)
-            step = "uidl"
-            uidls, sizes = list_mailbox(session, m)
+            if p.early is not None:
+                p.early.result()  # open_listed() in another thread: it raised, or p is listed
+            else:
+                open_listed(p, self.session_factory, extra)
+            session = p.session
+            assert session is not None and p.listing is not None
+            uidls, sizes = p.listing
             known = self.ledger.known(m.id)
             # keep mode leaves published mail on the server on purpose: not backlog
             note_listing(res, uidls, sizes, known if not m.delete else None)
@@ -405,7 +465,7 @@ class ShardWorker:
             chosen = select_for_retrieval(m, new, sizes, res, extra)
             # oversized: delete -> deleted unread after the commit, with the published mail.
             p.to_delete.extend(res.delete_unread)
-            step = "retr"
+            p.step = "retr"
             for got in retrieve_encoded(
                 session,
                 m,
@@ -420,7 +480,7 @@ class ShardWorker:
                 framer=self.framer,
                 pool=decode_pool.current(self.config),
             ):
-                step = "produce"
+                p.step = "produce"
                 # A dead letter goes into the same transaction as a mail record would, and gets
                 # its ledger entry there too (state dead_lettered): both commit or neither.
                 d = send_record(
@@ -448,11 +508,11 @@ class ShardWorker:
                             reason=got.dead_letter.reason if got.dead_letter is not None else None,
                         )
                     )
-                step = "retr"
+                p.step = "retr"
         except DeliveryError as exc:
             p.kafka_error = exc
         except ConnectorError as exc:
-            res.error = exc.with_context(mailbox=m.id, step=step)
+            res.error = exc.with_context(mailbox=m.id, step=p.step)
             log.log(failure_level(exc), "%s", res.error.describe(), extra=extra)
             policy_after_refusal(p.session, exc, res)
             if p.session is not None and isinstance(exc, Pop3Error):
@@ -461,7 +521,7 @@ class ShardWorker:
             p.to_delete.clear()
         except Exception as exc:  # a bug: this mailbox fails, the others go on
             res.error = exc
-            log.exception("internal error in step %s", step, extra=extra)
+            log.exception("internal error in step %s", p.step, extra=extra)
             if p.session is not None:
                 end_without_deletes(p.session, m)
                 p.session = None

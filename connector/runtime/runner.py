@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -45,11 +46,12 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
+    end_without_deletes,
     file_stamp,
     open_session,
     run_cycle,
 )
-from connector.runtime.exactly_once import ShardWorker
+from connector.runtime.exactly_once import Prepared, ShardWorker, join_early, open_early
 from connector.runtime.membership import Membership
 from connector.runtime.schedule import Scheduler, error_kind
 
@@ -197,6 +199,9 @@ class Runner:
         self._login_delay: dict[str, float] = {}
         self._last_login: dict[str, float] = {}
         self._delay_noted: set[tuple[str, int]] = set()
+        #: poll-once: sessions opened while the shards start (open_early), by mailbox id,
+        #: until their round takes them (or close() ends them).
+        self._early: dict[str, Prepared] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -262,6 +267,37 @@ class Runner:
         with self._control:
             self.workers[shard] = worker
 
+    def open_early(self, mailboxes: Sequence[MailboxConfig]) -> None:
+        """exactly_once poll-once: connect, log in and LIST + UIDL the first wave's mailboxes
+        now, in threads of their own, so that this runs beside prepare() (init_transactions,
+        the ledger load) instead of after it. Nothing is fetched before the round's transaction
+        begins; the round takes the sessions over (ShardWorker.round's ``early``), close()
+        ends those it never took, without deletes. On 2,000 new mails the first command that
+        needs the maildrop's state took Dovecot 0.11 s to answer (bench/results/timeline.md).
+        Only when the whole first wave fits runtime.max_concurrent_sessions: an early session
+        waiting for its round must not make one more than that limit allows."""
+        if not self.exactly_once or self._early:
+            return
+        first = waves(list(mailboxes), self.config.runtime.max_sessions_per_server)[:1]
+        if not first or len(first[0]) > self.config.runtime.max_concurrent_sessions:
+            return
+        cycle_id = uuid.uuid4().hex[:12]
+        pool = ThreadPoolExecutor(max_workers=len(first[0]), thread_name_prefix="open")
+        for m in first[0]:
+            p = Prepared(m, CycleResult(mailbox=m.id, cycle_id=cycle_id), t0=time.monotonic())
+            p.early = pool.submit(open_early, p, self.session_factory, self.config)
+            self._early[m.id] = p
+        pool.shutdown(wait=False)  # its threads end with their job
+
+    def _end_early(self) -> None:
+        """End the sessions open_early() opened that no round took (prepare() failed)."""
+        while self._early:
+            _, p = self._early.popitem()
+            join_early(p)
+            if p.session is not None:
+                end_without_deletes(p.session, p.mailbox)  # RFC 1939 §6: nothing deleted
+                p.session = None
+
     def _by_shard(self, mailboxes: Sequence[MailboxConfig]) -> dict[int, list[MailboxConfig]]:
         groups: dict[int, list[MailboxConfig]] = defaultdict(list)
         for m in mailboxes:
@@ -296,11 +332,16 @@ class Runner:
             ThreadPoolExecutor(max_workers=sessions_n, thread_name_prefix="cycle") as sessions,
             ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="round") as rounds,
         ):
-            round_futures = [rounds.submit(self.workers[s].round, ms, sessions) for s, ms in groups.items()]
+            round_futures = [
+                rounds.submit(self.workers[s].round, ms, sessions, self._take_early(ms)) for s, ms in groups.items()
+            ]
             for rf in round_futures:
                 for r in rf.result():
                     by_id[r.mailbox] = r
         return [by_id[m.id] for m in targets]
+
+    def _take_early(self, mailboxes: Sequence[MailboxConfig]) -> dict[str, Prepared]:
+        return {m.id: self._early.pop(m.id) for m in mailboxes if m.id in self._early}
 
     # ------------------------------------------------------------------ run
 
@@ -897,6 +938,7 @@ class Runner:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        self._end_early()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         left = self.publisher.close(timeout=10.0)
         with self._control:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ from support.tcpproxy import TcpProxy
 from test_end_to_end import cli, put_mails, server_uidls
 
 from connector.config import load_config
-from connector.runtime.cycle import CycleHooks
+from connector.delivery.admin import ensure_topic
+from connector.runtime.cycle import CycleHooks, open_session
 from connector.runtime.runner import Runner
 
 pytestmark = pytest.mark.integration
@@ -275,8 +277,6 @@ def test_broker_down_for_30_seconds_mid_cycle(services, own_kafka, topic: str, t
             delivery={"transaction_timeout_seconds": 180},
         )
     )
-    from connector.delivery.admin import ensure_topic
-
     ensure_topic(own_kafka.bootstrap, {}, topic, create=True, partitions=1, replication_factor=1)
     outage = threading.Event()
 
@@ -305,6 +305,72 @@ def test_broker_down_for_30_seconds_mid_cycle(services, own_kafka, topic: str, t
     got = consume_all(own_kafka.bootstrap, topic, expect=12)
     assert len(got) == 12 and len({c.record["message_id"] for c in got}) == 12
     assert server_uidls(services, "t5") == []
+
+
+def test_poll_once_lists_the_mailbox_while_the_shard_starts(services, topic: str, tmp_path: Path) -> None:
+    """poll-once opens and lists its sessions beside init_transactions and the ledger load
+    (Runner.open_early); the round then fetches over that same session."""
+    expected = put_mails(services, "t10", 3, seed=101)
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            services.bootstrap,
+            topic,
+            [mailbox("early", "t10", services.dovecot.pop3s_port, services.cafile)],
+            delivery={"mode": "exactly_once", "transactional_id_prefix": f"early-{topic}"},
+            ledger={"topic": f"{topic}.ledger", "shards": 1},
+        ),
+        environ={"PW_EARLY": "t10-pw"},
+    )
+    ensure_topic(services.bootstrap, {}, topic, create=True, partitions=1, replication_factor=1)
+    opened: list[str] = []
+
+    def factory(m):  # type: ignore[no-untyped-def]
+        opened.append(m.id)
+        return open_session(m)
+
+    runner = Runner(cfg, session_factory=factory)
+    try:
+        runner.open_early(cfg.mailboxes)
+        early = runner._early["early"]
+        assert early.early is not None
+        early.early.result(timeout=60)
+        # listed over POP3S while no shard has started yet
+        assert early.listing is not None and len(early.listing[0]) == 3 and runner.workers == {}
+        runner.prepare()
+        (res,) = runner.poll_once()
+    finally:
+        runner.close()
+    assert res.ok, res.error
+    assert (res.published, res.deleted, opened) == (3, 3, ["early"])  # one session, the early one
+    got = consume_all(services.bootstrap, topic, expect=3)
+    assert sorted(c.record["message_id"] for c in got) == sorted(expected)
+    assert server_uidls(services, "t10") == []
+
+
+def test_poll_once_with_kafka_unreachable_leaves_the_mail_and_the_maildrop_free(
+    services, topic: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The session opened beside the shard's start is ended without deletes when the shard
+    cannot start; the maildrop lock goes with it (the next login succeeds at once)."""
+    put_mails(services, "t10", 2, seed=102)
+    before = server_uidls(services, "t10")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        dead,
+        topic,
+        [mailbox("early", "t10", services.dovecot.pop3s_port, services.cafile)],
+        kafka={"delivery_timeout_seconds": 5},
+        delivery={"mode": "exactly_once"},
+        ledger={"topic": f"{topic}.ledger", "shards": 1},
+    )
+    proc = cli("poll-once", "--config", str(cfg), env={**os.environ, "PW_EARLY": "t10-pw"}, timeout=120)
+    assert proc.returncode != 0 and dead in proc.stderr, proc.stderr[-2000:]
+    assert "t10-pw" not in proc.stderr + proc.stdout
+    assert len(before) == 2 and server_uidls(services, "t10") == before
 
 
 def test_ledger_import_from_fetchmail_and_getmail(services, topic: str, tmp_path: Path) -> None:

@@ -19,10 +19,11 @@ from support.mailgen import make_mail
 from connector.config import parse_config
 from connector.config.model import Config
 from connector.delivery.transactional import ShardProducer
-from connector.errors import DeliveryError, Pop3ConnectError, UidlResetError
+from connector.errors import DeliveryError, Pop3AuthError, Pop3ConnectError, UidlResetError
 from connector.records.ledger import LedgerEntry, ShardLedger, shard_of
-from connector.runtime.cycle import CycleHooks
-from connector.runtime.exactly_once import ShardWorker
+from connector.runtime.cycle import CycleHooks, CycleResult
+from connector.runtime.exactly_once import Prepared, ShardWorker, open_early
+from connector.runtime.runner import Runner
 
 MOCK = {"test.mock.num.brokers": 1}
 DAY = 86_400_000
@@ -321,3 +322,107 @@ def test_oversized_mail_in_exactly_once_delete_and_dead_letter(drop: Maildrop) -
     states = {e.uidl: e.state for e in h2.ledger.known("b").values()} or None
     # both were deleted after the commit, so the ledger forgot them; the tombstones are queued
     assert states is None and len(h2.worker._tombstones) == 2
+
+
+# ---------------------------------------------------------------- sessions opened early
+# poll-once opens, logs in and lists the first wave's sessions while the shards start
+# (Runner.open_early); the round takes them over. Proven end to end in
+# tests/integration/test_exactly_once_e2e.py.
+
+
+def opened_early(h: Harness, mailbox_id: str, factory: Any) -> Prepared:
+    m = h.config.mailbox(mailbox_id)
+    p = Prepared(m, CycleResult(mailbox=m.id, cycle_id="early-cycle"), t0=0.0)
+    p.early = h.pool.submit(open_early, p, factory, h.config)
+    return p
+
+
+def test_a_round_takes_over_a_session_opened_early(drop: Maildrop) -> None:
+    other = Maildrop({"X0": make_mail(10)[0]})
+    h = Harness(cfg([{"id": "a"}, {"id": "b"}]), {"a": drop, "b": other})
+    opened: list[str] = []
+
+    def factory(m: Any) -> Any:
+        opened.append(m.id)
+        return h.drops[m.id].session()
+
+    p = opened_early(h, "a", factory)
+    assert p.early is not None
+    p.early.result()
+    assert drop.log == ["LOGIN", "UIDL"]  # listed before the round began, nothing fetched yet
+    ra, rb = h.worker.round([h.config.mailbox("a"), h.config.mailbox("b")], h.pool, {"a": p})
+    assert opened == ["a"]  # the round opened no second session for "a" (h's factory did "b")
+    assert ra.ok and (ra.published, ra.deleted) == (4, 4) and drop.mails == {}
+    assert rb.ok and rb.deleted == 1 and other.mails == {}
+    assert ra.cycle_id == rb.cycle_id == "early-cycle"  # one id names the round in the logs
+    assert drop.log[:3] == ["LOGIN", "UIDL", "RETR 1"] and drop.log[-1] == "QUIT"
+
+
+def test_an_early_login_failure_fails_that_mailbox_at_its_step(drop: Maildrop) -> None:
+    def refuse(cmd: str, n: int) -> None:
+        if cmd == "LOGIN":
+            raise Pop3AuthError("authentication failed")
+
+    drop.fail = refuse
+    h = Harness(cfg([{"id": "a"}]), {"a": drop})
+    p = opened_early(h, "a", lambda m: drop.session())
+    (r,) = h.worker.round([h.config.mailbox("a")], h.pool, {"a": p})
+    assert isinstance(r.error, Pop3AuthError) and (r.error.mailbox, r.error.step) == ("a", "login")
+    assert r.published == 0 and len(drop.mails) == 4
+    assert drop.log == ["LOGIN", "ABORT"]  # ended without deletes (RFC 1939 §6), never QUIT
+
+
+def test_an_early_session_the_round_cannot_start_is_ended_without_deletes(drop: Maildrop) -> None:
+    h = Harness(cfg([{"id": "a"}]), {"a": drop})
+    p = opened_early(h, "a", lambda m: drop.session())
+    p.fetch_until = 0.0  # the round's time limit is used up before this session's turn
+    h.worker._fetch(p)
+    assert p.session is None and p.result.more_pending and p.result.error is None
+    assert drop.log == ["LOGIN", "UIDL", "ABORT"] and len(drop.mails) == 4
+
+
+def test_early_sessions_of_a_round_that_fails_at_begin_are_ended(drop: Maildrop) -> None:
+    class RefusingBegin(ShardProducer):
+        def begin(self) -> None:
+            raise DeliveryError("injected: begin_transaction failed")
+
+    h = Harness(cfg([{"id": "a"}]), {"a": drop}, RefusingBegin)
+    p = opened_early(h, "a", lambda m: drop.session())
+    (r,) = h.worker.round([h.config.mailbox("a")], h.pool, {"a": p})
+    assert isinstance(r.error, DeliveryError) and r.error.step == "produce"
+    assert drop.log == ["LOGIN", "UIDL", "ABORT"] and len(drop.mails) == 4
+
+
+def eos_runner(drops: dict[str, Maildrop], **runtime: Any) -> Runner:
+    ms = [{"id": i, "host": "pop.test", "username": "u", "password": {"env": "PW"}} for i in drops]
+    config = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "127.0.0.1:1", "delivery_timeout_seconds": 5},
+            "topics": {"mail": "mail"},
+            "delivery": {"mode": "exactly_once"},
+            "ledger": {"topic": "ledger", "shards": 1},
+            "runtime": runtime,
+            "mailboxes": ms,
+        },
+        environ={"PW": "pw"},
+    )
+    return Runner(config, session_factory=lambda m: drops[m.id].session())
+
+
+def test_runner_close_ends_early_sessions_no_round_took(drop: Maildrop) -> None:
+    """prepare() failed (Kafka unreachable): the sessions opened beside it end, nothing deleted."""
+    other = Maildrop({"X0": make_mail(10)[0]})
+    runner = eos_runner({"a": drop, "b": other})
+    runner.open_early(runner.config.mailboxes)
+    runner.close()
+    for d in (drop, other):
+        assert d.log == ["LOGIN", "UIDL", "ABORT"]
+    assert len(drop.mails) == 4 and len(other.mails) == 1
+
+
+def test_runner_opens_nothing_early_when_the_first_wave_exceeds_the_session_limit(drop: Maildrop) -> None:
+    drops = {i: Maildrop({"X0": make_mail(10)[0]}) for i in ("a", "b", "c")}
+    runner = eos_runner(drops, max_concurrent_sessions=2)
+    runner.open_early(runner.config.mailboxes)
+    runner.close()
+    assert all(d.log == [] for d in drops.values())
