@@ -32,6 +32,11 @@ def now() -> float:
     return time.perf_counter() - T0
 
 
+def record(label: str, start: float, **more: float) -> None:
+    with lock:
+        events.append({"phase": label, "start": round(start, 4), "seconds": round(now() - start, 4), **more})
+
+
 def timed(owner: Any, name: str, label: str) -> None:
     inner = getattr(owner, name)
 
@@ -41,24 +46,25 @@ def timed(owner: Any, name: str, label: str) -> None:
         try:
             return inner(*args, **kwargs)
         finally:
-            with lock:
-                events.append({"phase": label, "start": round(start, 4), "seconds": round(now() - start, 4)})
+            record(label, start)
 
     setattr(owner, name, wrapper)
 
 
 def timed_generator(owner: Any, name: str, label: str) -> None:
-    """A generator's whole life, its consumer's work between items included."""
+    """A generator's whole life, its consumer's work between items included, with the CPU
+    time of the thread that iterates it and of the whole process (librdkafka's threads, the
+    decode workers' pipes) over the same span."""
     inner = getattr(owner, name)
 
     @functools.wraps(inner)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = now()
+        start, thread0, process0 = now(), time.thread_time(), time.process_time()
         try:
             yield from inner(*args, **kwargs)
         finally:
-            with lock:
-                events.append({"phase": label, "start": round(start, 4), "seconds": round(now() - start, 4)})
+            thread_cpu, process_cpu = time.thread_time() - thread0, time.process_time() - process0
+            record(label, start, thread_cpu=round(thread_cpu, 4), process_cpu=round(process_cpu, 4))
 
     setattr(owner, name, wrapper)
 

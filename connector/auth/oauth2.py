@@ -40,7 +40,6 @@ allowed only to a loopback address (:func:`token_url_problem`), for tests.
 from __future__ import annotations
 
 import base64
-import http.client
 import ipaddress
 import json
 import logging
@@ -49,21 +48,24 @@ import re
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from email.message import Message
 from pathlib import Path
-from typing import IO, Protocol
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING, Protocol
 
 from connector import __version__
 from connector.errors import ConfigError, OAuthError, OAuthTokenError, OAuthTokenUnavailableError
+
+if TYPE_CHECKING:
+    import urllib.request
+    from email.message import Message
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+# urllib.request, http.client and cryptography are imported where a token is first asked for
+# or a key loaded: together ~30 ms of every start, and most mailboxes log in with a password
+# (bench/results/timeline.md, "imports").
 
 __all__ = [
     "DEFAULT_EXPIRES_IN",
@@ -182,17 +184,15 @@ class HttpReply:
 HttpPost = Callable[[str, bytes, float], HttpReply]
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(  # noqa: PLR0917 - urllib's signature
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None  # urllib then raises HTTPError(3xx), which becomes an HttpReply
+def _opener(ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
+    """An opener that verifies TLS with ``ctx`` and refuses redirects."""
+    import urllib.request  # noqa: PLC0415 - see the note at the imports
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *_args: object, **_kwargs: object) -> urllib.request.Request | None:
+            return None  # urllib then raises HTTPError(3xx), which becomes an HttpReply
+
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect())
 
 
 class UrllibPost:
@@ -202,9 +202,12 @@ class UrllibPost:
         # ca_file None: the system trust store. Verification and host name checks are on.
         ctx = ssl.create_default_context(cafile=ca_file)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect())
+        self._opener = _opener(ctx)
 
     def __call__(self, url: str, body: bytes, timeout: float) -> HttpReply:
+        import urllib.error  # noqa: PLC0415 - loaded by _opener() already
+        import urllib.request  # noqa: PLC0415 - loaded by _opener() already
+
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked at config load
             url,
             data=body,
@@ -446,7 +449,7 @@ class _EndpointSource:
                 hint="set oauth2.ca_file to the CA that signed the endpoint's certificate "
                 "(or the one of a TLS-inspecting proxy), or fix token_url's host name",
             ) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _http_exception()) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise OAuthTokenUnavailableError(
                 f"{self._where}: cannot connect: {_clean(reason, secrets)}", hint=_UNAVAILABLE_HINT
@@ -596,6 +599,12 @@ class ClientCredentialsSource(_EndpointSource):
 # ---------------------------------------------------------------------------- JWT bearer
 
 
+def _http_exception() -> type[Exception]:
+    import http.client  # noqa: PLC0415 - loaded with urllib.request already
+
+    return http.client.HTTPException
+
+
 @dataclass(frozen=True)
 class ServiceAccountKey:
     """The parts of a Google service-account JSON key that the JWT bearer grant uses."""
@@ -639,6 +648,10 @@ class ServiceAccountKey:
         token_uri = data.get("token_uri")
         if token_uri is not None and not isinstance(token_uri, str):
             raise ConfigError(f"{shown}: token_uri is not a string")
+        from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 - see the imports
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
         try:
             key = serialization.load_pem_private_key(str(data["private_key"]).encode("utf-8"), password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -737,6 +750,9 @@ class JwtBearerSource(_EndpointSource):
             + "."
             + _b64url(json.dumps(claims, separators=(",", ":")).encode())
         )
+        from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - see the imports
+        from cryptography.hazmat.primitives.asymmetric import padding  # noqa: PLC0415
+
         signature = self._key.private_key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64url(signature)}"
 

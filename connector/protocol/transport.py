@@ -392,12 +392,17 @@ class Transport:
         if not isinstance(sock, ssl.SSLSocket):
             return None
         try:
+            # Verified (the default): the ssl module has parsed the certificate already, and
+            # cryptography's x509 (~15 ms to import) is needed only when verification is off.
+            parsed = sock.getpeercert()
+            if parsed and isinstance(parsed.get("notAfter"), str):
+                return float(ssl.cert_time_to_seconds(str(parsed["notAfter"])))
             der = sock.getpeercert(binary_form=True)
         except (ValueError, OSError):
             return None
         if not der:
             return None
-        from cryptography import x509  # noqa: PLC0415 - only TLS sessions need it
+        from cryptography import x509  # noqa: PLC0415 - only unverified TLS sessions need it
 
         try:
             return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()

@@ -4,6 +4,8 @@ layer or the layers below it (every import, module-level or inside a function)."
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "connector"
@@ -67,3 +69,20 @@ def test_dependencies_point_down() -> None:
             if rank[target] < rank[own]:
                 wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({own}) imports {target}")
     assert wrong == []
+
+
+def test_the_poll_path_leaves_optional_heavy_modules_unimported() -> None:
+    """Start-up is part of every poll-once (bench/results/timeline.md, "imports"): what only
+    some configurations use is imported when used. cryptography (OAuth2 JWT keys, S/MIME,
+    unverified TLS), pyspnego (NTLM) and the decoders' S/MIME module stay out of a fresh
+    process that has imported everything a password login with raw passthrough runs."""
+    code = (
+        "import sys\n"
+        "import connector.cli.main\n"
+        "from connector.delivery import admin, transactional\n"
+        "from connector.runtime import cycle, decode_pool, exactly_once, login, runner\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'spnego')"
+        " or m == 'connector.decoding.smime'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout

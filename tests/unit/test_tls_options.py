@@ -563,3 +563,21 @@ def test_legacy_warning_at_each_build_not_each_session(pki: Pki, caplog: pytest.
         for _ in range(3):
             cycle.tls_context(m)
     assert sum("tls_legacy is on" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "verification-off"])
+def test_certificate_expiry_read_with_and_without_verification(
+    serve: list[ScriptedServer], pki: Pki, verify: bool
+) -> None:
+    """The expiry metric's source: from the ssl module's parsed certificate when verified,
+    from the DER (cryptography) when verification is off; the same instant either way."""
+    from cryptography import x509
+
+    want = x509.load_pem_x509_certificate(pki.cert("server").read_bytes()).not_valid_after_utc.timestamp()
+    server = tls_server(serve, pki.server_context())
+    session = open_session(mailbox(server, pki, tls_verify=verify))
+    assert isinstance(session, Pop3Session)
+    try:
+        assert session.certificate_not_after == want
+    finally:
+        session.quit()
