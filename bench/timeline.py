@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     c.compile_bytecode()
+    os.environ["CMP_PW"] = c.PASSWORD  # the configurations name it (decode-only loads one here)
     state = Path(tempfile.mkdtemp(prefix="pop3k-timeline-"))
     state.chmod(0o755)
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in [*REFERENCES, *VARIANTS]}
