@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +25,14 @@ from connector.config import parse_config
 from connector.config.model import MailboxConfig
 from connector.errors import ConfigError, Pop3TlsError
 from connector.protocol import Pop3Session, make_tls_context
-from connector.protocol.transport import TlsContext, format_fingerprint, parse_fingerprint, sni_name
+from connector.protocol.transport import (
+    TLS_GATHER_BYTES,
+    TlsContext,
+    Transport,
+    format_fingerprint,
+    parse_fingerprint,
+    sni_name,
+)
 from connector.runtime.cycle import open_session
 
 ENV = {"PW": "s3cret-value", "KEY_PW": "key-passphrase"}
@@ -581,3 +591,70 @@ def test_certificate_expiry_read_with_and_without_verification(
         assert session.certificate_not_after == want
     finally:
         session.quit()
+
+
+def test_tls_recv_gathers_the_records_that_have_arrived_without_waiting(pki: Pki) -> None:
+    """Dovecot sends ~4 KiB TLS records and one TLS read returns one record: recv() adds the
+    records already received (up to TLS_GATHER_BYTES), and never waits for more."""
+    a, b = socket.socketpair()
+    a.settimeout(5.0)
+    transport = Transport(a, "127.0.0.1", 995)
+    sent, more = threading.Event(), threading.Event()
+
+    def server() -> None:
+        tls = pki.server_context().wrap_socket(b, server_side=True)
+        for i in range(20):  # 20 writes: 20 TLS records of 1,000 bytes
+            tls.sendall(bytes([65 + i]) * 1000)
+        sent.set()
+        more.wait(10)
+        tls.sendall(b"z" * 100)
+        sent.set()
+        more.wait(10)
+        tls.close()
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        transport.start_tls(ctx)
+        assert sent.wait(10)
+        got = transport.recv()
+        assert got == b"".join(bytes([65 + i]) * 1000 for i in range(20))  # one call, every record
+        assert a.gettimeout() == 5.0  # the inactivity timeout is back after gathering
+        sent.clear()
+        more.set()
+        assert sent.wait(10)
+        started = time.monotonic()
+        assert transport.recv() == b"z" * 100  # one record there, nothing more: no waiting
+        assert time.monotonic() - started < 2.0
+    finally:
+        more.set()
+        transport.close()
+        thread.join(10)
+
+
+def test_tls_gathering_stops_at_its_byte_bound(pki: Pki) -> None:
+    a, b = socket.socketpair()
+    a.settimeout(5.0)
+    transport = Transport(a, "127.0.0.1", 995)
+    total = 3 * TLS_GATHER_BYTES
+    sent = threading.Event()
+
+    def server() -> None:
+        tls = pki.server_context().wrap_socket(b, server_side=True)
+        tls.sendall(b"x" * total)
+        sent.set()
+        tls.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    try:
+        transport.start_tls(ssl.create_default_context(cafile=str(pki.ca)))
+        assert sent.wait(10)
+        sizes = []
+        while sum(sizes) < total:
+            sizes.append(len(transport.recv()))
+        assert sum(sizes) == total and max(sizes) <= TLS_GATHER_BYTES and len(sizes) >= 3
+    finally:
+        transport.close()
+        thread.join(10)
