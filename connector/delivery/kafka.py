@@ -86,10 +86,10 @@ def producer_config(bootstrap: str, client: Mapping[str, Any], delivery_timeout_
     """librdkafka settings: the operator's pass-through keys, then the ones our guarantee needs."""
     conf: dict[str, Any] = {
         # 25 ms, not librdkafka's 5: a poll-once of 2,000 x 24 KB mails then sends ~1 MB batches
-        # instead of ~250 KB ones, and the connector and the broker together used 0.37 CPU s less
-        # (1.66 -> 1.46 s wall on 2 CPUs; bench/results/timeline.md). Records become visible at
-        # the commit (exactly-once) or are waited for with flush() (Publisher.wait), so the
-        # linger never delays a mail's delivery by more than once per mailbox and cycle.
+        # instead of ~250 KB ones, and the connector and the broker together used 0.2-0.37 CPU s
+        # less (wall 1.37 -> 1.26 s on 2 CPUs; docs/decisions/0001, "Second round"). Records
+        # become visible at the commit (exactly-once) or are waited for with flush()
+        # (Publisher.wait), so the linger delays a mail at most once per mailbox and cycle.
         "linger.ms": 25,
         "compression.type": "zstd",
         "client.id": "pop3-kafka",
