@@ -307,13 +307,15 @@ def _poll_once(cfg: Config, only: list[str] | None) -> int:
         # and, exactly-once, the first sessions' login and LIST + UIDL are independent round
         # trips: side by side they cost the longest of the three before the first mail, not
         # the sum (bench/results/timeline.md).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topics") as pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="topics") as pool:
             topics = pool.submit(_ensure_topics, cfg)
+            publisher = pool.submit(runner.start_publisher)  # at-least-once: its producer id
             runner.open_early(targets)
             try:
                 runner.prepare(targets)
             finally:
                 topics.result()
+                publisher.result()
         results = runner.poll_once(targets)
     finally:
         runner.close()

@@ -13,6 +13,7 @@ mail next cycle with the same record id (Kafka header ``pop3kafka.record_id``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -149,6 +150,17 @@ class Publisher:
                 except KafkaException as exc:
                     raise client_config_error(exc) from exc
             return self._producer
+
+    def start(self) -> None:
+        """Create the producer and bring up its first broker connection now, with a metadata
+        request. Without a connection, an idempotent producer asks for its producer id again
+        only after librdkafka's fixed 500 ms, and no record leaves before it has one: the first
+        delivery took 0.5-1.0 s from a cold start and 0.06 s after this (measured against the
+        local broker). Errors are left to the deliveries and calls that follow, which report
+        them; this waits at most 2 s (or the delivery timeout, if shorter)."""
+        producer = self._get()
+        with contextlib.suppress(KafkaException):
+            producer.list_topics(timeout=min(2.0, self._timeout))
 
     def _on_statistics(self, raw: str) -> None:
         observer = OBSERVER

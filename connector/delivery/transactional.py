@@ -15,7 +15,6 @@ the producer, stop polling the shard's mailboxes).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -108,15 +107,14 @@ class ShardProducer(Publisher):
 
     def init(self) -> None:
         """init_transactions(): fence older producers of this id, abort their open transaction."""
-        producer = self._get()
-        # A metadata request first: it brings up a broker connection. init_transactions() on a
-        # producer with none yet finds no broker for its coordinator lookup and librdkafka
+        # A metadata request first (start()): it brings up a broker connection. init_transactions()
+        # on a producer with none yet finds no broker for its coordinator lookup and librdkafka
         # tries again only after a fixed 500 ms, which was a third of a small poll-once's
-        # wall time (bench/results/compare.md, "Start-up"). Any error here is left to
+        # wall time (bench/results/compare.md, "Start-up"). Any error there is left to
         # init_transactions, which classifies it. The full metadata: a request for one topic
         # did not avoid the 500 ms in 2 of 4 tries (bench/results/timeline.md).
-        with contextlib.suppress(KafkaException):
-            producer.list_topics(timeout=min(2.0, self._call_timeout))
+        self.start()
+        producer = self._get()
         self._call("init_transactions", lambda: producer.init_transactions(self._call_timeout), abortable=False)
 
     def begin(self) -> None:

@@ -267,6 +267,12 @@ class Runner:
         with self._control:
             self.workers[shard] = worker
 
+    def start_publisher(self) -> None:
+        """at_least_once: start the producer now (Publisher.start), so that poll-once's first
+        records do not wait for its producer id. No-op exactly-once (the shards produce)."""
+        if not self.exactly_once:
+            self.publisher.start()
+
     def open_early(self, mailboxes: Sequence[MailboxConfig]) -> None:
         """exactly_once poll-once: connect, log in and LIST + UIDL the first wave's mailboxes
         now, in threads of their own, so that this runs beside prepare() (init_transactions,
@@ -377,6 +383,7 @@ class Runner:
             self._note_owned()
             self._ready.set()
         else:
+            self.publisher.start()  # the first cycle's records need not wait for a producer id
             self._note_owned()
             self._ready.set()
         sessions_n = max(1, self.config.runtime.max_concurrent_sessions)

@@ -646,3 +646,30 @@ def test_run_loop_respects_the_per_server_session_limit() -> None:
         runner.close()
     assert peak["slow.test"] == 2 and peak["other.test"] <= 2
     assert logins.count("slow.test") >= 3  # the third slow mailbox got its turn when a slot freed
+
+
+def test_publisher_start_connects_before_the_first_record() -> None:
+    """Publisher.start(): the producer exists, and has asked the broker for metadata, before
+    anything is sent (the speed-up is measured in bench/, not here); the first record is
+    then delivered like any other."""
+    pub = Publisher("mock:9092", MOCK, 5)
+    try:
+        pub.start()
+        assert pub._producer is not None  # created by start(), not by the first send
+        d = pub.send("t", b"k", b"v", [])
+        pub.wait([d])
+        assert d.ok and d.offset == 0
+    finally:
+        pub.close(timeout=5.0)
+
+
+def test_publisher_start_against_an_unreachable_broker_leaves_the_error_to_delivery() -> None:
+    pub = Publisher("127.0.0.1:1", {}, 1)
+    try:
+        pub.start()  # bounded by the delivery timeout (1 s here); never raises
+        d = pub.send("t", b"k", b"v", [])
+        pub.wait([d])
+        assert d.done.is_set() and not d.ok  # the record's own report says what went wrong
+        assert isinstance(pub.check([d]), DeliveryError)
+    finally:
+        pub.close(timeout=1.0)
