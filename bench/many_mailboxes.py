@@ -133,8 +133,9 @@ def thread_ticks() -> dict[int, tuple[str, int]]:
 
 
 def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    """(busy, total) jiffies of the whole machine, from /proc/stat's cpu line. Its first eight
+    fields only: guest and guest_nice are already counted in user and nice (proc(5))."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
     idle = parts[3] + parts[4]
     return sum(parts) - idle, sum(parts)
 

@@ -18,6 +18,7 @@ bench/results/timeline.md (every run in timeline.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,11 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import compare as c  # noqa: E402
+import many_mailboxes as mm  # noqa: E402  (its /proc readers)
 
 CHILD = REPO / "bench" / "_timeline_child.py"
 #: the limits and references run beside the variants (bench/compare.py's tools).
 REFERENCES = ["raw", "produce-txn", "decode-only"]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
 VARIANTS = {
     "eos-raw": "exactly-once, raw passthrough (mime_decoding: false)",
@@ -62,26 +63,18 @@ ORDER = [
 
 
 def machine_busy_s() -> float:
-    """CPU seconds this machine has been busy since boot, all CPUs together (/proc/stat's cpu
-    line: everything but idle and iowait; guest time is already inside user)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+    """CPU seconds this machine has been busy since boot, all CPUs together."""
+    return mm.machine_busy()[0] / mm.CLK_TCK
 
 
 def broker_cpu_s() -> float:
-    """CPU seconds used so far by the Kafka broker(s) on this machine (utime + stime)."""
-    total = 0
+    """CPU seconds used so far by the Kafka broker(s) on this machine."""
+    pids = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"kafka.Kafka" not in (proc / "cmdline").read_bytes():
-                continue
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if proc.name.isdigit() and b"kafka.Kafka" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+    return sum(mm.pid_cpu_s(pid) for pid in pids)
 
 
 #: the machine's and the broker's CPU over the last spawned tool (see measured_spawn).

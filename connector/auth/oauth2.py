@@ -195,6 +195,13 @@ def _opener(ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect())
 
 
+def _http_exception() -> type[Exception]:
+    """http.client's base exception, for an ``except`` clause (evaluated only when matching)."""
+    import http.client  # noqa: PLC0415 - loaded with urllib.request already
+
+    return http.client.HTTPException
+
+
 class UrllibPost:
     """The production :data:`HttpPost`: urllib, TLS verified, redirects refused."""
 
@@ -597,12 +604,6 @@ class ClientCredentialsSource(_EndpointSource):
 
 
 # ---------------------------------------------------------------------------- JWT bearer
-
-
-def _http_exception() -> type[Exception]:
-    import http.client  # noqa: PLC0415 - loaded with urllib.request already
-
-    return http.client.HTTPException
 
 
 @dataclass(frozen=True)

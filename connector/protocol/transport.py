@@ -510,7 +510,7 @@ class Transport:
     def _gather(self, sock: ssl.SSLSocket, n: int) -> int:
         """After a TLS read of ``n`` bytes: add the records that have arrived already, never
         waiting for more, until :data:`TLS_GATHER_BYTES`. Measured on 2,000 x 24 KB mails
-        over POP3S (bench/results/timeline.md): ~7 records per mail became ~1 chunk.
+        over POP3S: 13,500 reads became ~800 (docs/decisions/0001, "Second round").
 
         A timeout of 0 makes a read that would wait raise SSLWantReadError instead; the socket
         is non-blocking underneath either way (Python implements timeouts with poll()), so

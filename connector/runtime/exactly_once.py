@@ -27,6 +27,7 @@ ends without applying deletes. A fenced or fatal producer stops the shard for go
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -163,15 +164,15 @@ def open_early(p: Prepared, session_factory: Callable[[MailboxConfig], MailboxSe
         open_listed(p, session_factory, extra)
 
 
-def join_early(p: Prepared) -> BaseException | None:
-    """Wait for ``p``'s early open, if it has one; returns what it raised (never raises)."""
-    if p.early is None:
-        return None
-    try:
-        p.early.result()
-    except BaseException as exc:  # noqa: BLE001 - handed to the caller, who decides
-        return exc
-    return None
+def end_unused(p: Prepared) -> None:
+    """End ``p``'s session, if it has one, without deletes (RFC 1939 §6); first wait for its
+    early open, if it has one (what that raised no longer matters: the session is dropped)."""
+    if p.early is not None:
+        with contextlib.suppress(BaseException):
+            p.early.result()
+    if p.session is not None:
+        end_without_deletes(p.session, p.mailbox)
+        p.session = None
 
 
 class ShardWorker:
@@ -235,10 +236,7 @@ class ShardWorker:
 
     def _fail_all(self, preps: Sequence[Prepared], err: ConnectorError, step: str) -> list[CycleResult]:
         for p in preps:
-            join_early(p)  # its session, if it got one, is ended here like the others
-            if p.session is not None:
-                end_without_deletes(p.session, p.mailbox)  # RFC 1939 §6: nothing is deleted
-                p.session = None
+            end_unused(p)  # an early session too, once its open is done
             if p.result.error is None:
                 p.result.error = err.with_context(mailbox=p.mailbox.id, step=step)
             p.result.deleted = 0
@@ -253,8 +251,7 @@ class ShardWorker:
     ) -> list[CycleResult]:
         # Sessions opened early were logged under the cycle id they were opened with (one per
         # poll-once): the round keeps it, so one id names the whole cycle in the logs.
-        ids = [p.result.cycle_id for p in early.values()]
-        round_id = ids[0] if ids else uuid.uuid4().hex[:12]
+        round_id = next((p.result.cycle_id for p in early.values()), None) or uuid.uuid4().hex[:12]
         preps = [
             early.get(m.id) or Prepared(m, CycleResult(mailbox=m.id, cycle_id=round_id), t0=time.monotonic())
             for m in mailboxes
@@ -409,10 +406,7 @@ class ShardWorker:
         server answer may take (the pool was busy) does not start: it is due again at once."""
         left = p.fetch_until - time.monotonic()
         if left < p.mailbox.timeout_seconds:
-            join_early(p)
-            if p.session is not None:  # opened early, then the round had no time left for it
-                end_without_deletes(p.session, p.mailbox)
-                p.session = None
+            end_unused(p)  # opened early, then the round had no time left for it
             p.result.more_pending = True
             log.info(
                 "not started: %.1fs of the round's time limit left; polled again in the next round",

@@ -46,12 +46,11 @@ from connector.runtime.cycle import (
     CycleHooks,
     CycleResult,
     MailboxSession,
-    end_without_deletes,
     file_stamp,
     open_session,
     run_cycle,
 )
-from connector.runtime.exactly_once import Prepared, ShardWorker, join_early, open_early
+from connector.runtime.exactly_once import Prepared, ShardWorker, end_unused, open_early
 from connector.runtime.membership import Membership
 from connector.runtime.schedule import Scheduler, error_kind
 
@@ -298,11 +297,7 @@ class Runner:
     def _end_early(self) -> None:
         """End the sessions open_early() opened that no round took (prepare() failed)."""
         while self._early:
-            _, p = self._early.popitem()
-            join_early(p)
-            if p.session is not None:
-                end_without_deletes(p.session, p.mailbox)  # RFC 1939 §6: nothing deleted
-                p.session = None
+            end_unused(self._early.popitem()[1])
 
     def _by_shard(self, mailboxes: Sequence[MailboxConfig]) -> dict[int, list[MailboxConfig]]:
         groups: dict[int, list[MailboxConfig]] = defaultdict(list)

@@ -29,7 +29,7 @@ MOCK = {"test.mock.num.brokers": 1}
 DAY = 86_400_000
 
 
-def cfg(mailboxes: list[dict[str, Any]]) -> Config:
+def cfg(mailboxes: list[dict[str, Any]], **sections: Any) -> Config:
     ms = [{"host": "pop.test", "username": "u", "password": {"env": "PW"}, **m} for m in mailboxes]
     return parse_config(
         {
@@ -37,6 +37,7 @@ def cfg(mailboxes: list[dict[str, Any]]) -> Config:
             "topics": {"mail": "mail"},
             "ledger": {"topic": "ledger", "shards": 1},
             "mailboxes": ms,
+            **sections,
         },
         environ={"PW": "pw"},
     )
@@ -394,18 +395,7 @@ def test_early_sessions_of_a_round_that_fails_at_begin_are_ended(drop: Maildrop)
 
 
 def eos_runner(drops: dict[str, Maildrop], **runtime: Any) -> Runner:
-    ms = [{"id": i, "host": "pop.test", "username": "u", "password": {"env": "PW"}} for i in drops]
-    config = parse_config(
-        {
-            "kafka": {"bootstrap_servers": "127.0.0.1:1", "delivery_timeout_seconds": 5},
-            "topics": {"mail": "mail"},
-            "delivery": {"mode": "exactly_once"},
-            "ledger": {"topic": "ledger", "shards": 1},
-            "runtime": runtime,
-            "mailboxes": ms,
-        },
-        environ={"PW": "pw"},
-    )
+    config = cfg([{"id": i} for i in drops], delivery={"mode": "exactly_once"}, runtime=runtime)
     return Runner(config, session_factory=lambda m: drops[m.id].session())
 
 
