@@ -18,8 +18,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -61,19 +61,24 @@ class DeliveryObserver(Protocol):
 OBSERVER: DeliveryObserver | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
-    """The fate of one produced record, filled in by librdkafka's delivery callback."""
+    """The fate of one produced record, filled in by librdkafka's delivery callback.
+
+    ``done`` is a plain flag, not a threading.Event: the report is served by poll() or flush()
+    in whichever thread calls them, and a waiter calls those itself (:meth:`Publisher.wait`),
+    so nothing ever blocks on it. Creating and setting an Event took 2.7 us per record, the
+    flag 0.14 us."""
 
     topic: str
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     partition: int | None = None
     offset: int | None = None
     error: KafkaError | None = None
 
     @property
     def ok(self) -> bool:
-        return self.done.is_set() and self.error is None
+        return self.done and self.error is None
 
 
 def client_config_error(exc: KafkaException) -> ConnectorError:
@@ -192,9 +197,6 @@ class Publisher:
 
         Never blocks longer than a full local queue takes to drain a little.
         """
-        if self._fatal is not None:
-            raise DeliveryFatalError(f"producer is in a fatal state: {self._fatal.str()}")
-        producer = self._get()
         d = Delivery(topic)
         sent = time.monotonic()
 
@@ -206,17 +208,36 @@ class Publisher:
                 observer = OBSERVER
                 if observer is not None:
                     observer.delivered(time.monotonic() - sent)
-            d.done.set()
+            d.done = True
 
+        self._produce(topic, key, value, headers, partition=partition, on_delivery=on_delivery)
+        return d
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        *,
+        partition: int | None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+    ) -> None:
+        """produce(), waiting (within the delivery timeout) while the local queue is full."""
+        if self._fatal is not None:
+            raise DeliveryFatalError(f"producer is in a fatal state: {self._fatal.str()}")
+        producer = self._get()
+        kwargs: dict[str, Any] = {"value": value, "key": key}
+        if headers:
+            kwargs["headers"] = list(headers)
+        if partition is not None:
+            kwargs["partition"] = partition
+        if on_delivery is not None:
+            kwargs["on_delivery"] = on_delivery
         deadline = time.monotonic() + self._timeout
         while True:
             try:
-                if partition is None:
-                    producer.produce(topic, value=value, key=key, headers=list(headers), on_delivery=on_delivery)
-                else:
-                    producer.produce(
-                        topic, value=value, key=key, headers=list(headers), partition=partition, on_delivery=on_delivery
-                    )
+                producer.produce(topic, **kwargs)
                 break
             except BufferError:
                 # Local queue full: serve delivery reports to make room, bounded by the timeout.
@@ -233,7 +254,6 @@ class Publisher:
                     raise RecordTooLargeError(f"record of {size} bytes exceeds message.max.bytes") from exc
                 raise DeliveryError(f"produce to {topic!r} failed: {err.str()}") from exc
         producer.poll(0)
-        return d
 
     @property
     def fatal(self) -> str | None:
@@ -262,7 +282,7 @@ class Publisher:
         deadline = time.monotonic() + (timeout if timeout is not None else self._timeout + 5.0)
         stop_seen = False
         for d in deliveries:
-            while not d.done.is_set():
+            while not d.done:
                 if stop is not None and not stop_seen and stop.is_set():
                     stop_seen = True
                     deadline = min(deadline, time.monotonic() + stop_grace)
@@ -278,7 +298,7 @@ class Publisher:
         failed = [d for d in deliveries if not d.ok]
         if not failed:
             return None
-        pending = sum(1 for d in failed if not d.done.is_set())
+        pending = sum(1 for d in failed if not d.done)
         errors = sorted({d.error.str() for d in failed if d.error is not None})
         codes = {d.error.code() for d in failed if d.error is not None}
         detail = "; ".join(errors) if errors else "no report"

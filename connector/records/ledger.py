@@ -18,10 +18,21 @@ from functools import cache, lru_cache
 from typing import Any, Literal
 
 from connector import __version__
-from connector.records.avro import Schema, decode_single_object, encode_single_object, load_schema, record_id
+from connector.records.avro import (
+    Schema,
+    avro_long,
+    avro_optional_long,
+    avro_optional_string,
+    avro_string,
+    decode_single_object,
+    load_schema,
+    record_id,
+)
 
 LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
 LedgerState = Literal["delivered", "dead_lettered", "baseline"]
+#: the LedgerState enum's symbols, in the schema's order: an enum is written as its index.
+_STATE_INDEX = {"delivered": b"\x00", "dead_lettered": b"\x02", "baseline": b"\x04"}
 
 
 @cache
@@ -73,21 +84,26 @@ class LedgerEntry:
         return record_id(self.mailbox_id, self.uidl).encode()
 
     def encode(self) -> bytes:
-        rec: dict[str, Any] = {
-            "mailbox_id": self.mailbox_id,
-            "uidl": self.uidl,
-            "state": self.state,
-            "topic": self.topic,
-            "partition": self.partition,
-            "offset": self.offset,
-            "raw_sha256": self.raw_sha256,
-            "list_size": self.list_size,
-            "header_sha256": self.header_sha256,
-            "recorded_at": self.recorded_at,
-            "first_seen_at": self.first_seen_at,
-            "connector_version": __version__,
-        }
-        return encode_single_object(ledger_schema(), rec)
+        """The entry framed as a single object (schemas/ledger_entry.avsc), written directly
+        (connector/records/avro.py, "hand-made bodies"; tests/unit/test_avro_direct.py): one
+        per mail, 6 us instead of fastavro's 12.5 us."""
+        return b"".join(
+            (
+                ledger_schema().header,
+                avro_string(self.mailbox_id),
+                avro_string(self.uidl),
+                _STATE_INDEX[self.state],
+                avro_optional_string(self.topic),
+                avro_optional_long(self.partition),
+                avro_optional_long(self.offset),
+                avro_optional_string(self.raw_sha256),
+                avro_optional_long(self.list_size),
+                avro_optional_string(self.header_sha256),
+                avro_long(self.recorded_at),
+                avro_optional_long(self.first_seen_at),
+                avro_string(__version__),
+            )
+        )
 
     @classmethod
     def decode(cls, value: bytes) -> LedgerEntry:

@@ -58,6 +58,7 @@ from connector.records import (
     Provenance,
     Schema,
     build_mail_record,
+    encode_passthrough,
     mail_schema,
     record_id,
 )
@@ -498,6 +499,18 @@ def encode_mail_checked(
     signature checks made on the way, for whoever counts them (a decode worker process hands
     them to its parent, connector/runtime/decode_pool.py)."""
     prov = provenance(mailbox, uidl, raw, fetched_at, sha256)
+    if not mailbox.decode.mime_decoding:
+        # Published as it came: the record is record_id, provenance and the raw mail. Inline,
+        # it is written directly (avro.encode_passthrough): fastavro's work on the two dozen
+        # empty fields was most of this mode's per-mail record cost (docs/decisions/0001).
+        raw_placed = placer.raw(raw, prov.raw_sha256) if placer is not None else None
+        data = bytes(raw) if raw_placed is None else raw_placed.data
+        value = encode_passthrough(framer.header(schema), prov, data) if data is not None else None
+        if value is not None:
+            return value, ()
+        mail = decode_mail(raw, options=mailbox.decode)
+        placed = placer.attachments(mail.attachments) if placer is not None else None
+        return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed)), ()
     mail = decode_mail(raw, options=mailbox.decode)
     signatures = tuple(mail.smime.signatures) if mail.smime is not None else ()
     if placer is None:

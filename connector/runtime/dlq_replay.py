@@ -459,7 +459,7 @@ class _Context:
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             d.error = err
-            d.done.set()
+            d.done = True
 
         if not _produce(self.producer, topic, key, value, list(headers), on_delivery=on_delivery):
             raise DeliveryError(f"a chunk record for {topic!r} is larger than the producer's message.max.bytes")

@@ -276,7 +276,7 @@ class ShardWorker:
         tombstones = list(self._tombstones)
         for mailbox_id, uidl in tombstones:
             key = record_id(mailbox_id, uidl).encode()
-            self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+            self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
 
         list(sessions.map(self._fetch, preps))
 
@@ -385,7 +385,7 @@ class ShardWorker:
                 self.producer.begin()
                 for mailbox_id, uidl in self._tombstones:
                     key = record_id(mailbox_id, uidl).encode()
-                    self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+                    self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
                 self.producer.commit()
                 self._tombstones.clear()
             except ConnectorError as exc:
@@ -551,7 +551,7 @@ class ShardWorker:
                 header_sha256=x.header_sha256,
                 first_seen_at=x.fetched_at,
             )
-            self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+            self.producer.send_in_transaction(self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard)
             p.entries.append(entry)
             if x.dead:
                 p.dead_reasons.append(x.reason)
@@ -572,7 +572,7 @@ class ShardWorker:
                 list_size=sizes.get(msg_num),
                 first_seen_at=now,
             )
-            self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+            self.producer.send_in_transaction(self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard)
             p.entries.append(entry)
         log.info(
             "start_from now: %d mail(s) already on the server recorded as seen, not published",
@@ -614,7 +614,9 @@ class ShardWorker:
                 now = self.clock_ms()
                 for msg_num, uidl in new:
                     entry = LedgerEntry(m.id, uidl, "baseline", now, list_size=sizes[msg_num], first_seen_at=now)
-                    self.producer.send(self.config.ledger.topic, entry.key, entry.encode(), [], partition=self.shard)
+                    self.producer.send_in_transaction(
+                        self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard
+                    )
                     p.entries.append(entry)
                     skip.add(uidl)
             return skip
@@ -682,6 +684,6 @@ class ShardWorker:
             since = self._absent_since.setdefault(k, now)
             if now - since >= grace:
                 key = record_id(m.id, uidl).encode()
-                self.producer.send(self.config.ledger.topic, key, None, [], partition=self.shard)
+                self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
                 p.forgotten.append(uidl)
                 self._absent_since.pop(k, None)

@@ -74,7 +74,7 @@ def import_baseline(
         producer = worker.producer
         producer.begin()
         for e in entries:
-            producer.send(config.ledger.topic, e.key, e.encode(), [], partition=worker.shard)
+            producer.send_in_transaction(config.ledger.topic, e.key, e.encode(), partition=worker.shard)
         producer.commit()
         for e in entries:
             worker.ledger.record(e)

@@ -79,7 +79,7 @@ class RecordingPublisher(Publisher):
         if topic in self.fail:
             d = Delivery(topic)
             d.error = KafkaError(KafkaError._MSG_TIMED_OUT)
-            d.done.set()
+            d.done = True
             return d
         return super().send(topic, key, value, headers, partition)
 
@@ -325,9 +325,13 @@ class RecordingShardProducer(ShardProducer):
         if topic in self.fail_topics:
             d = Delivery(topic)
             d.error = KafkaError(KafkaError._MSG_TIMED_OUT)
-            d.done.set()
+            d.done = True
             return d
         return super().send(topic, key, value, headers, partition)
+
+    def send_in_transaction(self, topic: str, key: bytes, value: bytes | None, *, partition: int) -> None:
+        self.calls.append(("send", topic, key, value))
+        super().send_in_transaction(topic, key, value, partition=partition)
 
 
 class Harness:

@@ -157,7 +157,7 @@ class FakeSend:
     def __call__(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
         self.records.append((topic, key, value, list(headers)))
         d = Delivery(topic)
-        d.done.set()
+        d.done = True
         return d
 
 
