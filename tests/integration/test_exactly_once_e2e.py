@@ -5,6 +5,7 @@ keep mode, start_from now, at-least-once's duplicate window, and faults in the m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from support.configs import mailbox, write_config
 from support.kafkautil import consume_all
 from support.mailgen import make_mail
 from support.tcpproxy import TcpProxy
+from test_dead_letters_e2e import ledger_entries
 from test_end_to_end import cli, put_mails, server_uidls
 
 from connector.config import load_config
@@ -27,6 +29,11 @@ from connector.runtime.cycle import CycleHooks, open_session
 from connector.runtime.runner import Runner
 
 pytestmark = pytest.mark.integration
+
+
+def crlf(raw: bytes) -> bytes:
+    """What RETR returns for a stored mail: CRLF line ends (RFC 1939 §3)."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def ids(got: list) -> list[str]:  # type: ignore[type-arg]
@@ -345,6 +352,45 @@ def test_poll_once_lists_the_mailbox_while_the_shard_starts(services, topic: str
     assert (res.published, res.deleted, opened) == (3, 3, ["early"])  # one session, the early one
     got = consume_all(services.bootstrap, topic, expect=3)
     assert sorted(c.record["message_id"] for c in got) == sorted(expected)
+    assert server_uidls(services, "t10") == []
+
+
+def test_raw_passthrough_publishes_the_mail_as_retrieved_with_its_ledger_entries(
+    services, topic: str, tmp_path: Path
+) -> None:
+    """mime_decoding: false, exactly-once: the record and the ledger entries are written directly
+    in Avro (connector/records/avro.py, "hand-made bodies"); a consumer reads them back with the
+    schemas, the raw mail byte for byte as RETR gave it (dot-stuffing undone, CRLF)."""
+    services.dovecot.clear("t10")
+    stored = [make_mail(i, seed=202)[0] for i in range(4)]
+    stored.append(b"Subject: dots\r\n\r\n.a line starting with a dot\r\n..two\r\n.\r\nend\r\n")
+    for raw in stored:
+        services.dovecot.put("t10", raw)
+    expected = {hashlib.sha256(crlf(raw)).hexdigest(): crlf(raw) for raw in stored}
+    ledger = f"{topic}.ledger"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("rawpt", "t10", services.dovecot.pop3s_port, services.cafile, mime_decoding=False)],
+        delivery={"mode": "exactly_once", "transactional_id_prefix": f"rawpt-{topic}"},
+        ledger={"topic": ledger, "shards": 1},
+    )
+    proc = cli("poll-once", "--config", str(cfg), env={"PW_RAWPT": "t10-pw"})
+    assert proc.returncode == 0, proc.stderr
+    got = consume_all(services.bootstrap, topic, expect=5)
+    assert len(got) == 5
+    for c in got:
+        r = c.record
+        prov = r["provenance"]
+        assert r["mime_decoded"] is False and r["raw_ref"] is None and r["subject"] is None and r["parts"] == []
+        assert r["raw"] == expected[prov["raw_sha256"]] and prov["raw_size"] == len(r["raw"])
+        assert r["record_id"] == f"rawpt:{prov['uidl']}" and prov["mailbox_id"] == "rawpt"
+    entries = {e["uidl"]: e for e in ledger_entries(services.bootstrap, ledger, expect=5)}
+    assert {u: (e["state"], e["offset"]) for u, e in entries.items()} == {
+        c.record["provenance"]["uidl"]: ("delivered", c.offset) for c in got
+    }
+    assert {e["raw_sha256"] for e in entries.values()} == set(expected)
     assert server_uidls(services, "t10") == []
 
 
