@@ -247,6 +247,17 @@ class MailboxConfig:
         return None
 
 
+#: librdkafka settings of every client of ours, unless kafka.client sets them.
+CLIENT_DEFAULTS: Mapping[str, Any] = {
+    # A new client learns the brokers from its bootstrap connection, drops that connection and
+    # connects again by broker id only after reconnect.backoff.ms (100 by default): its first
+    # request took 55 ms against the local broker instead of 16 ms with 25. Each client a
+    # poll-once starts (topic checks, each shard's producer) waited that (docs/decisions/0001,
+    # "Third round"). The backoff still doubles per failed attempt up to reconnect.backoff.max.ms.
+    "reconnect.backoff.ms": 25,
+}
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str
@@ -258,8 +269,9 @@ class KafkaConfig:
     client_secrets: Mapping[str, Secret] = field(default_factory=dict)
 
     def client_conf(self) -> dict[str, Any]:
-        """The librdkafka settings to hand to a client: pass-through keys plus revealed secrets."""
-        conf = dict(self.client)
+        """The librdkafka settings to hand to a client: our defaults (CLIENT_DEFAULTS), then the
+        pass-through keys, then the revealed secrets."""
+        conf = {**CLIENT_DEFAULTS, **self.client}
         conf.update({k: s.reveal() for k, s in self.client_secrets.items()})
         return conf
 
