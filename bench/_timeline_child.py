@@ -17,6 +17,8 @@ import time
 T0 = time.perf_counter()  # first thing: the interpreter is up (its own start is not seen here)
 
 import functools  # noqa: E402
+import importlib.abc  # noqa: E402
+import importlib.machinery  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -69,26 +71,62 @@ def timed_generator(owner: Any, name: str, label: str) -> None:
     setattr(owner, name, wrapper)
 
 
+class AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a function on a module right after it is first imported, and times its import:
+    the CLI imports the Kafka side of the connector only once the first POP3 sessions are
+    opening (connector/cli/main.py), and wrapping it beforehand would import it earlier."""
+
+    def __init__(self, hooks: dict[str, Any]) -> None:
+        self.hooks = hooks
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        hook = self.hooks.pop(name, None)
+        if hook is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        start, loader = now(), spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            hook(module, start)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 def main(argv: list[str]) -> int:
     import connector.cli.main as cli
+    from connector.runtime import sessions
 
     t_cli = now()
-    from connector.delivery import transactional
-    from connector.runtime import decode_pool, exactly_once, runner
-
-    events.append({"phase": "imports", "start": 0.0, "seconds": round(now(), 4), "cli_imported": round(t_cli, 4)})
-    timed(decode_pool, "start", "decode workers forked")
+    events.append({"phase": "imports: CLI, configuration, POP3 sessions", "start": 0.0, "seconds": round(t_cli, 4)})
     timed(cli, "_ensure_topics", "topic check (metadata)")
-    timed(runner, "ensure_ledger_topic", "ledger topic check")
-    timed(transactional.ShardProducer, "init", "init_transactions (incl. first connection)")
-    timed(runner, "load_shard_ledger", "ledger load")
-    timed(exactly_once, "login", "POP3 connect + TLS + login")
-    timed(exactly_once, "list_mailbox", "LIST + UIDL")
-    timed_generator(exactly_once, "retrieve_encoded", "retrieve + decode + produce (the per-mail loop)")
-    timed(exactly_once.ShardWorker, "_write_entries", "delivery reports + ledger entries")
-    timed(transactional.ShardProducer, "commit", "commit_transaction")
-    timed(exactly_once.ShardWorker, "_settle", "DELE + QUIT")
-    timed(runner.Runner, "close", "close (tombstones, producers)")
+    timed(sessions, "open_session", "POP3 connect + TLS + greeting")
+    timed(sessions, "login", "POP3 login")
+    timed(sessions, "list_mailbox", "LIST + UIDL")
+
+    def runtime_imported(decode_pool: Any, start: float) -> None:
+        # decode_pool imports the rest of the connector (Kafka, Avro, metrics, the cycle), and
+        # _poll_once the runner right after the fork: imported here with it, to be wrapped.
+        from connector.delivery import transactional
+        from connector.runtime import exactly_once, runner
+
+        record("imports: Kafka, Avro, metrics, runtime", start)
+
+        timed(decode_pool, "start", "decode workers forked")
+        timed(runner, "ensure_ledger_topic", "ledger topic check")
+        timed(transactional.ShardProducer, "init", "init_transactions (incl. first connection)")
+        timed(runner, "load_shard_ledger", "ledger load")
+        timed_generator(exactly_once, "retrieve_encoded", "retrieve + decode + produce (the per-mail loop)")
+        timed(exactly_once.ShardWorker, "_write_entries", "delivery reports + ledger entries")
+        timed(transactional.ShardProducer, "commit", "commit_transaction")
+        timed(exactly_once.ShardWorker, "_settle", "DELE + QUIT")
+        timed(runner.Runner, "close", "close (tombstones, producers)")
+
+    sys.meta_path.insert(0, AfterImport({"connector.runtime.decode_pool": runtime_imported}))
     code = cli.main(["poll-once", "--config", argv[0]])
     end = now()
     usage = resource.getrusage(resource.RUSAGE_SELF)

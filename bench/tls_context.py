@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark: the TLS context of a POP3 session, built per session (before) vs re-used per
-mailbox (connector.runtime.cycle.tls_context, now).
+mailbox (connector.runtime.sessions.tls_context, now).
 
 Same process, alternating rounds, CPU time (getrusage) per session: with the system trust
 store (what Exchange Online and Gmail mailboxes use) and with a one-certificate tls_ca_file
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from connector.config import parse_config
 from connector.config.model import MailboxConfig
 from connector.protocol import make_tls_context
-from connector.runtime import cycle
+from connector.runtime import sessions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tls_context.md"
 
@@ -74,7 +74,7 @@ def main() -> int:
                 return make_tls_context(m.tls_ca_file, verify=m.tls_verify, min_version=m.tls_min_version)
 
             def now(m: MailboxConfig = m) -> object:
-                return cycle.tls_context(m)
+                return sessions.tls_context(m)
 
             b, a = [], []
             for r in range(args.rounds):  # alternate the order: a noisy machine hurts both alike

@@ -17,11 +17,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector import __version__
 from connector.config import Config, load_config
+from connector.config.model import MailboxConfig
 from connector.errors import ConfigError, ConnectorError
+
+if TYPE_CHECKING:
+    from connector.runtime.sessions import Prepared
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("pop3kafka.cli")
@@ -223,14 +227,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         cfg = load_config(args.config)
         if args.command in ("poll-once", "run"):
-            from connector.runtime import decode_pool
             from connector.runtime.process import limit_malloc_arenas
 
             limit_malloc_arenas()  # before any thread: they would each get an arena
-            # Forked now, while this is the only thread (connector/runtime/decode_pool.py).
-            decode_pool.start(cfg)
+            targets: list[MailboxConfig] = []
+            early: dict[str, Prepared] = {}
+            if args.command == "poll-once":
+                # dict.fromkeys: `--mailbox x --mailbox x` must not open two sessions on one maildrop.
+                targets = [cfg.mailbox(m) for m in dict.fromkeys(args.mailbox)] if args.mailbox else list(cfg.mailboxes)
+                if not _may_fork_decode_workers(cfg):
+                    # exactly-once: the first sessions connect, log in and LIST + UIDL while the
+                    # Kafka side of the connector is still importing (~0.08 s of a poll-once's
+                    # start; connector/runtime/sessions.py). With decode workers to fork, they
+                    # open after the fork instead (Runner.open_early): no thread may run before it.
+                    from connector.runtime.sessions import open_first_wave
+
+                    early = open_first_wave(cfg, targets)
             try:
-                return _poll_once(cfg, args.mailbox) if args.command == "poll-once" else _run(cfg)
+                from connector.runtime import decode_pool
+
+                # Forked now, while this is the only thread (connector/runtime/decode_pool.py).
+                decode_pool.start(cfg)
+            except BaseException:
+                _end_sessions(early)
+                raise
+            try:
+                return _poll_once(cfg, targets, early) if args.command == "poll-once" else _run(cfg)
             finally:
                 decode_pool.stop()
         if args.command == "doctor":
@@ -293,14 +315,32 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
-def _poll_once(cfg: Config, only: list[str] | None) -> int:
+def _may_fork_decode_workers(cfg: Config) -> bool:
+    """Whether decode_pool.start() may fork workers for ``cfg`` (decode_pool.wanted_processes
+    decides; this errs towards yes and imports nothing heavy)."""
+    return cfg.runtime.decode_processes != 0 and any(m.decode.mime_decoding for m in cfg.mailboxes)
+
+
+def _end_sessions(early: dict[str, Prepared]) -> None:
+    """End sessions opened before the start failed, without deletes."""
+    from connector.runtime.sessions import end_unused
+
+    for p in early.values():
+        end_unused(p)
+
+
+def _poll_once(cfg: Config, targets: list[MailboxConfig], early: dict[str, Prepared]) -> int:
+    """``early``: the first sessions, opened already (open_first_wave); else they open here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from connector.runtime.runner import Runner
+    try:
+        from connector.runtime.runner import Runner
 
-    # dict.fromkeys: `--mailbox x --mailbox x` must not open two sessions on one maildrop.
-    targets = [cfg.mailbox(m) for m in dict.fromkeys(only)] if only else list(cfg.mailboxes)
-    runner = Runner(cfg)
+        runner = Runner(cfg)
+    except BaseException:
+        _end_sessions(early)
+        raise
+    runner.adopt_early(early)
     _stop_on_signals(runner.stop)
     try:
         # The topic check, the shards' start (ledger topic, init_transactions, ledger load)

@@ -40,8 +40,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from connector.config.model import Secret
 from connector.observability import metrics
-from connector.runtime.cycle import CycleResult
 from connector.runtime.runner import Runner, error_text
+from connector.runtime.sessions import CycleResult
 
 log = logging.getLogger("pop3kafka.admin")
 

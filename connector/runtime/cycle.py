@@ -22,14 +22,12 @@ import functools
 import hashlib
 import logging
 import mmap
-import os
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
@@ -45,12 +43,10 @@ from connector.errors import (
     MailTooLargeError,
     Pop3LoginDelayError,
     Pop3MailboxBusyError,
-    Pop3ProtocolError,
-    Pop3UnsupportedError,
     RecordTooLargeError,
 )
 from connector.observability import metrics
-from connector.protocol import Pop3Session, Retrieved, ServerPolicy, SpoolPolicy, make_tls_context
+from connector.protocol import Retrieved, SpoolPolicy
 from connector.protocol.transport import time_limit
 from connector.records import (
     HEADER_MAILBOX,
@@ -65,8 +61,18 @@ from connector.records import (
 from connector.records.dead_letter import DeadLetter
 from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import header_sha256
-from connector.runtime.login import LoginSession, login
+from connector.runtime.login import login
 from connector.runtime.placement import Placer, Send
+from connector.runtime.sessions import (
+    CycleResult,
+    MailboxSession,
+    _first_time,
+    after_login,
+    end_without_deletes,
+    list_mailbox,
+    note_session,
+    open_session,
+)
 
 if TYPE_CHECKING:
     from connector.decoding.signature import SignatureCheck
@@ -84,7 +90,7 @@ RETR_SLACK = 1024
 #: per-operation inactivity timeout, which a server sending a byte now and then never trips.
 #: at_least_once fetch phase: max_seconds_per_cycle (checked between mails) plus this many
 #: inactivity timeouts for the mail in flight and the RETRs drained after it; exactly_once
-#: rounds use their transaction's limit instead (exactly_once.ROUND_FETCH_SHARE).
+#: rounds use their transaction's limit instead (sessions.ROUND_FETCH_SHARE).
 CYCLE_LIMIT_TIMEOUTS = 4
 CYCLE_LIMIT_WHAT = "the cycle's time limit (max_seconds_per_cycle + 4 x timeout_seconds)"
 #: DELE + QUIT after a commit: one pipelined batch and one answer.
@@ -101,70 +107,6 @@ def settle_time_limit(mailbox: MailboxConfig) -> float:
 
 
 @dataclass
-class CycleResult:
-    """What one cycle did; ``error`` is None when the cycle succeeded."""
-
-    mailbox: str
-    cycle_id: str
-    listed: int = 0
-    fetched: int = 0
-    published: int = 0
-    deleted: int = 0
-    #: mails that could not be decoded and whose original bytes Kafka confirmed on the
-    #: dead-letter topic (committed, in exactly_once mode); deleted like published mail.
-    dead_lettered: int = 0
-    #: mails left on the server because they could not be decoded (mailbox on_undecodable: leave).
-    undecodable: int = 0
-    #: mails over max_message_bytes left on the server (oversized: skip); with oversized:
-    #: dead_letter / delete they are counted in ``dead_lettered`` / ``deleted_unread`` instead.
-    oversized: int = 0
-    #: mails deleted without being read (oversized: delete).
-    deleted_unread: int = 0
-    #: (msg_num, uidl) of mail over max_message_bytes to delete unread (oversized: delete).
-    delete_unread: list[tuple[int, str]] = field(default_factory=list)
-    #: UIDLs of mail over max_message_bytes retrieved only to become dead letters.
-    dead_letter_unread: set[str] = field(default_factory=set)
-    #: mails left on the server because a line exceeds max_line_bytes.
-    long_lines: int = 0
-    #: mails left on the server because Kafka refuses a record that large (message.max.bytes).
-    too_large: int = 0
-    #: the cycle stopped at a count/byte bound or on shutdown with mail still waiting.
-    more_pending: bool = False
-    #: octets listed (LIST sizes) and retrieved (RETR) by the cycle.
-    listed_bytes: int = 0
-    fetched_bytes: int = 0
-    #: UIDLs listed that the connector has not finished with (delete mode: every one listed;
-    #: keep mode: those not in the ledger yet): the backlog whose oldest age is a metric.
-    waiting: list[str] = field(default_factory=list)
-    #: dead letters Kafka confirmed (committed), by the reason of their DecodeError.
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
-    #: Unix time at which the server's TLS certificate expires (None: no TLS or not known).
-    tls_not_after: float | None = None
-    error: BaseException | None = None
-    duration_s: float = 0.0
-    #: the login succeeded (RFC 2449 §6.8 LOGIN-DELAY counts from a successful login).
-    logged_in: bool = False
-    #: the server's EXPIRE / LOGIN-DELAY (RFC 2449 §6.7, §6.8): the user's values, read after the
-    #: login; after a [LOGIN-DELAY] refusal, the values the server announced before it. None:
-    #: not known (the cycle failed before that).
-    policy: ServerPolicy | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def expire_days(self) -> int | None:
-        """The server's EXPIRE in days (None: NEVER, not advertised, or not known)."""
-        return self.policy.expire_days if self.policy is not None else None
-
-    @property
-    def login_delay_seconds(self) -> int | None:
-        """The server's LOGIN-DELAY in seconds (None: not advertised or not known)."""
-        return self.policy.login_delay_seconds if self.policy is not None else None
-
-
-@dataclass
 class CycleHooks:
     """Optional callbacks for tests and metrics; called on the cycle's thread."""
 
@@ -172,207 +114,6 @@ class CycleHooks:
     on_published: Callable[[str], None] | None = None  # (uidl) after the broker confirmed it
     on_dead_lettered: Callable[[str], None] | None = None  # (uidl) after its dead letter was confirmed
     on_deleted: Callable[[str], None] | None = None  # (uidl) after DELE was acknowledged
-
-
-class MailboxSession(LoginSession, Protocol):
-    """What a cycle needs from a POP3 session (connection already made, greeting read)."""
-
-    def login_user_pass(self, username: str, password: str) -> None: ...
-    def uidl(self) -> list[tuple[int, str]]: ...
-    def list(self) -> list[tuple[int, int]]: ...
-    def retr_many(
-        self,
-        msg_nums: Sequence[int],
-        *,
-        limit: int | None = None,
-        spool: SpoolPolicy | None = None,
-        max_line: int | None = None,
-    ) -> Generator[tuple[int, Retrieved], None, None]: ...
-    def dele_many(self, msg_nums: Sequence[int]) -> None: ...
-    def top(self, msg_num: int, lines: int = 0) -> bytes: ...
-    def server_policy(self) -> ServerPolicy: ...
-    def dele(self, msg_num: int) -> None: ...
-    def quit(self) -> None: ...
-    def abort(self) -> None: ...
-    def close(self) -> None: ...
-
-
-#: A TLS context is re-used by a mailbox's sessions: building one costs ~24 ms of CPU with the
-#: system trust store (0.5 ms with a small tls_ca_file; bench/tls_context.py), three times an
-#: empty cycle. It is rebuilt when anything it was built from changes (a setting on reload;
-#: the CA bundle, client certificate or key file; the key password) and at least this often,
-#: so that a system trust store updated in place is picked up without a restart.
-TLS_CONTEXT_MAX_AGE_S = 3600.0
-_tls_contexts: dict[str, tuple[tuple[object, ...], float, ssl.SSLContext]] = {}
-_tls_lock = threading.Lock()
-
-
-def file_stamp(path: str | None) -> tuple[int, int, int]:
-    """What tells a changed file: inode (a Secret or ConfigMap swaps a symlink; stat follows
-    it), mtime, size; (0, 0, 0) for no path or a missing file (whoever reads it reports that)."""
-    if path is None:
-        return (0, 0, 0)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def tls_context(mailbox: MailboxConfig) -> ssl.SSLContext:
-    """The mailbox's TLS context, built once and re-used while nothing it depends on changed."""
-    password = mailbox.tls_client_key_password
-    secret = password.reveal() if password is not None else None
-    key = (
-        mailbox.tls_ca_file,
-        file_stamp(mailbox.tls_ca_file),
-        mailbox.tls_verify,
-        mailbox.tls_min_version,
-        mailbox.tls_server_name,
-        mailbox.tls_fingerprint_sha256,
-        mailbox.tls_client_cert,
-        file_stamp(mailbox.tls_client_cert),
-        mailbox.tls_client_key,
-        file_stamp(mailbox.tls_client_key),
-        # a digest, so the cache key never holds the password itself
-        None if secret is None else hashlib.sha256(secret.encode()).digest(),
-        mailbox.tls_legacy,
-    )
-    now = time.monotonic()
-    with _tls_lock:
-        hit = _tls_contexts.get(mailbox.id)
-        if hit is not None and hit[0] == key and now - hit[1] < TLS_CONTEXT_MAX_AGE_S:
-            return hit[2]
-    ctx = make_tls_context(
-        mailbox.tls_ca_file,
-        verify=mailbox.tls_verify,
-        min_version=mailbox.tls_min_version,
-        server_name=mailbox.tls_server_name,
-        fingerprint_sha256=mailbox.tls_fingerprint_sha256,
-        client_cert=mailbox.tls_client_cert,
-        client_key=mailbox.tls_client_key,
-        client_key_password=secret,
-        legacy=mailbox.tls_legacy,
-        mailbox=mailbox.id,
-    )
-    with _tls_lock:
-        _tls_contexts[mailbox.id] = (key, now, ctx)
-    return ctx
-
-
-def open_session(mailbox: MailboxConfig) -> MailboxSession:
-    """Connect (implicit TLS, STLS or plain, as configured) and read the greeting.
-
-    The TLS context comes from :func:`tls_context`: re-used across sessions, rebuilt when a
-    rotated CA bundle, client certificate, key or key password file shows up (a tls_legacy
-    mailbox logs its WARNING at each build: at its first session, after a change, hourly).
-    """
-    ssl_ctx = tls_context(mailbox) if mailbox.tls != "none" else None
-    return Pop3Session.connect(
-        mailbox.host,
-        mailbox.port,
-        tls=mailbox.tls,
-        ssl_context=ssl_ctx,
-        timeout=mailbox.timeout_seconds,
-        allow_plaintext_auth=mailbox.allow_plaintext_auth,
-    )
-
-
-def list_identities(session: MailboxSession, mailbox: MailboxConfig, sizes: dict[int, int]) -> list[tuple[int, str]]:
-    """(msg_num, identity) for every message: the UIDL, or the opt-in header fallback.
-
-    Fallback (``identity: headers``) for servers without UIDL (RFC 1939 §7 makes it optional)
-    or with duplicate UIDLs: ``h<sha256 of TOP n 0, 24 hex>-<LIST size>``, and ``.<k>`` for the
-    k-th repeat of the same value in one listing. Limits (docs/delivery.md): a TOP per message
-    and cycle; mail whose headers and size are identical is told apart only by its position;
-    a server that rewrites headers between sessions makes old mail look new.
-    """
-    if mailbox.identity == "uidl":
-        return session.uidl()
-    seen: dict[str, int] = {}
-    out: list[tuple[int, str]] = []
-    for msg_num in sorted(sizes):
-        base = f"h{hashlib.sha256(session.top(msg_num, 0)).hexdigest()[:24]}-{sizes[msg_num]}"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        out.append((msg_num, base if k == 0 else f"{base}.{k}"))
-    return out
-
-
-def end_without_deletes(session: MailboxSession, mailbox: MailboxConfig) -> None:
-    """End a session so that nothing is deleted, the way this provider needs (never raises).
-
-    RFC 1939 §6: RSET unmarks, and QUIT then applies nothing (``rset_quit``, the default,
-    which also frees the maildrop lock at once). Some providers treat a clean QUIT itself as
-    "downloaded" (Gmail marks RETRieved mail as popped), so ``disconnect`` just closes the
-    connection: a session that ends without QUIT never enters the UPDATE state.
-    """
-    if mailbox.abort_with == "disconnect":
-        session.close()
-    else:
-        session.abort()
-
-
-# Policy warnings are logged once per process, mailbox and text: every cycle would repeat them.
-_said: set[tuple[str, str]] = set()
-_said_lock = threading.Lock()
-
-
-def _first_time(mailbox_id: str, text: str) -> bool:
-    with _said_lock:
-        if (mailbox_id, text) in _said:
-            return False
-        _said.add((mailbox_id, text))
-        return True
-
-
-def expire_conflict(mailbox: MailboxConfig, policy: ServerPolicy) -> str | None:
-    """Why the server's EXPIRE (RFC 2449 §6.7) undoes keep mode for ``mailbox``, or None.
-
-    EXPIRE is the minimum number of days the server keeps mail after it was retrieved; after
-    that the server may delete it on its own, and ``EXPIRE 0`` means it deletes retrieved mail
-    at once. Delete mode does not care; keep mode (``delete: false``) wants the mail kept until
-    ``delete_after_days`` (forever when unset).
-    """
-    days = policy.expire_days
-    if mailbox.delete or days is None:
-        return None
-    either_way = "The mail is in Kafka either way"
-    if days == 0:
-        return (
-            "the server advertises EXPIRE 0: it deletes mail once it has been retrieved (RFC 2449 §6.7), so keep "
-            f"mode (delete: false) cannot keep it on the server. {either_way}; ask the server's operator to change "
-            "EXPIRE, or use delete: true"
-        )
-    keep = mailbox.delete_after_days
-    if keep is not None and days >= keep:
-        return None
-    wanted = "forever (no delete_after_days)" if keep is None else f"for delete_after_days={keep:g}"
-    return (
-        f"the server advertises EXPIRE {days}: it may delete retrieved mail after {days} day(s) (RFC 2449 §6.7), "
-        f"while keep mode (delete: false) means to keep it {wanted}. {either_way}; set delete_after_days to at "
-        f"most {days}, or ask the server's operator to change EXPIRE"
-    )
-
-
-def after_login(session: MailboxSession, mailbox: MailboxConfig, res: CycleResult, extra: dict[str, str]) -> None:
-    """Right after a successful login: note it and the user's EXPIRE / LOGIN-DELAY in ``res``
-    (RFC 2449 §5: read after login, where per-user values are announced), and say once per
-    process when that policy defeats keep mode or CAPA had to be read leniently."""
-    res.logged_in = True
-    policy = session.server_policy()
-    res.policy = policy
-    if policy.notes and _first_time(mailbox.id, "|".join(policy.notes)):
-        log.info("server CAPA: %s", "; ".join(policy.notes), extra=extra)
-    conflict = expire_conflict(mailbox, policy)
-    if conflict is not None and _first_time(mailbox.id, conflict):
-        log.warning("%s", conflict, extra=extra)
-
-
-def note_session(session: MailboxSession, res: CycleResult) -> None:
-    """Right after connecting: the server certificate's expiry, for the metric (sessions that
-    are not TLS, and scripted test sessions, have none)."""
-    res.tls_not_after = getattr(session, "certificate_not_after", None)
 
 
 def note_listing(
@@ -564,26 +305,6 @@ def mapped(mail: Retrieved) -> Iterator[bytes | SpoolMap]:
 
 def spool_policy(config: Config) -> SpoolPolicy:
     return SpoolPolicy(config.runtime.spool_threshold_bytes, config.runtime.spool_directory)
-
-
-def list_mailbox(session: MailboxSession, mailbox: MailboxConfig) -> tuple[list[tuple[int, str]], dict[int, int]]:
-    """LIST + UIDL (or the header identity), with the checks both delivery modes need."""
-    sizes = dict(session.list())
-    uidls = list_identities(session, mailbox, sizes)
-    seen: set[str] = set()
-    for msg_num, uidl in uidls:
-        if uidl in seen:
-            raise Pop3UnsupportedError(
-                f"the server reports UIDL {uidl!r} for two messages; UIDLs must be unique (RFC 1939 §7) for "
-                "de-duplication. Ask the server's operator, or opt into identity: headers (docs/delivery.md)"
-            )
-        if msg_num not in sizes:
-            raise Pop3ProtocolError(
-                f"UIDL lists message {msg_num} but LIST does not; the maildrop changed during the session or the "
-                "server is broken"
-            )
-        seen.add(uidl)
-    return uidls, sizes
 
 
 def retrieve_encoded(

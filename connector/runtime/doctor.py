@@ -20,8 +20,8 @@ from connector.delivery.doctor import Finding
 from connector.errors import ConnectorError, OAuthError, Pop3AuthError, Pop3TlsError
 from connector.protocol import Pop3Session, make_tls_context
 from connector.protocol.sasl import choose
-from connector.runtime.cycle import end_without_deletes, open_session
 from connector.runtime.login import DEFAULT_PASSWORD_MECHANISMS, DEFAULT_TOKEN_MECHANISMS, login
+from connector.runtime.sessions import end_without_deletes, open_session
 
 
 def _name(mb: MailboxConfig, check: str) -> str:

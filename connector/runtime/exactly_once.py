@@ -27,15 +27,14 @@ ends without applying deletes. A fenced or fatal producer stops the shard for go
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
@@ -57,16 +56,9 @@ from connector.runtime import decode_pool
 from connector.runtime.cycle import (
     SETTLE_LIMIT_WHAT,
     CycleHooks,
-    CycleResult,
-    MailboxSession,
-    after_login,
     count_reasons,
-    end_without_deletes,
     failure_level,
-    list_mailbox,
     note_listing,
-    note_session,
-    open_session,
     placer_for,
     policy_after_refusal,
     policy_text,
@@ -76,7 +68,16 @@ from connector.runtime.cycle import (
     settle_time_limit,
     spool_policy,
 )
-from connector.runtime.login import login
+from connector.runtime.sessions import (
+    ROUND_FETCH_SHARE,
+    CycleResult,
+    MailboxSession,
+    Prepared,
+    end_unused,
+    end_without_deletes,
+    open_listed,
+    open_session,
+)
 
 log = logging.getLogger("pop3kafka.eos")
 
@@ -86,12 +87,7 @@ SIZE_SLACK = 2
 #: UIDL reset check: at most this many TOP commands per cycle to compare headers.
 RESET_SAMPLE = 5
 DAY_MS = 86_400_000
-#: Share of delivery.transaction_timeout_seconds a round's POP3 fetch phase may take; the
-#: rest is for the delivery reports, the ledger entries and the commit. Config validation
-#: keeps max_seconds_per_cycle (checked between mails) under 3/4 of it.
-ROUND_FETCH_SHARE = 0.8
 FETCH_LIMIT_WHAT = "the shard round's time limit (0.8 x delivery.transaction_timeout_seconds)"
-OPEN_LIMIT_WHAT = "the time limit of a session opened before its round (0.8 x delivery.transaction_timeout_seconds)"
 BASELINE_MARKER = ""  # ledger uidl "" = "start_from: now was applied to this mailbox"
 
 
@@ -110,69 +106,6 @@ class _Produced:
     chunks: tuple[Delivery, ...] = ()
     #: a dead letter's reason (DecodeError.reason).
     reason: str | None = None
-
-
-@dataclass
-class Prepared:
-    """A mailbox session after its fetch phase, waiting for the shard's commit."""
-
-    mailbox: MailboxConfig
-    result: CycleResult
-    session: MailboxSession | None = None
-    #: (msg_num, uidl) to DELE once the transaction has committed.
-    to_delete: list[tuple[int, str]] = field(default_factory=list)
-    #: ledger entries written into the open transaction.
-    entries: list[LedgerEntry] = field(default_factory=list)
-    #: entries removed from the ledger in this transaction (tombstones written).
-    forgotten: list[str] = field(default_factory=list)
-    kafka_error: DeliveryError | None = None
-    t0: float = 0.0
-    #: time.monotonic() by which its POP3 fetch phase must end (the round's time limit).
-    fetch_until: float = float("inf")
-    #: the reasons of the dead letters among its ledger entries.
-    dead_reasons: list[str | None] = field(default_factory=list)
-    #: where the fetch phase is (connect, login, uidl, retr, produce): an error's context.
-    step: str = "connect"
-    #: LIST sizes and (msg_num, UIDL) pairs, once the session has listed the maildrop.
-    listing: tuple[list[tuple[int, str]], dict[int, int]] | None = None
-    #: open_listed() running in another thread since before the round (Runner.open_early):
-    #: the fetch phase waits for it instead of opening a session of its own.
-    early: Future[None] | None = None
-
-
-def open_listed(p: Prepared, session_factory: Callable[[MailboxConfig], MailboxSession], extra: dict[str, str]) -> None:
-    """Connect, log in, LIST + UIDL: fills ``p.session``, ``p.listing`` and ``p.result``'s
-    login facts, and keeps ``p.step`` on the step in progress; raises what that step raised
-    (the session, if one was opened, stays in ``p.session`` for the caller to end)."""
-    m, res = p.mailbox, p.result
-    p.step = "connect"
-    session = session_factory(m)
-    p.session = session
-    note_session(session, res)
-    p.step = "login"
-    login(session, m)
-    after_login(session, m, res, extra)
-    p.step = "uidl"
-    p.listing = list_mailbox(session, m)
-
-
-def open_early(p: Prepared, session_factory: Callable[[MailboxConfig], MailboxSession], config: Config) -> None:
-    """open_listed() before the round exists (poll-once opens the sessions while the shards
-    start), within a time limit of its own: the round's has not begun."""
-    extra = {"mailbox": p.mailbox.id, "cycle": p.result.cycle_id}
-    with time_limit(ROUND_FETCH_SHARE * config.delivery.transaction_timeout_seconds, OPEN_LIMIT_WHAT):
-        open_listed(p, session_factory, extra)
-
-
-def end_unused(p: Prepared) -> None:
-    """End ``p``'s session, if it has one, without deletes (RFC 1939 §6); first wait for its
-    early open, if it has one (what that raised no longer matters: the session is dropped)."""
-    if p.early is not None:
-        with contextlib.suppress(BaseException):
-            p.early.result()
-    if p.session is not None:
-        end_without_deletes(p.session, p.mailbox)
-        p.session = None
 
 
 class ShardWorker:

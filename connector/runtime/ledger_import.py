@@ -16,9 +16,9 @@ from connector.config.model import Config, MailboxConfig
 from connector.cutover.importers import SeenUidl
 from connector.records.framing import SINGLE_OBJECT
 from connector.records.ledger import LedgerEntry, shard_of
-from connector.runtime.cycle import end_without_deletes, open_session
 from connector.runtime.login import login
 from connector.runtime.runner import Runner
+from connector.runtime.sessions import end_without_deletes, open_session
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -41,18 +40,20 @@ from connector.protocol import spool
 from connector.records.framing import Framer
 from connector.records.ledger import shard_of
 from connector.runtime import telemetry
-from connector.runtime.cycle import (
-    CycleContext,
-    CycleHooks,
-    CycleResult,
-    MailboxSession,
-    file_stamp,
-    open_session,
-    run_cycle,
-)
-from connector.runtime.exactly_once import Prepared, ShardWorker, end_unused, open_early
+from connector.runtime.cycle import CycleContext, CycleHooks, run_cycle
+from connector.runtime.exactly_once import ShardWorker
 from connector.runtime.membership import Membership
 from connector.runtime.schedule import Scheduler, error_kind
+from connector.runtime.sessions import (
+    CycleResult,
+    MailboxSession,
+    Prepared,
+    end_unused,
+    file_stamp,
+    open_first_wave,
+    open_session,
+    waves,
+)
 
 log = logging.getLogger("pop3kafka.runner")
 
@@ -66,20 +67,6 @@ MAX_LOGIN_DELAY_SECONDS = 86_400.0
 PREPARE_PARALLEL = 8
 #: A shard that could not be fenced in or loaded (broker away, ACL missing) is tried again after.
 PREPARE_RETRY_SECONDS = 5.0
-
-
-def waves(mailboxes: Sequence[MailboxConfig], per_server: int) -> list[list[MailboxConfig]]:
-    """Split ``mailboxes`` into consecutive groups with at most ``per_server`` of each server
-    (host:port) in a group, keeping their order within a server."""
-    out: list[list[MailboxConfig]] = []
-    seen: dict[str, int] = defaultdict(int)
-    for m in mailboxes:
-        k = seen[m.server] // per_server
-        seen[m.server] += 1
-        while len(out) <= k:
-            out.append([])
-        out[k].append(m)
-    return out
 
 
 class LinkedEvent(threading.Event):
@@ -273,26 +260,16 @@ class Runner:
             self.publisher.start()
 
     def open_early(self, mailboxes: Sequence[MailboxConfig]) -> None:
-        """exactly_once poll-once: connect, log in and LIST + UIDL the first wave's mailboxes
-        now, in threads of their own, so that this runs beside prepare() (init_transactions,
-        the ledger load) instead of after it. Nothing is fetched before the round's transaction
-        begins; the round takes the sessions over (ShardWorker.round's ``early``), close()
-        ends those it never took, without deletes. On 2,000 new mails the first command that
-        needs the maildrop's state took Dovecot 0.11 s to answer (bench/results/timeline.md).
-        Only when the whole first wave fits runtime.max_concurrent_sessions: an early session
-        waiting for its round must not make one more than that limit allows."""
-        if not self.exactly_once or self._early:
-            return
-        first = waves(list(mailboxes), self.config.runtime.max_sessions_per_server)[:1]
-        if not first or len(first[0]) > self.config.runtime.max_concurrent_sessions:
-            return
-        cycle_id = uuid.uuid4().hex[:12]
-        pool = ThreadPoolExecutor(max_workers=len(first[0]), thread_name_prefix="open")
-        for m in first[0]:
-            p = Prepared(m, CycleResult(mailbox=m.id, cycle_id=cycle_id), t0=time.monotonic())
-            p.early = pool.submit(open_early, p, self.session_factory, self.config)
-            self._early[m.id] = p
-        pool.shutdown(wait=False)  # its threads end with their job
+        """exactly_once poll-once: open the first wave's sessions now, beside prepare()
+        (sessions.open_first_wave). No-op if sessions were opened already (adopt_early)."""
+        if self.exactly_once and not self._early:
+            self._early = open_first_wave(self.config, mailboxes, self.session_factory)
+
+    def adopt_early(self, early: dict[str, Prepared]) -> None:
+        """Take over sessions open_first_wave() opened before this runner existed (poll-once
+        opens them before the Kafka side is even imported): the rounds use them, close() ends
+        those no round took."""
+        self._early.update(early)
 
     def _end_early(self) -> None:
         """End the sessions open_early() opened that no round took (prepare() failed)."""

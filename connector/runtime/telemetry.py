@@ -25,7 +25,7 @@ from connector.errors import (
     Pop3TlsError,
 )
 from connector.observability import metrics
-from connector.runtime.cycle import CycleResult
+from connector.runtime.sessions import CycleResult
 
 #: per mailbox: UIDL -> Unix time this process first listed it while it was waiting (see
 #: CycleResult.waiting); replaced by each cycle's listing, so bounded by what the servers hold.

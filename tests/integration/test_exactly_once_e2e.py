@@ -25,8 +25,9 @@ from test_end_to_end import cli, put_mails, server_uidls
 
 from connector.config import load_config
 from connector.delivery.admin import ensure_topic
-from connector.runtime.cycle import CycleHooks, open_session
+from connector.runtime.cycle import CycleHooks
 from connector.runtime.runner import Runner
+from connector.runtime.sessions import open_session
 
 pytestmark = pytest.mark.integration
 

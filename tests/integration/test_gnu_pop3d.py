@@ -39,9 +39,10 @@ from connector.config.model import MailboxConfig
 from connector.delivery.kafka import Publisher
 from connector.errors import Pop3AuthError, Pop3CommandError, Pop3LoginDelayError, Pop3MailboxBusyError
 from connector.protocol import Pop3Session, TlsMode, make_tls_context
-from connector.runtime.cycle import CycleContext, open_session, run_cycle
+from connector.runtime.cycle import CycleContext, run_cycle
 from connector.runtime.login import login
 from connector.runtime.runner import Runner
+from connector.runtime.sessions import open_session
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from connector.config import parse_config
 from connector.config.model import MailboxConfig
 from connector.errors import Pop3AuthError
 from connector.protocol import Pop3Session
-from connector.runtime.cycle import open_session
 from connector.runtime.login import login
+from connector.runtime.sessions import open_session
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,9 @@ from connector.delivery.kafka import Publisher
 from connector.errors import ConfigError, Pop3AuthError, Pop3TlsError
 from connector.protocol import PLAINTEXT_REFUSED, Pop3Session, make_tls_context
 from connector.protocol.sasl import create
-from connector.runtime.cycle import CycleContext, open_session, run_cycle
+from connector.runtime.cycle import CycleContext, run_cycle
 from connector.runtime.login import login
+from connector.runtime.sessions import open_session
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from connector.config.model import MailboxConfig
 from connector.errors import Pop3TlsError
 from connector.protocol import Pop3Session
 from connector.protocol.transport import format_fingerprint
-from connector.runtime.cycle import open_session
 from connector.runtime.login import login
+from connector.runtime.sessions import open_session
 
 pytestmark = pytest.mark.integration
 

@@ -594,7 +594,7 @@ def _many(n: int, per_server: int, mode: str, host_of: Any) -> tuple[Any, list[M
 
 
 def test_waves_keep_at_most_n_per_server_in_order() -> None:
-    from connector.runtime.runner import waves
+    from connector.runtime.sessions import waves
 
     _, ms = _many(7, 2, "at_least_once", lambda i: "a.test" if i % 3 else "b.test")
     got = [[m.id for m in w] for w in waves(ms, 2)]

@@ -15,7 +15,7 @@ from connector.config import parse_config
 from connector.errors import Pop3AuthError, Pop3CommandError, Pop3ConnectError, Pop3ProtocolError
 from connector.protocol import Pop3Session
 from connector.protocol.sasl import create
-from connector.runtime.cycle import end_without_deletes
+from connector.runtime.sessions import end_without_deletes
 
 TOKEN = "ya29.a0AfH6SMB-token_value.123"  # RFC 6750 bearer-token characters only
 

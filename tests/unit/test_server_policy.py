@@ -25,9 +25,10 @@ from connector.delivery.transactional import ShardProducer
 from connector.errors import Pop3ConnectError, Pop3LoginDelayError
 from connector.protocol import ServerPolicy, parse_capa, parse_server_policy
 from connector.records.ledger import ShardLedger
-from connector.runtime.cycle import CycleContext, CycleResult, expire_conflict, run_cycle
+from connector.runtime.cycle import CycleContext, run_cycle
 from connector.runtime.exactly_once import ShardWorker
 from connector.runtime.runner import MAX_LOGIN_DELAY_SECONDS, Runner
+from connector.runtime.sessions import CycleResult, expire_conflict
 
 MOCK = {"test.mock.num.brokers": 1}
 

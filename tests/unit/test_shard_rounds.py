@@ -21,9 +21,10 @@ from connector.config.model import Config
 from connector.delivery.transactional import ShardProducer
 from connector.errors import DeliveryError, Pop3AuthError, Pop3ConnectError, UidlResetError
 from connector.records.ledger import LedgerEntry, ShardLedger, shard_of
-from connector.runtime.cycle import CycleHooks, CycleResult
-from connector.runtime.exactly_once import Prepared, ShardWorker, open_early
+from connector.runtime.cycle import CycleHooks
+from connector.runtime.exactly_once import ShardWorker
 from connector.runtime.runner import Runner
+from connector.runtime.sessions import CycleResult, Prepared, open_early
 
 MOCK = {"test.mock.num.brokers": 1}
 DAY = 86_400_000

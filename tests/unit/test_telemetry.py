@@ -30,7 +30,7 @@ from connector.errors import (
 from connector.observability import metrics
 from connector.observability.metrics import value
 from connector.runtime import telemetry
-from connector.runtime.cycle import CycleResult
+from connector.runtime.sessions import CycleResult
 
 
 def mailbox(mid: str) -> MailboxConfig:

@@ -27,7 +27,8 @@ from connector.errors import Pop3TimeoutError
 from connector.protocol import transport
 from connector.protocol.transport import Transport, time_limit
 from connector.runtime import cycle, exactly_once
-from connector.runtime.cycle import CycleContext, CycleHooks, open_session, run_cycle
+from connector.runtime.cycle import CycleContext, CycleHooks, run_cycle
+from connector.runtime.sessions import open_session
 
 MOCK = {"test.mock.num.brokers": 1}
 

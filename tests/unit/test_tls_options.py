@@ -33,7 +33,7 @@ from connector.protocol.transport import (
     parse_fingerprint,
     sni_name,
 )
-from connector.runtime.cycle import open_session
+from connector.runtime.sessions import open_session
 
 ENV = {"PW": "s3cret-value", "KEY_PW": "key-passphrase"}
 KEY_PASSWORD = "key-passphrase"
@@ -521,7 +521,7 @@ def test_a_mailbox_reuses_its_context_until_something_it_was_built_from_changes(
     mailbox, rebuilt when the CA bundle, client certificate/key or key password changes."""
     import os
 
-    from connector.runtime import cycle
+    from connector.runtime import sessions
 
     ca = tmp_path / "ca.pem"
     ca.write_text(pki.ca.read_text())
@@ -535,43 +535,43 @@ def test_a_mailbox_reuses_its_context_until_something_it_was_built_from_changes(
         tls_client_key=str(key),
         tls_client_key_password={"file": str(pw)},
     )
-    first = cycle.tls_context(m)
-    assert cycle.tls_context(m) is first
+    first = sessions.tls_context(m)
+    assert sessions.tls_context(m) is first
     subjects = {dict(x[0] for x in c["subject"])["commonName"] for c in first.get_ca_certs()}
     assert subjects == {"test ca"}
     # a rotated CA bundle (a Secret's symlink swap shows as a new inode/mtime/size)
     ca.write_text(pki.other_ca.read_text())
-    second = cycle.tls_context(m)
+    second = sessions.tls_context(m)
     assert second is not first
     assert {dict(x[0] for x in c["subject"])["commonName"] for c in second.get_ca_certs()} == {"test other"}
-    assert cycle.tls_context(m) is second
+    assert sessions.tls_context(m) is second
     # a rotated client key or key password
     os.utime(key, ns=(1, 1))
-    third = cycle.tls_context(m)
-    assert third is not second and cycle.tls_context(m) is third
+    third = sessions.tls_context(m)
+    assert third is not second and sessions.tls_context(m) is third
     pw.write_text(KEY_PASSWORD + "\n")  # the same password re-written: the context stays valid
-    assert cycle.tls_context(m) is third
+    assert sessions.tls_context(m) is third
     pw.write_text("another-passphrase")  # re-read at every session: a changed one rebuilds
     with pytest.raises(ConfigError, match="tls_client_key"):
-        cycle.tls_context(m)
+        sessions.tls_context(m)
     pw.write_text(KEY_PASSWORD)
     # a setting changed by a reload
-    assert cycle.tls_context(config(tls_ca_file=str(ca), tls_min_version="TLSv1.3")).minimum_version == (
+    assert sessions.tls_context(config(tls_ca_file=str(ca), tls_min_version="TLSv1.3")).minimum_version == (
         ssl.TLSVersion.TLSv1_3
     )
     # and at least hourly, for a system trust store updated in place
-    monkeypatch.setattr(cycle, "TLS_CONTEXT_MAX_AGE_S", 0.0)
+    monkeypatch.setattr(sessions, "TLS_CONTEXT_MAX_AGE_S", 0.0)
     again = config(tls_ca_file=str(ca))
-    assert cycle.tls_context(again) is not cycle.tls_context(again)
+    assert sessions.tls_context(again) is not sessions.tls_context(again)
 
 
 def test_legacy_warning_at_each_build_not_each_session(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
-    from connector.runtime import cycle
+    from connector.runtime import sessions
 
     m = config(id="old-server", tls_ca_file=str(pki.ca), tls_legacy=True)
     with caplog.at_level(logging.WARNING, logger="pop3kafka.tls"):
         for _ in range(3):
-            cycle.tls_context(m)
+            sessions.tls_context(m)
     assert sum("tls_legacy is on" in r.getMessage() for r in caplog.records) == 1
 
 
