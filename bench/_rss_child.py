@@ -5,7 +5,9 @@ with the memory it took.
     python bench/_rss_child.py CONFIG
 
 1. imports the connector, every module poll-once loads (lazily or not) included, so the
-   baseline holds the code and only the work is measured;
+   baseline holds the code and only the work is measured (``main(as_cli=True)``, bench/compare.py:
+   the CLI imports as it goes, as the console script does, and the baseline is taken once its
+   last eager import is done);
 2. resets VmHWM to the current RSS (``/proc/self/clear_refs`` 5) and reads VmRSS: the baseline;
 3. runs ``connector.cli.main.main(["poll-once", "--config", CONFIG])`` as the console script would;
 4. reads VmHWM (the whole process's peak RSS: Python, librdkafka, OpenSSL, mappings) and VmRSS
@@ -25,6 +27,8 @@ a second); and ``baseline_smaps``, the RSS of the child's mappings by kind (see
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import json
 import os
 import resource
@@ -138,41 +142,88 @@ class RdkafkaWatch:
                 self.max_outq = max(self.max_outq, len(p))
 
 
-def main(argv: list[str]) -> int:
+#: the module the CLI imports last before its work starts (it imports the Kafka side of the
+#: connector, and the decode workers are forked right after): ``as_cli``'s baseline point.
+LAST_EAGER_IMPORT = "connector.runtime.decode_pool"
+
+
+class AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``then()`` once ``name`` has been imported (its module code has run)."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            self.then()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def main(argv: list[str], *, as_cli: bool = False, at_baseline: tuple[str, ...] = ()) -> int:
+    """``as_cli``: run poll-once as the console script does, importing as it goes (the CLI opens
+    its first POP3 sessions before it imports the Kafka side), and take the baseline when the
+    CLI's last eager import is done; else import MODULES first. Either way the modules in
+    ``at_baseline`` (the S/MIME ones, which the CLI imports at the first S/MIME mail) are
+    imported just before the baseline, so the growth measured is the work's, not code's."""
     if len(argv) != 1:
         print("usage: _rss_child.py CONFIG", file=sys.stderr)
         return 2
-    for name in MODULES:
-        importlib.import_module(name)
+    diagnose = os.environ.get("POP3K_BENCH_DIAGNOSE") == "1"
+    out: dict[str, Any] = {}
+
+    def baseline() -> None:
+        for name in at_baseline:
+            importlib.import_module(name)
+        watch = RdkafkaWatch() if diagnose else None
+        if watch is not None:
+            watch.install()
+            watches.append(watch)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        out.update(
+            baseline_rss_kb=status_kb("VmRSS"),
+            baseline_anon_kb=status_kb("RssAnon"),
+            baseline_file_kb=status_kb("RssFile"),
+            hwm_reset=hwm_reset,
+        )
+        if diagnose:
+            import tracemalloc
+
+            out["baseline_smaps"] = smaps_by_kind()
+            tracemalloc.start()
+
+    watches: list[RdkafkaWatch] = []
+    if as_cli:
+        sys.meta_path.insert(0, AfterImport(LAST_EAGER_IMPORT, baseline))
+    else:
+        for name in MODULES:
+            importlib.import_module(name)
+        baseline()
     from connector.cli.main import main as cli_main
 
-    diagnose = os.environ.get("POP3K_BENCH_DIAGNOSE") == "1"
-    watch = RdkafkaWatch() if diagnose else None
-    if watch is not None:
-        watch.install()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
-    baseline = status_kb("VmRSS")
-    out: dict[str, Any] = {
-        "baseline_rss_kb": baseline,
-        "baseline_anon_kb": status_kb("RssAnon"),
-        "baseline_file_kb": status_kb("RssFile"),
-        "hwm_reset": hwm_reset,
-    }
-    if diagnose:
-        import tracemalloc
-
-        out["baseline_smaps"] = smaps_by_kind()
-        tracemalloc.start()
     t0 = time.perf_counter()
     try:
         code = cli_main(["poll-once", "--config", argv[0]])
     except SystemExit as exc:  # argparse and friends
         code = exc.code if isinstance(exc.code, int) else 1
     wall = time.perf_counter() - t0
+    if "baseline_rss_kb" not in out:  # as_cli, and the CLI never imported LAST_EAGER_IMPORT
+        print(f"_rss_child: {LAST_EAGER_IMPORT} was not imported: no baseline taken", file=sys.stderr)
+        return 1
     out.update(hwm_kb=status_kb("VmHWM"), rss_end_kb=status_kb("VmRSS"), exit=code, wall_s=round(wall, 4))
     # Decode workers (connector/runtime/decode_pool.py) are this process's children, reaped
     # before poll-once returns: the largest one's peak RSS (a fork: shared pages included).
@@ -184,12 +235,18 @@ def main(argv: list[str]) -> int:
         out["end_smaps"] = smaps_by_kind()
         out["threads_at_end"] = threading.active_count()
         tracemalloc.stop()
-    if watch is not None:
+    for watch in watches:
         watch.done.set()
         out["rdkafka_max_outq"] = watch.max_outq
         out["rdkafka_max_msg_size_kb"] = watch.max_msg_size // 1024
     sys.stdout.flush()
     print(MARKER + json.dumps(out), flush=True)
+    if as_cli:  # and the process ends as the console script's does (cli.entry_point)
+        import logging
+
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

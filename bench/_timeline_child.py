@@ -20,6 +20,8 @@ import functools  # noqa: E402
 import importlib.abc  # noqa: E402
 import importlib.machinery  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -140,7 +142,10 @@ def main(argv: list[str]) -> int:
     }
     sys.stdout.flush()
     print(MARKER + json.dumps(out), flush=True)
-    return 0 if code == 0 else 1
+    # The process ends as the console script's does (connector.cli.main.entry_point).
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0 if code == 0 else 1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -417,8 +418,6 @@ def _run(cfg: Config) -> int:
         )
         sys.stdout.flush()
         sys.stderr.flush()
-        import os
-
         os._exit(EXIT_FAILED)
     if runner.fatal:
         return EXIT_FAILED
@@ -811,5 +810,19 @@ def _tail(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def entry_point() -> None:
+    """The ``pop3-kafka`` command: :func:`main`, then the process ends at once with its exit
+    code, once its output and logs are flushed. The interpreter's teardown (every module and
+    object freed one by one) took ~35 ms of each poll-once and does nothing a finished command
+    needs: the work is committed, the sessions ended, the producers flushed and closed, the
+    decode workers reaped. mypy ends its runs the same way. An exception still leaves through
+    the normal path (its traceback, the interpreter's cleanup)."""
+    code = main()
+    logging.shutdown()  # flushes every handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
