@@ -4,8 +4,8 @@ without deletes; and the sessions poll-once opens before anything else (:func:`o
 Kept apart from cycle.py, and light to import (configuration, protocol, login: no Kafka, no
 Avro, no metrics), so that ``pop3-kafka poll-once`` connects to its servers, logs in and lists
 their maildrops while the rest of the connector is still importing (connector/cli/main.py;
-docs/decisions/0001, "Third round"). cycle.py, exactly_once.py and runner.py re-export what
-they used to define here.
+docs/decisions/0001, "Third round"). The cycle of either delivery mode (cycle.py,
+exactly_once.py) and the runner build on these.
 """
 
 from __future__ import annotations
