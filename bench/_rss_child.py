@@ -142,10 +142,9 @@ class RdkafkaWatch:
                 self.max_outq = max(self.max_outq, len(p))
 
 
-#: the module the CLI imports last before its work starts (with it the Kafka side of the
-#: connector; the decode workers are forked and the first POP3 sessions open before):
-#: ``as_cli``'s baseline point.
-LAST_EAGER_IMPORT = "connector.runtime.runner"
+#: the module the CLI imports last before its work starts (it imports the Kafka side of the
+#: connector, and the decode workers are forked right after): ``as_cli``'s baseline point.
+LAST_EAGER_IMPORT = "connector.runtime.decode_pool"
 
 
 class AfterImport(importlib.abc.MetaPathFinder):

@@ -75,9 +75,8 @@ def timed_generator(owner: Any, name: str, label: str) -> None:
 
 class AfterImport(importlib.abc.MetaPathFinder):
     """Runs a function on a module right after it is first imported, and times its import:
-    the CLI imports the Kafka side of the connector (with the runner) only once the first POP3
-    sessions are opening (connector/cli/main.py), and wrapping it beforehand would import it
-    earlier."""
+    the CLI imports the Kafka side of the connector only once the first POP3 sessions are
+    opening (connector/cli/main.py), and wrapping it beforehand would import it earlier."""
 
     def __init__(self, hooks: dict[str, Any]) -> None:
         self.hooks = hooks
@@ -102,22 +101,24 @@ class AfterImport(importlib.abc.MetaPathFinder):
 
 def main(argv: list[str]) -> int:
     import connector.cli.main as cli
-    from connector.runtime import decode_pool, sessions
+    from connector.runtime import sessions
 
     t_cli = now()
     events.append({"phase": "imports: CLI, configuration, POP3 sessions", "start": 0.0, "seconds": round(t_cli, 4)})
-    timed(decode_pool, "start", "decode workers forked")
     timed(cli, "_ensure_topics", "topic check (metadata)")
     timed(sessions, "open_session", "POP3 connect + TLS + greeting")
     timed(sessions, "login", "POP3 login")
     timed(sessions, "list_mailbox", "LIST + UIDL")
 
-    def runtime_imported(runner: Any, start: float) -> None:
-        # The runner imports the rest of the connector (Kafka, Avro, metrics, the cycle).
+    def runtime_imported(decode_pool: Any, start: float) -> None:
+        # decode_pool imports the rest of the connector (Kafka, Avro, metrics, the cycle), and
+        # _poll_once the runner right after the fork: imported here with it, to be wrapped.
         from connector.delivery import transactional
-        from connector.runtime import exactly_once
+        from connector.runtime import exactly_once, runner
 
         record("imports: Kafka, Avro, metrics, runtime", start)
+
+        timed(decode_pool, "start", "decode workers forked")
         timed(runner, "ensure_ledger_topic", "ledger topic check")
         timed(transactional.ShardProducer, "init", "init_transactions (incl. first connection)")
         timed(runner, "load_shard_ledger", "ledger load")
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
         timed(exactly_once.ShardWorker, "_settle", "DELE + QUIT")
         timed(runner.Runner, "close", "close (tombstones, producers)")
 
-    sys.meta_path.insert(0, AfterImport({"connector.runtime.runner": runtime_imported}))
+    sys.meta_path.insert(0, AfterImport({"connector.runtime.decode_pool": runtime_imported}))
     code = cli.main(["poll-once", "--config", argv[0]])
     end = now()
     usage = resource.getrusage(resource.RUSAGE_SELF)

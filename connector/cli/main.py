@@ -231,28 +231,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             from connector.runtime.process import limit_malloc_arenas
 
             limit_malloc_arenas()  # before any thread: they would each get an arena
-            from connector.runtime import decode_pool
-
-            # Forked now, while this is the only thread (connector/runtime/decode_pool.py),
-            # and before the Kafka side of the connector is imported (the workers import what
-            # they decode with themselves).
-            decode_pool.start(cfg)
             targets: list[MailboxConfig] = []
             early: dict[str, Prepared] = {}
             if args.command == "poll-once":
-                try:
-                    # dict.fromkeys: `--mailbox x --mailbox x` must not open two sessions on one maildrop.
-                    targets = (
-                        [cfg.mailbox(m) for m in dict.fromkeys(args.mailbox)] if args.mailbox else list(cfg.mailboxes)
-                    )
+                # dict.fromkeys: `--mailbox x --mailbox x` must not open two sessions on one maildrop.
+                targets = [cfg.mailbox(m) for m in dict.fromkeys(args.mailbox)] if args.mailbox else list(cfg.mailboxes)
+                if not _may_fork_decode_workers(cfg):
                     # exactly-once: the first sessions connect, log in and LIST + UIDL while the
-                    # Kafka side is still importing (connector/runtime/sessions.py).
+                    # Kafka side of the connector is still importing (~0.08 s of a poll-once's
+                    # start; connector/runtime/sessions.py). With decode workers to fork, they
+                    # open after the fork instead (Runner.open_early): no thread may run before it.
                     from connector.runtime.sessions import open_first_wave
 
                     early = open_first_wave(cfg, targets)
-                except BaseException:
-                    decode_pool.stop()
-                    raise
+            try:
+                from connector.runtime import decode_pool
+
+                # Forked now, while this is the only thread (connector/runtime/decode_pool.py).
+                decode_pool.start(cfg)
+            except BaseException:
+                _end_sessions(early)
+                raise
             try:
                 return _poll_once(cfg, targets, early) if args.command == "poll-once" else _run(cfg)
             finally:
@@ -317,6 +316,12 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def _may_fork_decode_workers(cfg: Config) -> bool:
+    """Whether decode_pool.start() may fork workers for ``cfg`` (decode_pool.wanted_processes
+    decides; this errs towards yes and imports nothing heavy)."""
+    return cfg.runtime.decode_processes != 0 and any(m.decode.mime_decoding for m in cfg.mailboxes)
+
+
 def _end_sessions(early: dict[str, Prepared]) -> None:
     """End sessions opened before the start failed, without deletes."""
     from connector.runtime.sessions import end_unused
@@ -326,7 +331,7 @@ def _end_sessions(early: dict[str, Prepared]) -> None:
 
 
 def _poll_once(cfg: Config, targets: list[MailboxConfig], early: dict[str, Prepared]) -> int:
-    """``early``: the first sessions, opened already (open_first_wave); the rounds take them."""
+    """``early``: the first sessions, opened already (open_first_wave); else they open here."""
     from concurrent.futures import ThreadPoolExecutor
 
     try:
@@ -346,6 +351,7 @@ def _poll_once(cfg: Config, targets: list[MailboxConfig], early: dict[str, Prepa
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="topics") as pool:
             topics = pool.submit(_ensure_topics, cfg)
             publisher = pool.submit(runner.start_publisher)  # at-least-once: its producer id
+            runner.open_early(targets)
             try:
                 runner.prepare(targets)
             finally:

@@ -76,7 +76,7 @@ from connector.runtime.sessions import (
 
 if TYPE_CHECKING:
     from connector.decoding.signature import SignatureCheck
-    from connector.runtime.decode_pool import Channel, DecodePool, Encoded
+    from connector.runtime.decode_pool import Channel, DecodePool
 
 log = logging.getLogger("pop3kafka.cycle")
 
@@ -577,6 +577,14 @@ def select_for_retrieval(
         budget -= size
         chosen.append((msg_num, uidl))
     return chosen
+
+
+class Encoded(NamedTuple):
+    """A mail record made by a decode worker: its Avro body (no framing header) and the
+    S/MIME signature checks made on the way (counted by the parent)."""
+
+    body: bytes
+    signatures: tuple[SignatureCheck, ...] = ()
 
 
 class EncodedMail(NamedTuple):

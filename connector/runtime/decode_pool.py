@@ -10,11 +10,8 @@ next mails while the worker decodes this one; records come back in server order
 How they are made: forked once, at start (``start``), before any other thread of this
 process exists. fork() copies only the calling thread, so a lock held by another thread at
 that moment (librdkafka's, the logging module's) would stay locked in the child forever;
-forking first makes that impossible. It is also early: right after the configuration is
-read, before the command imports the Kafka side of the connector, so each worker imports
-what it decodes with itself, beside the parent's imports and its first POP3 sessions. The
-workers inherit the loaded configuration, S/MIME private keys and trust stores included:
-those are never pickled or sent anywhere. A job
+forking first makes that impossible. The workers inherit the loaded configuration, S/MIME
+private keys and trust stores included: those are never pickled or sent anywhere. A job
 carries a mailbox id, the mail as received and its facts; the answer is the Avro body of
 the record (the parent frames it) and the signature checks (the parent counts them).
 
@@ -58,18 +55,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
 from connector.config.model import Config, MailboxConfig
-
-if TYPE_CHECKING:
-    from connector.decoding.signature import SignatureCheck
-    from connector.delivery.kafka import Delivery
-
-# Light to import: poll-once forks the workers right after reading its configuration, before it
-# imports the Kafka side and opens its first POP3 sessions (connector/cli/main.py). A worker
-# imports what it decodes with (records, placement, cycle) itself, at once (_worker_imports);
-# the parent imports them with the rest of the connector.
+from connector.delivery.kafka import Delivery
+from connector.records import mail_schema, record_id
+from connector.records.framing import SINGLE_OBJECT
+from connector.runtime.cycle import Encoded, encode_mail_checked, record_key
+from connector.runtime.placement import INLINE_BUDGET, Placer
 
 log = logging.getLogger("pop3kafka.decode")
 
@@ -122,14 +114,6 @@ def wanted_processes(config: Config) -> int:
     if n is None:
         n = min(AUTO_MAX, usable_cpus() - 1)
     return max(0, n)
-
-
-class Encoded(NamedTuple):
-    """A mail record made by a decode worker: its Avro body (no framing header) and the
-    S/MIME signature checks made on the way (counted by the parent)."""
-
-    body: bytes
-    signatures: tuple[SignatureCheck, ...] = ()
 
 
 class WorkerGone(Exception):  # noqa: N818 - a state, handled inside this module's callers
@@ -280,8 +264,6 @@ class DecodePool:
         with workers before this check). A decoded attachment is never larger than its
         encoded mail (S/MIME compressed content can be: the worker hands such a mail back),
         so a mail within the inline limits keeps everything inline."""
-        from connector.runtime.placement import INLINE_BUDGET  # noqa: PLC0415 - see the imports
-
         policy = mailbox.attachments
         return policy.placement == "none" or size <= min(policy.inline_max_bytes, INLINE_BUDGET)
 
@@ -444,17 +426,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _worker_imports() -> None:
-    """What _encode needs, imported as the worker starts, beside the parent's own imports and
-    its first POP3 sessions, so that the first job does not wait for it."""
-    import connector.records.framing  # noqa: PLC0415
-    import connector.runtime.cycle  # noqa: PLC0415
-    import connector.runtime.placement  # noqa: F401, PLC0415
-
-
 def _serve(jobs: int, replies: int) -> None:
     """The worker's loop: one job in, one reply out, until the job pipe closes."""
-    _worker_imports()
     while True:
         head = _read_exact(jobs, _LEN.size)
         if head is None:
@@ -487,11 +460,6 @@ def _send_in_parent(_topic: str, _key: bytes, _value: bytes, _headers: Sequence[
 
 def _encode(index: int, uidl: str, raw: bytes, fetched_at: int, sha256: str) -> Encoded | None:
     """One mail's record, decoded here; None: the parent decodes it (see module docstring)."""
-    from connector.records import mail_schema, record_id  # noqa: PLC0415 - see the imports
-    from connector.records.framing import SINGLE_OBJECT  # noqa: PLC0415
-    from connector.runtime.cycle import encode_mail_checked, record_key  # noqa: PLC0415
-    from connector.runtime.placement import Placer  # noqa: PLC0415
-
     config = _config
     if config is None:
         return None
