@@ -113,7 +113,9 @@ def test_a_changed_shard_count_is_refused(services, topic: str, tmp_path: Path) 
 def test_uidl_reset_is_reported_not_republished(services, topic: str, tmp_path: Path) -> None:
     put_mails(services, "t9", 6, seed=19)
     base = [mailbox("reset", "t9", services.dovecot.pop3s_port, services.cafile, delete=False)]
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, base)
+    # its own ledger: a broker re-used across runs (a local stack kept) holds the last run's entries
+    ledger = {"topic": f"{topic}.ledger"}
+    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, base, ledger=ledger)
     env = {"PW_RESET": "t9-pw"}
     assert cli("poll-once", "--config", str(cfg), env=env).returncode == 0
     before = server_uidls(services, "t9")
@@ -128,7 +130,7 @@ def test_uidl_reset_is_reported_not_republished(services, topic: str, tmp_path: 
     assert proc.returncode == 1 and "UidlResetError" in proc.stderr and "Nothing was published" in proc.stderr
     assert len(consume_all(services.bootstrap, topic, expect=6)) == 6
     base[0]["on_uidl_reset"] = "rebaseline"
-    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, base)
+    cfg = write_config(tmp_path / "c.yaml", services.bootstrap, topic, base, ledger=ledger)
     assert cli("poll-once", "--config", str(cfg), env=env).returncode == 0
     raw, exp = make_mail(99, seed=19)
     services.dovecot.put("t9", raw)
