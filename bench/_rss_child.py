@@ -35,7 +35,9 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -148,23 +150,26 @@ LAST_EAGER_IMPORT = "connector.runtime.decode_pool"
 
 
 class AfterImport(importlib.abc.MetaPathFinder):
-    """Calls ``then()`` once ``name`` has been imported (its module code has run)."""
+    """Calls ``then(module, started)`` once ``name`` has been imported (its module code has
+    run); ``started``: time.perf_counter() when its import began. Removes itself on first use.
+    Also bench/_timeline_child.py's way to wrap what the CLI imports late."""
 
-    def __init__(self, name: str, then: Any) -> None:
+    def __init__(self, name: str, then: Callable[[ModuleType, float], None]) -> None:
         self.name, self.then = name, then
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name != self.name:
             return None
         sys.meta_path.remove(self)
+        started = time.perf_counter()
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
         run = spec.loader.exec_module
 
-        def exec_module(module: Any) -> None:
+        def exec_module(module: ModuleType) -> None:
             run(module)
-            self.then()
+            self.then(module, started)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -182,7 +187,7 @@ def main(argv: list[str], *, as_cli: bool = False, at_baseline: tuple[str, ...] 
     diagnose = os.environ.get("POP3K_BENCH_DIAGNOSE") == "1"
     out: dict[str, Any] = {}
 
-    def baseline() -> None:
+    def baseline(*_: object) -> None:
         for name in at_baseline:
             importlib.import_module(name)
         watch = RdkafkaWatch() if diagnose else None

@@ -17,8 +17,6 @@ import time
 T0 = time.perf_counter()  # first thing: the interpreter is up (its own start is not seen here)
 
 import functools  # noqa: E402
-import importlib.abc  # noqa: E402
-import importlib.machinery  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -26,6 +24,8 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from typing import Any  # noqa: E402
+
+from _rss_child import AfterImport  # noqa: E402 - bench/ is the script's directory
 
 MARKER = "TIMELINE "
 events: list[dict[str, Any]] = []
@@ -73,32 +73,6 @@ def timed_generator(owner: Any, name: str, label: str) -> None:
     setattr(owner, name, wrapper)
 
 
-class AfterImport(importlib.abc.MetaPathFinder):
-    """Runs a function on a module right after it is first imported, and times its import:
-    the CLI imports the Kafka side of the connector only once the first POP3 sessions are
-    opening (connector/cli/main.py), and wrapping it beforehand would import it earlier."""
-
-    def __init__(self, hooks: dict[str, Any]) -> None:
-        self.hooks = hooks
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        hook = self.hooks.pop(name, None)
-        if hook is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        start, loader = now(), spec.loader
-        run = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            run(module)
-            hook(module, start)
-
-        loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
 def main(argv: list[str]) -> int:
     import connector.cli.main as cli
     from connector.runtime import sessions
@@ -110,13 +84,13 @@ def main(argv: list[str]) -> int:
     timed(sessions, "login", "POP3 login")
     timed(sessions, "list_mailbox", "LIST + UIDL")
 
-    def runtime_imported(decode_pool: Any, start: float) -> None:
+    def runtime_imported(decode_pool: Any, started: float) -> None:
         # decode_pool imports the rest of the connector (Kafka, Avro, metrics, the cycle), and
         # _poll_once the runner right after the fork: imported here with it, to be wrapped.
         from connector.delivery import transactional
         from connector.runtime import exactly_once, runner
 
-        record("imports: Kafka, Avro, metrics, runtime", start)
+        record("imports: Kafka, Avro, metrics, runtime", started - T0)
 
         timed(decode_pool, "start", "decode workers forked")
         timed(runner, "ensure_ledger_topic", "ledger topic check")
@@ -128,7 +102,9 @@ def main(argv: list[str]) -> int:
         timed(exactly_once.ShardWorker, "_settle", "DELE + QUIT")
         timed(runner.Runner, "close", "close (tombstones, producers)")
 
-    sys.meta_path.insert(0, AfterImport({"connector.runtime.decode_pool": runtime_imported}))
+    # The CLI imports the Kafka side of the connector (with decode_pool) only once the first
+    # POP3 sessions are opening: wrapping it beforehand would import it earlier.
+    sys.meta_path.insert(0, AfterImport("connector.runtime.decode_pool", runtime_imported))
     code = cli.main(["poll-once", "--config", argv[0]])
     end = now()
     usage = resource.getrusage(resource.RUSAGE_SELF)

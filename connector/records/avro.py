@@ -360,10 +360,15 @@ def encode_passthrough(header: bytes, prov: Provenance, raw: bytes) -> bytes | N
         rid = avro_string(record_id(prov.mailbox_id, prov.uidl))
         body = _provenance_body(prov)
     except ValueError as exc:  # a string that is not UTF-8 encodable: as fastavro would refuse it
-        raise DecodeError(
-            f"record does not match schema {mail_schema().name}: {type(exc).__name__}", stage="record", reason="schema"
-        ) from exc
+        raise _schema_mismatch(mail_schema(), exc) from exc
     return b"".join((header, rid, body, middle, _PASSTHROUGH_TAIL, avro_long(len(raw)), raw, b"\x00"))
+
+
+def _schema_mismatch(schema: Schema, exc: Exception) -> DecodeError:
+    """A record that does not fit ``schema`` (the exception's class only: its message may
+    quote mail content)."""
+    text = f"record does not match schema {schema.name}: {type(exc).__name__}"
+    return DecodeError(text, stage="record", reason="schema")
 
 
 def encode_single_object(schema: Schema, record: dict[str, Any]) -> bytes:
@@ -381,9 +386,7 @@ def encode_with_header(header: bytes, schema: Schema, record: dict[str, Any]) ->
     except (ValueError, TypeError, KeyError) as exc:
         # A decoded value that does not fit the schema is a decoding bug for this mail:
         # dead-letter material, never a crash of the cycle.
-        raise DecodeError(
-            f"record does not match schema {schema.name}: {type(exc).__name__}", stage="record", reason="schema"
-        ) from exc
+        raise _schema_mismatch(schema, exc) from exc
     return buf.getvalue()
 
 

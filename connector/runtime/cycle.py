@@ -66,9 +66,9 @@ from connector.runtime.placement import Placer, Send
 from connector.runtime.sessions import (
     CycleResult,
     MailboxSession,
-    _first_time,
     after_login,
     end_without_deletes,
+    first_time,
     list_mailbox,
     note_session,
     open_session,
@@ -562,7 +562,7 @@ def select_for_retrieval(
                 continue
             res.oversized += 1  # left on the server (oversized: skip)
             # Left there and seen again every cycle: reported once per mail at ERROR, then DEBUG.
-            first = _first_time(mailbox.id, f"oversized {uidl}")
+            first = first_time(mailbox.id, f"oversized {uidl}")
             log.log(
                 logging.ERROR if first else logging.DEBUG,
                 "mail of %d bytes (LIST) exceeds max_message_bytes (%d); left on the server",
@@ -686,7 +686,7 @@ def encode_retrieved(
                 else:
                     res.undecodable += 1
                 # Tried again every cycle: reported once per mail at ERROR, then at DEBUG.
-                level = logging.ERROR if _first_time(mailbox.id, f"undecodable {uidl}") else logging.DEBUG
+                level = logging.ERROR if first_time(mailbox.id, f"undecodable {uidl}") else logging.DEBUG
                 log.log(
                     level,
                     "mail could not be decoded (%s), left on the server (on_undecodable: leave): %s",

@@ -209,7 +209,7 @@ class ShardWorker:
         tombstones = list(self._tombstones)
         for mailbox_id, uidl in tombstones:
             key = record_id(mailbox_id, uidl).encode()
-            self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
+            self._ledger_write(key, None)
 
         list(sessions.map(self._fetch, preps))
 
@@ -318,7 +318,7 @@ class ShardWorker:
                 self.producer.begin()
                 for mailbox_id, uidl in self._tombstones:
                     key = record_id(mailbox_id, uidl).encode()
-                    self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
+                    self._ledger_write(key, None)
                 self.producer.commit()
                 self._tombstones.clear()
             except ConnectorError as exc:
@@ -328,6 +328,11 @@ class ShardWorker:
                 )
 
     # ------------------------------------------------------------------ one mailbox
+
+    def _ledger_write(self, key: bytes, value: bytes | None) -> None:
+        """A ledger entry (``value`` None: a tombstone) into the open transaction, in this
+        shard's partition; the commit confirms it (ShardProducer.send_in_transaction)."""
+        self.producer.send_in_transaction(self.config.ledger.topic, key, value, partition=self.shard)
 
     def _send(self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> Delivery:
         """Chunk records go into the shard's open transaction, partitioned by key."""
@@ -484,7 +489,7 @@ class ShardWorker:
                 header_sha256=x.header_sha256,
                 first_seen_at=x.fetched_at,
             )
-            self.producer.send_in_transaction(self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard)
+            self._ledger_write(entry.key, entry.encode())
             p.entries.append(entry)
             if x.dead:
                 p.dead_reasons.append(x.reason)
@@ -505,7 +510,7 @@ class ShardWorker:
                 list_size=sizes.get(msg_num),
                 first_seen_at=now,
             )
-            self.producer.send_in_transaction(self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard)
+            self._ledger_write(entry.key, entry.encode())
             p.entries.append(entry)
         log.info(
             "start_from now: %d mail(s) already on the server recorded as seen, not published",
@@ -547,9 +552,7 @@ class ShardWorker:
                 now = self.clock_ms()
                 for msg_num, uidl in new:
                     entry = LedgerEntry(m.id, uidl, "baseline", now, list_size=sizes[msg_num], first_seen_at=now)
-                    self.producer.send_in_transaction(
-                        self.config.ledger.topic, entry.key, entry.encode(), partition=self.shard
-                    )
+                    self._ledger_write(entry.key, entry.encode())
                     p.entries.append(entry)
                     skip.add(uidl)
             return skip
@@ -617,6 +620,6 @@ class ShardWorker:
             since = self._absent_since.setdefault(k, now)
             if now - since >= grace:
                 key = record_id(m.id, uidl).encode()
-                self.producer.send_in_transaction(self.config.ledger.topic, key, None, partition=self.shard)
+                self._ledger_write(key, None)
                 p.forgotten.append(uidl)
                 self._absent_since.pop(k, None)

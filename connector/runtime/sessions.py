@@ -265,7 +265,7 @@ _said: set[tuple[str, str]] = set()
 _said_lock = threading.Lock()
 
 
-def _first_time(mailbox_id: str, text: str) -> bool:
+def first_time(mailbox_id: str, text: str) -> bool:
     with _said_lock:
         if (mailbox_id, text) in _said:
             return False
@@ -309,10 +309,10 @@ def after_login(session: MailboxSession, mailbox: MailboxConfig, res: CycleResul
     res.logged_in = True
     policy = session.server_policy()
     res.policy = policy
-    if policy.notes and _first_time(mailbox.id, "|".join(policy.notes)):
+    if policy.notes and first_time(mailbox.id, "|".join(policy.notes)):
         log.info("server CAPA: %s", "; ".join(policy.notes), extra=extra)
     conflict = expire_conflict(mailbox, policy)
-    if conflict is not None and _first_time(mailbox.id, conflict):
+    if conflict is not None and first_time(mailbox.id, conflict):
         log.warning("%s", conflict, extra=extra)
 
 
