@@ -131,7 +131,17 @@ def registry_home(version: str) -> Path:
     if not tarball.is_file():
         if shutil.which("mvn") is None:
             raise StackError("mvn not found: install Maven (apt-get install maven) to fetch the schema registry")
-        cmd = ["mvn", "-q", "-B", "dependency:get", f"-Dartifact={GROUP}:{ARTIFACT}:{version}:tar.gz:all"]
+        # The tarball is self-contained (a Quarkus application with its lib/), so only it is
+        # fetched: resolving the pom's dependencies as well asks for modules Maven Central
+        # does not serve (apicurio-registry-schema-util-provider 3.3.3) and fails the fetch.
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "dependency:get",
+            f"-Dartifact={GROUP}:{ARTIFACT}:{version}:tar.gz:all",
+            "-Dtransitive=false",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not tarball.is_file():
             raise StackError(
