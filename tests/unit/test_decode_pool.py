@@ -283,6 +283,8 @@ def test_cycle_thread_shares_the_decoding_when_the_worker_is_busy(
     """With the worker's queue full the cycle thread decodes the next mail itself; the
     records are the same, in the same order, whoever decoded them."""
     monkeypatch.setattr("connector.runtime.cycle.time.time_ns", lambda: 1_700_000_000_000_000_000)
+    # A short queue, so 40 mails read from memory surely fill it: the logic is the same at any depth.
+    monkeypatch.setattr("connector.runtime.cycle.WORKER_QUEUE", 2)
     config = make_config()
     _, serial = published(publisher, config, drop_of(40))
     pool_for(config)
