@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from connector import faults
 from connector.config.model import Config, MailboxConfig
-from connector.decoding import decode_mail
-from connector.decoding.fastmime import SpoolMap
 from connector.delivery.kafka import Delivery, Publisher
 from connector.delivery.offload import ContentStore, OffloadSettings, open_store
 from connector.errors import (
@@ -75,6 +73,7 @@ from connector.runtime.sessions import (
 )
 
 if TYPE_CHECKING:
+    from connector.decoding.fastmime import SpoolMap
     from connector.decoding.signature import SignatureCheck
     from connector.runtime.decode_pool import Channel, DecodePool
 
@@ -249,9 +248,16 @@ def encode_mail_checked(
         value = encode_passthrough(framer.header(schema), prov, data) if data is not None else None
         if value is not None:
             return value, ()
+        from connector.decoding.mime import decode_mail  # noqa: PLC0415 - see below
+
         mail = decode_mail(raw, options=mailbox.decode)
         placed = placer.attachments(mail.attachments) if placer is not None else None
         return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed)), ()
+    # Imported here, not with this module: raw passthrough never decodes, and its poll-once
+    # then starts ~20 ms sooner (connector/decoding/__init__.py). Decode workers import it
+    # before their fork (decode_pool.start); a statement per mail costs ~1 us.
+    from connector.decoding.mime import decode_mail  # noqa: PLC0415
+
     mail = decode_mail(raw, options=mailbox.decode)
     signatures = tuple(mail.smime.signatures) if mail.smime is not None else ()
     if placer is None:
@@ -296,6 +302,8 @@ def mapped(mail: Retrieved) -> Iterator[bytes | SpoolMap]:
     if fd is None:
         yield mail.read()
         return
+    from connector.decoding.fastmime import SpoolMap  # noqa: PLC0415 - as decode_mail above
+
     view = SpoolMap(fd, 0, access=mmap.ACCESS_READ)
     try:
         yield view

@@ -336,6 +336,10 @@ def start(config: Config) -> DecodePool | None:
     if threading.active_count() > 1:
         log.info("decode workers not started: other threads already run (forking is not safe then)")
         return None
+    # The decoder is imported on first use (connector/decoding/__init__.py): imported once
+    # here, the workers share its pages with this process instead of each importing its own.
+    import connector.decoding.mime  # noqa: F401, PLC0415
+
     _pool = DecodePool(config, n)
     log.debug("%d decode worker process(es) started", n)
     return _pool
