@@ -248,15 +248,15 @@ def encode_mail_checked(
         value = encode_passthrough(framer.header(schema), prov, data) if data is not None else None
         if value is not None:
             return value, ()
-        from connector.decoding.mime import decode_mail  # noqa: PLC0415 - see below
+        # Imported here, not with this module: raw passthrough rarely decodes, and its
+        # poll-once then starts ~20 ms sooner (connector/decoding/__init__.py). Decode workers
+        # have it from before their fork (DecodePool); a statement per mail costs ~1 us.
+        from connector.decoding.mime import decode_mail  # noqa: PLC0415
 
         mail = decode_mail(raw, options=mailbox.decode)
         placed = placer.attachments(mail.attachments) if placer is not None else None
         return framer.encode(schema, build_mail_record(mail, prov, placed, raw_placed)), ()
-    # Imported here, not with this module: raw passthrough never decodes, and its poll-once
-    # then starts ~20 ms sooner (connector/decoding/__init__.py). Decode workers import it
-    # before their fork (decode_pool.start); a statement per mail costs ~1 us.
-    from connector.decoding.mime import decode_mail  # noqa: PLC0415
+    from connector.decoding.mime import decode_mail  # noqa: PLC0415 - as above
 
     mail = decode_mail(raw, options=mailbox.decode)
     signatures = tuple(mail.smime.signatures) if mail.smime is not None else ()

@@ -247,6 +247,11 @@ class DecodePool:
         self._warned = False
         global _config  # noqa: PLW0603 - what the workers forked below inherit
         _config = config
+        # The decoder is imported on first use (connector/decoding/__init__.py): imported here,
+        # before the fork, the workers share its pages with this process instead of each
+        # importing its own after it.
+        import connector.decoding.mime  # noqa: F401, PLC0415
+
         for _ in range(processes):
             self._all.append(_fork_worker([fd for c in self._all for fd in (c._jobs, c._replies)]))
         self._free.extend(self._all)
@@ -336,10 +341,6 @@ def start(config: Config) -> DecodePool | None:
     if threading.active_count() > 1:
         log.info("decode workers not started: other threads already run (forking is not safe then)")
         return None
-    # The decoder is imported on first use (connector/decoding/__init__.py): imported once
-    # here, the workers share its pages with this process instead of each importing its own.
-    import connector.decoding.mime  # noqa: F401, PLC0415
-
     _pool = DecodePool(config, n)
     log.debug("%d decode worker process(es) started", n)
     return _pool
