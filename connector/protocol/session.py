@@ -96,6 +96,10 @@ MAX_SASL_ROUNDS = 10
 #: RETRs kept in flight with PIPELINING: enough to hide a WAN round trip behind ~20 KB mails,
 #: few enough that an early stop drains little.
 PIPELINE_WINDOW = 16
+#: DELEs kept in flight with PIPELINING. Their answers are short (~30 octets): 256 of them
+#: stay far below any socket buffer, so the server never stalls writing answers we have not
+#: read yet while we are still writing commands (the pipelining deadlock of RFC 2449 §6.6).
+DELE_WINDOW = 256
 
 
 #: ``transcript(direction, line)``: direction is ``"C"`` (client) or ``"S"`` (server); the
@@ -536,15 +540,19 @@ class Pop3Session:
         first -ERR after reading every answer, so the session stays in step."""
         self._require("DELE", SessionState.TRANSACTION)
         queue = list(msg_nums)
-        window = PIPELINE_WINDOW * 4 if self.pipelining else 1
+        window = DELE_WINDOW if self.pipelining else 1
         first: Pop3Error | None = None
-        for start in range(0, len(queue), window):
-            batch = queue[start : start + window]
-            self._send_commands([("DELE", self._msg_arg(n)) for n in batch])
-            for n in batch:
-                status = self._read_status()
-                if not status.ok and first is None:
-                    first = self._error(f"DELE {n}", status)
+        sent = 0
+        for answered, n in enumerate(queue):
+            # Refilled once half the window is answered, as in retr_many: the server always
+            # has commands queued, and 2,000 DELEs are a few writes instead of 32 round trips.
+            if sent < len(queue) and sent - answered <= window // 2:
+                upto = min(answered + window, len(queue))
+                self._send_commands([("DELE", self._msg_arg(m)) for m in queue[sent:upto]])
+                sent = upto
+            status = self._read_status()
+            if not status.ok and first is None:
+                first = self._error(f"DELE {n}", status)
         if first is not None:
             raise first
 

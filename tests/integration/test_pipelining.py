@@ -72,3 +72,26 @@ def test_pipelined_dele_and_early_stop_keep_the_session_in_step(services) -> Non
     assert s2.stat()[0] == 20
     s2.abort()
     services.dovecot.clear("t11")
+
+
+def test_pipelined_dele_takes_a_handful_of_round_trips_and_rset_undoes_it(services) -> None:  # type: ignore[no-untyped-def]
+    services.dovecot.clear("t11")
+    for i in range(600):
+        services.dovecot.put("t11", b"Subject: d%d\r\n\r\nx\r\n" % i)
+    proxy = TcpProxy(services.dovecot.pop3s_port)
+    proxy.latency = RTT / 2
+    try:
+        s = Pop3Session.connect("127.0.0.1", proxy.port, tls="implicit", ssl_context=make_tls_context(services.cafile))
+        s.login_user_pass("t11", "t11-pw")
+        nums = [n for n, _ in s.list()]
+        t0 = time.monotonic()
+        s.dele_many(nums)
+        elapsed = time.monotonic() - t0
+        assert s.stat()[0] == 0  # every one marked (RFC 1939 §5)
+        s.abort()  # RSET + QUIT: nothing is removed
+    finally:
+        proxy.close()
+    assert len(nums) == 600
+    assert elapsed < 12 * RTT, f"pipelined: {elapsed / RTT:.1f} round trips for 600 DELEs"
+    assert services.dovecot.count("t11") == 600
+    services.dovecot.clear("t11")
