@@ -515,7 +515,7 @@ class Pop3Session:
         def send_upto(k: int) -> None:
             nonlocal sent
             if k > sent:
-                self._send_commands([("RETR", self._msg_arg(n)) for n in queue[sent:k]])
+                self._send_numbered(b"RETR", queue[sent:k])
                 sent = k
 
         try:
@@ -548,7 +548,7 @@ class Pop3Session:
             # has commands queued, and 2,000 DELEs are a few writes instead of 32 round trips.
             if sent < len(queue) and sent - answered <= window // 2:
                 upto = min(answered + window, len(queue))
-                self._send_commands([("DELE", self._msg_arg(m)) for m in queue[sent:upto]])
+                self._send_numbered(b"DELE", queue[sent:upto])
                 sent = upto
             status = self._read_status()
             if not status.ok and first is None:
@@ -556,13 +556,17 @@ class Pop3Session:
         if first is not None:
             raise first
 
-    def _send_commands(self, commands: Sequence[tuple[str, str]]) -> None:
-        """Several commands in one write (pipelining); each is shown in the transcript."""
-        data = b"".join(encode_command(name, arg) for name, arg in commands)
+    def _send_numbered(self, keyword: bytes, msg_nums: Sequence[int]) -> None:
+        """``keyword msg_num`` for each message, pipelined in one write; each is shown in the
+        transcript. Formatted directly: the number is checked by _msg_arg, and encode_command's
+        checks for free-form arguments cost ~3 us per command (2,000 RETRs and 2,000 DELEs
+        per poll-once of the bench's mailbox)."""
+        for n in msg_nums:
+            self._msg_arg(n)
         if self._transcript is not None:
-            for name, arg in commands:
-                self._transcript("C", f"{name} {arg}")
-        self._send(data)
+            for n in msg_nums:
+                self._transcript("C", f"{keyword.decode()} {n}")
+        self._send(b"".join([b"%s %d\r\n" % (keyword, n) for n in msg_nums]))
 
     def retr_spooled(
         self,

@@ -118,8 +118,15 @@ def servers() -> Iterator[list[LazyServer]]:
         assert server.errors == []
 
 
-def session(server: LazyServer) -> Pop3Session:
-    s = Pop3Session.connect("127.0.0.1", server.port, tls="none", timeout=5.0, allow_plaintext_auth=True)
+def session(server: LazyServer, transcript: list[tuple[str, str]] | None = None) -> Pop3Session:
+    s = Pop3Session.connect(
+        "127.0.0.1",
+        server.port,
+        tls="none",
+        timeout=5.0,
+        allow_plaintext_auth=True,
+        transcript=(lambda side, line: transcript.append((side, line))) if transcript is not None else None,
+    )
     s.login_user_pass("alice", "alice-pw")
     return s
 
@@ -156,10 +163,13 @@ def test_an_err_in_the_middle_is_raised_after_every_answer_is_read(servers: list
     server = LazyServer(pipelining=True, refuse=300)
     servers.append(server)
     nums = list(range(1, 601))
-    with contextlib.closing(session(server)) as s:
+    lines: list[tuple[str, str]] = []
+    with contextlib.closing(session(server, lines)) as s:
         with pytest.raises(Pop3CommandError) as info:
             s.dele_many(nums)
         assert info.value.command == "DELE 300"
         s.quit()  # in step: QUIT's answer is QUIT's, not a DELE's
     server.join()
     assert server.deles == nums and server.got_quit
+    # The transcript shows every pipelined command, as sent.
+    assert [line for side, line in lines if side == "C" and line.startswith("DELE")] == [f"DELE {n}" for n in nums]
