@@ -25,7 +25,7 @@ import mmap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -61,6 +61,7 @@ from connector.records.framing import SINGLE_OBJECT, Framer
 from connector.records.ledger import header_sha256
 from connector.runtime.login import login
 from connector.runtime.placement import Placer, Send
+from connector.runtime.readahead import ReadAhead
 from connector.runtime.sessions import (
     CycleResult,
     MailboxSession,
@@ -329,12 +330,15 @@ def retrieve_encoded(
     placer: Callable[[str], Placer] | None = None,
     framer: Framer = SINGLE_OBJECT,
     pool: DecodePool | None = None,
+    sizes: Mapping[int, int] | None = None,
 ) -> Generator[EncodedMail, None, None]:
     """Stream the chosen mails (pipelined RETR, spooled per ``spool``) and yield each decoded
     one as an :class:`EncodedMail` (decoded by ``pool``'s worker processes when it takes this
     mailbox's mail, else here). Stops at shutdown or max_seconds_per_cycle
     (``res.more_pending``); mail that must stay on the server is counted and skipped. Closing
-    the generator drains RETRs still in flight, so the session stays in step for DELE."""
+    the generator drains RETRs still in flight, so the session stays in step for DELE.
+    ``sizes`` (LIST, by message number): with several large mails among the chosen ones, the
+    retrieval runs one mail ahead in a thread of its own (:func:`reads_ahead`)."""
     uidl_of = dict(chosen)
     deadline = time.monotonic() + mailbox.max_seconds_per_cycle
     to_fetch = [] if stop.is_set() else [n for n, _ in chosen]  # nothing is asked once shutdown began
@@ -344,12 +348,15 @@ def retrieve_encoded(
     limit = (
         None if res.dead_letter_unread else mailbox.max_message_bytes + max(RETR_SLACK, mailbox.max_message_bytes // 16)
     )
-    retrieval = session.retr_many(
+    retrieval: Generator[tuple[int, Retrieved], None, None] | ReadAhead = session.retr_many(
         to_fetch,
         limit=limit,
         spool=spool,
         max_line=mailbox.max_line_bytes,
     )
+    if reads_ahead(to_fetch, sizes, spool):
+        log.debug("large mail: receiving one mail ahead in a thread of its own", extra=extra)
+        retrieval = ReadAhead(retrieval, name=f"read-ahead-{mailbox.id}")
     channels = pool.checkout() if pool is not None and pool.takes(mailbox) else []
     try:
         if not channels:
@@ -393,6 +400,23 @@ def retrieve_encoded(
         if channels:
             assert pool is not None
             pool.checkin(channels)
+
+
+#: cycles with at least this many mails over the spool threshold read ahead (ReadAhead).
+READ_AHEAD_LARGE_MAILS = 2
+
+
+def reads_ahead(msg_nums: Sequence[int], sizes: Mapping[int, int] | None, spool: SpoolPolicy | None) -> bool:
+    """Whether a cycle retrieves in a thread of its own (connector/runtime/readahead.py): when
+    at least READ_AHEAD_LARGE_MAILS of its mails are over the spool threshold by their LIST
+    size. Such mail is received into the spool and decoded here, in the cycle thread, so the
+    next one can arrive meanwhile. Small mail is overlapped by the decode workers already, and
+    a thread hand-off per mail would cost more than it saves. At most one mail is received
+    ahead: one more spool file at a time, no more memory."""
+    if spool is None or sizes is None:
+        return False
+    large = sum(1 for n in msg_nums if sizes.get(n, 0) > spool.threshold)
+    return large >= READ_AHEAD_LARGE_MAILS
 
 
 def _retrieve_with_worker(
@@ -830,6 +854,7 @@ def run_cycle(ctx: CycleContext, mailbox: MailboxConfig) -> CycleResult:
                 placer=placer_for(ctx.config, mailbox, ctx.publisher.send, ctx.framer),
                 framer=ctx.framer,
                 pool=decode_pool.current(ctx.config),
+                sizes=sizes,
             )
         ) as mails:
             while True:

@@ -411,6 +411,7 @@ class ShardWorker:
                 placer=placer_for(self.config, m, self._send, self.framer),
                 framer=self.framer,
                 pool=decode_pool.current(self.config),
+                sizes=sizes,
             ):
                 p.step = "produce"
                 # A dead letter goes into the same transaction as a mail record would, and gets

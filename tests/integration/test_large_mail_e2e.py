@@ -7,6 +7,8 @@
   SHA-256, byte-identical;
 * kill -9 in the middle of a chunked transaction: a read_committed consumer sees nothing of it;
   the next cycle publishes the mail once with one complete chunk set.
+* three mails over the spool threshold in one cycle: received one ahead in a thread of their
+  own (connector/runtime/readahead.py), each published once with complete chunk sets.
 
 CI runs these at the sizes below; ``make large-mail`` runs them at 50, 120 and 200 MB
 (LARGE_MAIL_MB="50 120 200"), see bench/results/large_mail_e2e.md; memory: bench/results/large_mail.md.
@@ -362,3 +364,38 @@ def test_large_dead_letter_keeps_its_raw_mail_as_chunks_and_replays(services, to
         assert rebuild(got[atts[name]["ref"]["id"]]) == files[name]
     again = run_cli(*args, env={"PW_DLBIG": "t19-pw"}, timeout=600)
     assert again.returncode == 0 and "0 replayed" in again.stdout, again.stdout
+
+
+def test_several_large_mails_are_received_one_ahead_and_published_once(services, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Three mails over the spool threshold (4 MiB): the cycle receives the next one in a
+    # thread of its own while it decodes and produces this one (connector/runtime/readahead.py).
+    services.dovecot.clear("t19")
+    made = [big_mail(6, seed=600 + i) for i in range(3)]
+    for raw, _ in made:
+        services.dovecot.put("t19", raw)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        services.bootstrap,
+        topic,
+        [mailbox("big3", "t19", services.dovecot.pop3s_port, services.cafile, **big_limits())],
+        runtime={"spool_directory": str(spool)},
+        kafka={"delivery_timeout_seconds": 60},
+    )
+    proc = run_cli("--log-level", "debug", "poll-once", "--config", str(cfg), env={"PW_BIG3": "t19-pw"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "big3: ok: 3 published" in proc.stdout, proc.stdout
+    assert "receiving one mail ahead in a thread of its own" in proc.stderr
+    mails = consume_all(services.bootstrap, topic, expect=3, timeout=120)
+    assert len(mails) == 3 and len({m.record["record_id"] for m in mails}) == 3
+    by_id = {m.record["message_id"]: m.record for m in mails}
+    expected_chunks = 0
+    for i, (_, files) in enumerate(made):
+        atts = check_attachments(by_id[f"<large-{600 + i}@example.com>"], files)
+        expected_chunks += sum(a["ref"]["chunks"] for a in atts.values() if a["ref"] is not None)
+    chunks = chunks_by_content(services.bootstrap, f"{topic}.attachments", expected_chunks)
+    for group in chunks.values():
+        rebuild(group)  # every chunk set complete, each index once, SHA-256 checked
+    assert services.dovecot.count("t19") == 0
+    assert list(spool.iterdir()) == []

@@ -30,7 +30,7 @@ from connector.errors import (
     Pop3UnsupportedError,
 )
 from connector.records import decode_single_object
-from connector.runtime.cycle import CycleContext, run_cycle
+from connector.runtime.cycle import CycleContext, CycleHooks, run_cycle
 
 MOCK = {"test.mock.num.brokers": 1}
 
@@ -673,3 +673,61 @@ def test_publisher_start_against_an_unreachable_broker_leaves_the_error_to_deliv
         assert isinstance(pub.check([d]), DeliveryError)
     finally:
         pub.close(timeout=1.0)
+
+
+def spooling(tmp_path: Any) -> tuple[Any, MailboxConfig]:
+    """Every mail over the spool threshold: a cycle of two or more reads ahead (ReadAhead)."""
+    cfg = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
+            "topics": {"mail": "mail"},
+            "runtime": {"spool_threshold_bytes": 1, "spool_directory": str(tmp_path)},
+            "mailboxes": [{"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}],
+        },
+        environ={"PW": "pw"},
+    )
+    return cfg, cfg.mailboxes[0]
+
+
+def test_large_mail_is_received_in_a_thread_of_its_own_and_published_in_order(tmp_path: Any) -> None:
+    cfg, mb = spooling(tmp_path)
+    s = FakeSession(mails(5))
+    readers: list[str] = []
+    orig = s.retr
+
+    def retr(n: int) -> bytes:
+        readers.append(threading.current_thread().name)
+        return orig(n)
+
+    s.retr = retr  # type: ignore[method-assign]
+    pub = RecordingPublisher()
+    res = run_cycle(CycleContext(config=cfg, publisher=pub, session_factory=lambda _m: s), mb)
+    assert res.ok and res.published == res.deleted == 5
+    assert readers == ["read-ahead-orders"] * 5  # never the cycle's own thread
+    assert [decode_single_object(v)["record_id"] for _, _, v, _ in pub.sent] == [f"orders:{u}" for u in s.mails]
+    assert s.log.index("DELE 1") > s.log.index("RETR 5") and s.log[-1] == "QUIT"
+    assert list(tmp_path.iterdir()) == []  # every spool file released
+
+
+def test_a_pop3_failure_while_reading_ahead_deletes_nothing(mock_publisher: Publisher, tmp_path: Any) -> None:
+    cfg, mb = spooling(tmp_path)
+    s = FakeSession(mails(4), fail_retr_at=3)
+    res = run_cycle(CycleContext(config=cfg, publisher=mock_publisher, session_factory=lambda _m: s), mb)
+    assert isinstance(res.error, Pop3ConnectError) and res.error.step == "retr"
+    assert not s.deleted and s.log[-1] == "ABORT" and "QUIT" not in s.log
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stopping_while_reading_ahead_publishes_what_was_taken_and_drains_the_rest(tmp_path: Any) -> None:
+    cfg, mb = spooling(tmp_path)
+    s = FakeSession(mails(6))
+    stop = threading.Event()
+    pub = RecordingPublisher()
+    hooks = CycleHooks(on_retrieved=lambda uidl, _n: stop.set() if uidl == "UID0001" else None)
+    ctx = CycleContext(config=cfg, publisher=pub, session_factory=lambda _m: s, stop=stop, hooks=hooks)
+    res = run_cycle(ctx, mb)
+    # UID0001 was being handled when the stop came: it and UID0000 are published and deleted;
+    # the mail received ahead was dropped (its spool file too) and stays for the next cycle.
+    assert res.ok and res.more_pending and res.published == res.deleted == 2
+    assert sorted(s.deleted) == [1, 2]
+    assert list(tmp_path.iterdir()) == []

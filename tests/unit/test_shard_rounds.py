@@ -417,3 +417,30 @@ def test_runner_opens_nothing_early_when_the_first_wave_exceeds_the_session_limi
     runner.open_early(runner.config.mailboxes)
     runner.close()
     assert all(d.log == [] for d in drops.values())
+
+
+def test_large_mail_read_ahead_commits_in_order_and_a_failure_keeps_what_was_produced(
+    drop: Maildrop, tmp_path: Any
+) -> None:
+    # Every mail over the spool threshold: the round's retrieval runs one mail ahead in a
+    # thread of its own (connector/runtime/readahead.py).
+    readers: set[str] = set()
+
+    def fail(cmd: str, n: int) -> None:
+        if cmd == "RETR":
+            readers.add(threading.current_thread().name)
+            if n == 3:
+                raise Pop3ConnectError("connection reset by peer")
+
+    drop.fail = fail
+    spool = {"runtime": {"spool_threshold_bytes": 1, "spool_directory": str(tmp_path)}}
+    h = Harness(cfg([{"id": "a"}], **spool), {"a": drop})
+    (r,) = h.round()
+    assert isinstance(r.error, Pop3ConnectError) and r.error.step == "retr"
+    assert readers == {"read-ahead-a"}
+    assert set(h.ledger.known("a")) == {"U0", "U1"} and len(drop.mails) == 4
+    drop.fail = None
+    (r,) = h.round()
+    assert r.ok and r.published == 2 and drop.mails == {}
+    assert h.published == ["U0", "U1", "U2", "U3"]
+    assert list(tmp_path.iterdir()) == []
