@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -377,7 +378,17 @@ def _fork_worker(inherited: Sequence[int]) -> Channel:
     jobs_r, jobs_w = _pipe()
     replies_r, replies_w = _pipe()
     parent = os.getpid()
-    pid = os.fork()
+    # Everything the worker inherits is frozen for its garbage collector: it never collects
+    # (so never finalises) the parent's objects, some of which own native state that only
+    # lives in the parent (a Kafka producer's threads: collected in a fork, one crashed the
+    # worker in the tests, which fork later than the CLI does), and its collections do not
+    # write to the pages it shares with the parent (gc.freeze's documented use before fork).
+    gc.freeze()
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            gc.unfreeze()  # the parent collects its own objects as before
     if pid == 0:  # the worker: never returns into the parent's code
         code = 1
         try:

@@ -132,6 +132,43 @@ def test_many_large_jobs_queued_without_reading_do_not_deadlock(pool_for: Any) -
     pool.checkin([channel])
 
 
+class _Finalised:
+    """Garbage only the cyclic collector frees (it refers to itself); says where it died."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.me = self
+
+    def __del__(self) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_a_worker_never_collects_the_parents_garbage(pool_for: Any, tmp_path: Path) -> None:
+    """Objects the parent no longer uses but has not collected yet (a Kafka producer's, whose
+    threads only exist in the parent, crashed a worker that collected one) are frozen for the
+    worker's collector: finalised in the parent, never in a worker."""
+    import gc
+
+    where = tmp_path / "finalised"
+    gc.collect()
+    gc.disable()  # the garbage must still be there at the fork
+    try:
+        _Finalised(where)  # unreachable at once, freed only by a collection
+        pool = pool_for(make_config())
+    finally:
+        gc.enable()
+    [channel] = pool.checkout()
+    raw = make_mail(1, "attachments")[0]
+    for i in range(300):  # enough allocation in the worker for several collections
+        channel.submit(0, f"U{i}", raw, 1, "00" * 32)
+    assert all(channel.take() is not None for _ in range(300))
+    pool.checkin([channel])
+    assert not where.exists()  # no worker finalised it
+    gc.collect()
+    assert where.read_text().split() == [str(os.getpid())]
+
+
 def test_undecodable_and_parent_only_mail_come_back_as_none(pool_for: Any) -> None:
     """The worker hands back what only the parent may do: content that needs chunk records
     (only the parent produces) and a mail that does not decode (the parent makes its dead
