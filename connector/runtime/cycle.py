@@ -354,11 +354,13 @@ def retrieve_encoded(
         spool=spool,
         max_line=mailbox.max_line_bytes,
     )
-    if reads_ahead(to_fetch, sizes, spool):
-        log.debug("large mail: receiving one mail ahead in a thread of its own", extra=extra)
-        retrieval = ReadAhead(retrieval, name=f"read-ahead-{mailbox.id}")
     channels = pool.checkout() if pool is not None and pool.takes(mailbox) else []
     try:
+        # Started inside the try: whatever happens from here, the finally below closes it
+        # (its thread ended, the RETRs in flight drained) before the session is used again.
+        if reads_ahead(to_fetch, sizes, spool):
+            log.debug("large mail: receiving one mail ahead in a thread of its own", extra=extra)
+            retrieval = ReadAhead(retrieval, name=f"read-ahead-{mailbox.id}")
         if not channels:
             for msg_num, mail in retrieval:
                 with mail:  # releases a spool file whatever happens next
@@ -412,7 +414,7 @@ def reads_ahead(msg_nums: Sequence[int], sizes: Mapping[int, int] | None, spool:
     size. Such mail is received into the spool and decoded here, in the cycle thread, so the
     next one can arrive meanwhile. Small mail is overlapped by the decode workers already, and
     a thread hand-off per mail would cost more than it saves. At most one mail is received
-    ahead: one more spool file at a time, no more memory."""
+    ahead: one more in the spool (or, one under the threshold among them, in memory)."""
     if spool is None or sizes is None:
         return False
     large = sum(1 for n in msg_nums if sizes.get(n, 0) > spool.threshold)

@@ -27,6 +27,7 @@ ends without applying deletes. A fenced or fatal producer stops the shard for go
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -398,50 +399,55 @@ class ShardWorker:
             # oversized: delete -> deleted unread after the commit, with the published mail.
             p.to_delete.extend(res.delete_unread)
             p.step = "retr"
-            for got in retrieve_encoded(
-                session,
-                m,
-                chosen,
-                stop=self.stop,
-                res=res,
-                hooks=self.hooks,
-                extra=extra,
-                clock_ms=self.clock_ms,
-                spool=spool_policy(self.config),
-                placer=placer_for(self.config, m, self._send, self.framer),
-                framer=self.framer,
-                pool=decode_pool.current(self.config),
-                sizes=sizes,
-            ):
-                p.step = "produce"
-                # A dead letter goes into the same transaction as a mail record would, and gets
-                # its ledger entry there too (state dead_lettered): both commit or neither.
-                d = send_record(
-                    self.producer,
-                    self.config,
+            # closing(): the retrieval (a read-ahead thread with it) ends here on any exit,
+            # before the handlers below use the session (end_without_deletes).
+            with contextlib.closing(
+                retrieve_encoded(
+                    session,
                     m,
-                    got.uidl,
-                    got.value,
+                    chosen,
+                    stop=self.stop,
                     res=res,
+                    hooks=self.hooks,
                     extra=extra,
-                    dead_letter=got.dead_letter,
+                    clock_ms=self.clock_ms,
+                    spool=spool_policy(self.config),
+                    placer=placer_for(self.config, m, self._send, self.framer),
+                    framer=self.framer,
+                    pool=decode_pool.current(self.config),
+                    sizes=sizes,
                 )
-                if d is not None:
-                    produced.append(
-                        _Produced(
-                            got.msg_num,
-                            got.uidl,
-                            d,
-                            got.sha256,
-                            sizes[got.msg_num],
-                            got.header_sha256,
-                            got.fetched_at,
-                            dead=got.dead_letter is not None,
-                            chunks=got.chunks,
-                            reason=got.dead_letter.reason if got.dead_letter is not None else None,
-                        )
+            ) as mails:
+                for got in mails:
+                    p.step = "produce"
+                    # A dead letter goes into the same transaction as a mail record would, and gets
+                    # its ledger entry there too (state dead_lettered): both commit or neither.
+                    d = send_record(
+                        self.producer,
+                        self.config,
+                        m,
+                        got.uidl,
+                        got.value,
+                        res=res,
+                        extra=extra,
+                        dead_letter=got.dead_letter,
                     )
-                p.step = "retr"
+                    if d is not None:
+                        produced.append(
+                            _Produced(
+                                got.msg_num,
+                                got.uidl,
+                                d,
+                                got.sha256,
+                                sizes[got.msg_num],
+                                got.header_sha256,
+                                got.fetched_at,
+                                dead=got.dead_letter is not None,
+                                chunks=got.chunks,
+                                reason=got.dead_letter.reason if got.dead_letter is not None else None,
+                            )
+                        )
+                    p.step = "retr"
         except DeliveryError as exc:
             p.kafka_error = exc
         except ConnectorError as exc:

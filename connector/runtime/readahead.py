@@ -13,11 +13,18 @@ iterates the session's RETR generator, and :meth:`ReadAhead.close` returns only 
 thread has closed the generator (which reads the answers still in flight, so the session is
 in step for DELE) and ended. The thread runs in a copy of the caller's context, so the
 caller's time limit (connector.protocol.transport.time_limit) bounds its reads too.
+
+When the caller stops early (shutdown, the cycle's time limit), the mail being received ahead
+is received to its end and dropped, like the RETRs still in flight that closing the RETR
+generator drains anyway: with PIPELINING that is no more than before; without it, one mail
+more. Close from the thread that iterates; an interrupt (KeyboardInterrupt) inside close()
+leaves the reader running, so the session must not be used after one.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -26,6 +33,8 @@ from typing import Final
 from connector.protocol import Retrieved
 
 __all__ = ["ReadAhead"]
+
+log = logging.getLogger("pop3kafka.cycle")
 
 Item = tuple[int, Retrieved]
 #: how often a waiting reader looks at the stop flag (seconds).
@@ -109,6 +118,10 @@ class ReadAhead(Iterator[Item]):
             if kind == "item":
                 assert isinstance(value, tuple)
                 value[1].close()
+            elif kind == "error":
+                # The consumer stopped before it reached this (a failure while draining the
+                # RETRs in flight, say): the session is closed by then, nothing else to do.
+                log.debug("read-ahead: error after the consumer stopped: %r", value)
 
     def __enter__(self) -> ReadAhead:
         return self

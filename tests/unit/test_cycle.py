@@ -7,6 +7,7 @@ tests reach the corners (a failed delivery, a POP3 failure mid-cycle, bounds) qu
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -362,7 +363,6 @@ def test_mail_with_a_line_over_max_line_bytes_is_left_and_counted(mock_publisher
 
 
 def test_every_mail_spooled_is_published_and_every_spool_file_closed(mock_publisher: Publisher, tmp_path: Any) -> None:
-    import os
 
     cfg = parse_config(
         {
@@ -375,32 +375,19 @@ def test_every_mail_spooled_is_published_and_every_spool_file_closed(mock_publis
     )
     s = FakeSession(mails(6))
 
-    def open_in_spool() -> list[str]:
-        # What the process holds open under the spool directory. Not a count of every open
-        # descriptor: librdkafka's threads open and close sockets of their own meanwhile.
-        found = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue  # closed meanwhile
-            if target.startswith(str(tmp_path)):
-                found.append(target)
-        return found
-
     spooled: list[list[str]] = []
     orig = s.retr_many
 
     def retr_many_watched(*args: Any, **kwargs: Any) -> Any:
         for item in orig(*args, **kwargs):
-            spooled.append(open_in_spool())
+            spooled.append(open_under(tmp_path))
             yield item
 
     s.retr_many = retr_many_watched  # type: ignore[method-assign]
     res = run_cycle(CycleContext(config=cfg, publisher=mock_publisher, session_factory=lambda _m: s), cfg.mailboxes[0])
     assert res.ok and res.published == res.deleted == 6
     assert len(spooled) == 6 and all(spooled)  # each mail was in a spool file while it was handled
-    assert open_in_spool() == []  # and none is left open
+    assert open_under(tmp_path) == []  # and none is left open
     assert list(tmp_path.iterdir()) == []
 
 
@@ -675,6 +662,71 @@ def test_publisher_start_against_an_unreachable_broker_leaves_the_error_to_deliv
         pub.close(timeout=1.0)
 
 
+def open_under(path: Any) -> list[str]:
+    """What the process holds open under ``path`` (spool files are anonymous, O_TMPFILE: they
+    never show in the directory). Not a count of every open descriptor: librdkafka's threads
+    open and close sockets of their own meanwhile."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+def guarded(s: FakeSession, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make ``s`` flag every session call made while its RETR generator is still open (the
+    session is single-threaded: a read-ahead must have ended first), and drain like a real
+    session when that generator is closed (reading takes a moment). Also flags a retrieval
+    still open when the cycle's retrieve_encoded has ended (its close must wait for the
+    read-ahead thread, however long that thread's drain takes). Returns the flags."""
+    problems: list[str] = []
+    open_in: list[str] = []
+    orig = s.retr_many
+
+    def retr_many(*args: Any, **kwargs: Any) -> Any:
+        open_in.append(threading.current_thread().name)
+        try:
+            yield from orig(*args, **kwargs)
+        finally:
+            time.sleep(0.2)  # the RETRs in flight being read
+            s.log.append("DRAINED")
+            open_in.clear()
+
+    def watch(name: str) -> None:
+        inner = getattr(s, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if open_in:
+                problems.append(f"{name} while the retrieval is open in {open_in[0]}")
+            return inner(*args, **kwargs)
+
+        setattr(s, name, call)
+
+    s.retr_many = retr_many  # type: ignore[method-assign]
+    for name in ("dele", "quit", "abort", "close"):
+        watch(name)
+
+    from connector.runtime import cycle
+
+    inner_retrieve = cycle.retrieve_encoded
+
+    def retrieve_encoded(*args: Any, **kwargs: Any) -> Any:
+        mails = inner_retrieve(*args, **kwargs)
+        try:
+            yield from mails
+        finally:
+            mails.close()
+            if open_in:
+                problems.append(f"retrieve_encoded ended with the retrieval open in {open_in[0]}")
+
+    monkeypatch.setattr(cycle, "retrieve_encoded", retrieve_encoded)
+    return problems
+
+
 def spooling(tmp_path: Any) -> tuple[Any, MailboxConfig]:
     """Every mail over the spool threshold: a cycle of two or more reads ahead (ReadAhead)."""
     cfg = parse_config(
@@ -689,7 +741,9 @@ def spooling(tmp_path: Any) -> tuple[Any, MailboxConfig]:
     return cfg, cfg.mailboxes[0]
 
 
-def test_large_mail_is_received_in_a_thread_of_its_own_and_published_in_order(tmp_path: Any) -> None:
+def test_large_mail_is_received_in_a_thread_of_its_own_and_published_in_order(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg, mb = spooling(tmp_path)
     s = FakeSession(mails(5))
     readers: list[str] = []
@@ -700,27 +754,35 @@ def test_large_mail_is_received_in_a_thread_of_its_own_and_published_in_order(tm
         return orig(n)
 
     s.retr = retr  # type: ignore[method-assign]
+    problems = guarded(s, monkeypatch)
     pub = RecordingPublisher()
     res = run_cycle(CycleContext(config=cfg, publisher=pub, session_factory=lambda _m: s), mb)
     assert res.ok and res.published == res.deleted == 5
     assert readers == ["read-ahead-orders"] * 5  # never the cycle's own thread
     assert [decode_single_object(v)["record_id"] for _, _, v, _ in pub.sent] == [f"orders:{u}" for u in s.mails]
-    assert s.log.index("DELE 1") > s.log.index("RETR 5") and s.log[-1] == "QUIT"
-    assert list(tmp_path.iterdir()) == []  # every spool file released
+    assert s.log.index("DRAINED") < s.log.index("DELE 1") and s.log[-1] == "QUIT"
+    assert problems == [] and open_under(tmp_path) == []  # every spool file released
 
 
-def test_a_pop3_failure_while_reading_ahead_deletes_nothing(mock_publisher: Publisher, tmp_path: Any) -> None:
+def test_a_pop3_failure_while_reading_ahead_deletes_nothing(
+    mock_publisher: Publisher, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg, mb = spooling(tmp_path)
     s = FakeSession(mails(4), fail_retr_at=3)
+    problems = guarded(s, monkeypatch)
     res = run_cycle(CycleContext(config=cfg, publisher=mock_publisher, session_factory=lambda _m: s), mb)
     assert isinstance(res.error, Pop3ConnectError) and res.error.step == "retr"
     assert not s.deleted and s.log[-1] == "ABORT" and "QUIT" not in s.log
-    assert list(tmp_path.iterdir()) == []
+    assert s.log.index("DRAINED") < s.log.index("ABORT")
+    assert problems == [] and open_under(tmp_path) == []
 
 
-def test_stopping_while_reading_ahead_publishes_what_was_taken_and_drains_the_rest(tmp_path: Any) -> None:
+def test_stopping_while_reading_ahead_publishes_what_was_taken_and_drains_the_rest(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg, mb = spooling(tmp_path)
     s = FakeSession(mails(6))
+    problems = guarded(s, monkeypatch)
     stop = threading.Event()
     pub = RecordingPublisher()
     hooks = CycleHooks(on_retrieved=lambda uidl, _n: stop.set() if uidl == "UID0001" else None)
@@ -730,4 +792,6 @@ def test_stopping_while_reading_ahead_publishes_what_was_taken_and_drains_the_re
     # the mail received ahead was dropped (its spool file too) and stays for the next cycle.
     assert res.ok and res.more_pending and res.published == res.deleted == 2
     assert sorted(s.deleted) == [1, 2]
-    assert list(tmp_path.iterdir()) == []
+    # Taken: 1, 2 and 3 (where the stop was seen); received ahead: 4 at most, never 5.
+    assert sum(1 for e in s.log if e.startswith("RETR")) <= 4
+    assert problems == [] and open_under(tmp_path) == []
