@@ -62,7 +62,7 @@ connector run (deployments have them) and deleted after its verification.
 
     python bench/compare.py                                  # everything, 5 runs (results in bench/results)
     python bench/compare.py --workload small20k --runs 1 --scale 0.01 --results-dir /tmp/x
-    python bench/compare.py --runs 5 --runs-for mb50=3 --runs-for many=3   # `make bench`, ~30 min
+    python bench/compare.py --runs 5                       # `make bench`, ~35 min
     python bench/compare.py --render bench/results/compare.json   # the report again, no measuring
 """
 
