@@ -511,24 +511,13 @@ class Pop3Session:
         queue = list(msg_nums)
         window = window or (PIPELINE_WINDOW if self.pipelining else 1)
         sent = received = 0
-
-        def send_upto(k: int) -> None:
-            nonlocal sent
-            if k > sent:
-                self._send_numbered(b"RETR", queue[sent:k])
-                sent = k
-
         try:
-            send_upto(min(window, len(queue)))
+            sent = self._refill(b"RETR", queue, sent, received, window)
             while received < len(queue):
                 n = queue[received]
                 status = self._read_status()
                 received += 1
-                # Refilled once half the window has been answered: one write (one TLS record,
-                # one system call) per window/2 commands instead of one per mail, and still
-                # never fewer than window/2 answers queued at the server.
-                if sent - received <= window // 2:
-                    send_upto(min(received + window, len(queue)))
+                sent = self._refill(b"RETR", queue, sent, received, window)
                 if not status.ok:
                     raise self._error(f"RETR {n}", status)
                 yield n, self._read_retrieved(limit, spool, max_line)
@@ -544,17 +533,24 @@ class Pop3Session:
         first: Pop3Error | None = None
         sent = 0
         for answered, n in enumerate(queue):
-            # Refilled once half the window is answered, as in retr_many: the server always
-            # has commands queued, and 2,000 DELEs are a few writes instead of 32 round trips.
-            if sent < len(queue) and sent - answered <= window // 2:
-                upto = min(answered + window, len(queue))
-                self._send_numbered(b"DELE", queue[sent:upto])
-                sent = upto
+            sent = self._refill(b"DELE", queue, sent, answered, window)
             status = self._read_status()
             if not status.ok and first is None:
                 first = self._error(f"DELE {n}", status)
         if first is not None:
             raise first
+
+    def _refill(self, keyword: bytes, queue: Sequence[int], sent: int, answered: int, window: int) -> int:
+        """Pipelining's sliding window (RFC 2449 §6.6), shared by RETR and DELE: once no more
+        than half of ``window`` commands are unanswered, send ``keyword`` for the next ones,
+        up to a window ahead of the answers; returns how many of ``queue`` are sent now. One
+        write (one TLS record, one system call) per window/2 commands instead of one per
+        mail, and never fewer than window/2 commands queued at the server."""
+        if sent < len(queue) and sent - answered <= window // 2:
+            upto = min(answered + window, len(queue))
+            self._send_numbered(keyword, queue[sent:upto])
+            return upto
+        return sent
 
     def _send_numbered(self, keyword: bytes, msg_nums: Sequence[int]) -> None:
         """``keyword msg_num`` for each message, pipelined in one write; each is shown in the

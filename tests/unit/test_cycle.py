@@ -92,13 +92,14 @@ class FakeSession(FakeSessionBase):
         return raw if end < 0 else raw[: end + 4]
 
 
-def config(topic: str = "mail", **mailbox: Any) -> tuple[Any, MailboxConfig]:
+def config(topic: str = "mail", *, runtime: dict[str, Any] | None = None, **mailbox: Any) -> tuple[Any, MailboxConfig]:
     m: dict[str, Any] = {"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}
     m.update(mailbox)
     cfg = parse_config(
         {
             "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
             "topics": {"mail": topic},
+            **({"runtime": runtime} if runtime is not None else {}),
             "mailboxes": [m],
         },
         environ={"PW": "pw"},
@@ -363,16 +364,7 @@ def test_mail_with_a_line_over_max_line_bytes_is_left_and_counted(mock_publisher
 
 
 def test_every_mail_spooled_is_published_and_every_spool_file_closed(mock_publisher: Publisher, tmp_path: Any) -> None:
-
-    cfg = parse_config(
-        {
-            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
-            "topics": {"mail": "mail"},
-            "runtime": {"spool_threshold_bytes": 0, "spool_directory": str(tmp_path)},
-            "mailboxes": [{"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}],
-        },
-        environ={"PW": "pw"},
-    )
+    cfg, _ = spooling(tmp_path, threshold=0)
     s = FakeSession(mails(6))
 
     spooled: list[list[str]] = []
@@ -727,18 +719,10 @@ def guarded(s: FakeSession, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return problems
 
 
-def spooling(tmp_path: Any) -> tuple[Any, MailboxConfig]:
-    """Every mail over the spool threshold: a cycle of two or more reads ahead (ReadAhead)."""
-    cfg = parse_config(
-        {
-            "kafka": {"bootstrap_servers": "mock:9092", "delivery_timeout_seconds": 2},
-            "topics": {"mail": "mail"},
-            "runtime": {"spool_threshold_bytes": 1, "spool_directory": str(tmp_path)},
-            "mailboxes": [{"id": "orders", "host": "pop.test", "username": "u", "password": {"env": "PW"}}],
-        },
-        environ={"PW": "pw"},
-    )
-    return cfg, cfg.mailboxes[0]
+def spooling(tmp_path: Any, threshold: int = 1) -> tuple[Any, MailboxConfig]:
+    """Mail spooled into ``tmp_path`` over ``threshold`` bytes; with the default, every mail is
+    over it, so a cycle of two or more reads ahead (ReadAhead)."""
+    return config(runtime={"spool_threshold_bytes": threshold, "spool_directory": str(tmp_path)})
 
 
 def test_large_mail_is_received_in_a_thread_of_its_own_and_published_in_order(
